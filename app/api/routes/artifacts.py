@@ -1,0 +1,68 @@
+"""/v1/artifacts — metadata and streamed downloads with ``ETag`` (the sha256) and ``Range``."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import CurrentPrincipal, DbSession, StorageDep
+from app.api.docs import problems
+from app.api.schemas import ArtifactOut, artifact_out
+from app.errors import DomainError
+from app.jobs import service
+from app.storage import iter_range
+
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class RangeNotSatisfiable(DomainError):
+    status, code, title = 416, "range_not_satisfiable", "Range not satisfiable"
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """(start, end inclusive) for a single ``bytes=`` range; None to serve the whole file."""
+    m = _RANGE.match(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        return None  # multi-range or malformed: RFC 9110 lets us ignore it and send 200
+    if m.group(1):
+        start = int(m.group(1))
+        end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+    else:  # suffix range: the last N bytes
+        start, end = max(size - int(m.group(2)), 0), size - 1
+    if start >= size or start > end:
+        raise RangeNotSatisfiable(f"range {header!r} is outside the {size}-byte artifact")
+    return start, end
+
+
+@router.get("/{artifact_id}", response_model=ArtifactOut, responses=problems(401, 404))
+def get_artifact(artifact_id: str, principal: CurrentPrincipal, db: DbSession) -> ArtifactOut:
+    return artifact_out(service.get_artifact(db, principal.tenant_id, artifact_id))
+
+
+@router.get("/{artifact_id}/content", response_class=StreamingResponse, responses={
+    200: {"content": {"application/octet-stream": {}}, "description": "The whole artifact"},
+    206: {"description": "The requested byte range"}, 304: {"description": "Not modified (If-None-Match)"},
+    **problems(401, 404, 416)})
+def artifact_content(artifact_id: str, request: Request, principal: CurrentPrincipal, db: DbSession,
+                     storage: StorageDep) -> Response:
+    art = service.get_artifact(db, principal.tenant_id, artifact_id)
+    etag = f'"{art.sha256}"'
+    headers = {"ETag": etag, "Accept-Ranges": "bytes",
+               "Content-Disposition": f'attachment; filename="{art.filename}"'}
+    if request.headers.get("if-none-match") in (etag, art.sha256):
+        return Response(status_code=304, headers=headers)
+    size = art.size_bytes
+    rng = request.headers.get("range")
+    if_range = request.headers.get("if-range")
+    span = _parse_range(rng, size) if rng and (if_range is None or if_range == etag) else None
+    if span is None:
+        return StreamingResponse(iter_range(storage.open(art.storage_key), 0, size), media_type=art.media_type,
+                                 headers={**headers, "Content-Length": str(size)})
+    start, end = span
+    return StreamingResponse(iter_range(storage.open(art.storage_key), start, end - start + 1), status_code=206,
+                             media_type=art.media_type,
+                             headers={**headers, "Content-Range": f"bytes {start}-{end}/{size}",
+                                      "Content-Length": str(end - start + 1)})

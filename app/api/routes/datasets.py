@@ -1,0 +1,138 @@
+"""/v1/datasets — transfer data: an upload (multipart) or a reference (JSON with a ``uri``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import unquote, urlparse
+
+from fastapi import APIRouter, Query, Request, Response, status
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import CurrentPrincipal, DbSession, IdempotencyKey, SettingsDep, StorageDep
+from app.api.docs import problems
+from app.api.schemas import DatasetOut, Page, dataset_out
+from app.api.uploads import reject_unknown_fields
+from app.catalog import service
+from app.catalog.uploads import receive
+from app.db.models import Dataset
+from app.errors import Unprocessable
+from app.pagination import paginate
+from app.settings import Settings
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+FIELDS = {"file", "name", "format", "inputs"}
+
+
+class DatasetByUri(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    uri: str = Field(min_length=1, max_length=2000, examples=["file:///data/digits.npz"])
+    format: Literal["npz", "pt", "csv", "parquet", "jsonl", "image_folder"] = "npz"
+    inputs: list[str] | None = Field(None, max_length=16, description="Arrays fed to the model; default ['x'].")
+
+
+_UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["file", "name", "format"],
+                "properties": {"file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
+                               "format": {"type": "string", "enum": ["npz"]},
+                               "inputs": {"type": "string", "description": "JSON list of input array names"}}}},
+            "application/json": {"schema": DatasetByUri.model_json_schema()},
+        },
+    }
+}
+
+
+def _resolve_file_uri(uri: str, settings: Settings) -> Path:
+    parsed = urlparse(uri)
+    if parsed.scheme in ("s3", "https", "http"):
+        raise Unprocessable(f"{parsed.scheme}:// datasets are not enabled on this deployment; upload the file or "
+                            f"use file:// under an allowed root", code="uri_not_enabled")
+    if parsed.scheme != "file":
+        raise Unprocessable("uri must be file://, s3:// or https://", code="invalid_uri")
+    path = Path(unquote(parsed.path)).resolve()
+    roots = [r.resolve() for r in settings.allowed_file_roots]
+    if not any(path == r or r in path.parents for r in roots):
+        raise Unprocessable(f"{path} is outside the allowed roots (DISTILLERY_ALLOWED_FILE_ROOTS: "
+                            f"{', '.join(map(str, roots)) or 'none configured'})", code="uri_not_allowed")
+    if not path.is_file():
+        raise Unprocessable(f"{path} does not exist or is not a file", code="uri_not_found")
+    return path
+
+
+def _inputs_field(raw: str | None) -> list[str] | None:
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw) if raw.strip().startswith("[") else [s.strip() for s in raw.split(",") if s.strip()]
+    except json.JSONDecodeError as exc:
+        raise Unprocessable(f"'inputs' must be a JSON list of array names: {exc}", code="validation_error") from exc
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise Unprocessable("'inputs' must be a list of array names", code="validation_error")
+    return value
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
+             responses=problems(401, 409, 413, 422), openapi_extra=_UPLOAD_DOC)
+async def create_dataset(request: Request, response: Response, principal: CurrentPrincipal, db: DbSession,
+                         storage: StorageDep, settings: SettingsDep, idempotency_key: IdempotencyKey) -> DatasetOut:
+    """Register a dataset: ``multipart/form-data`` with ``file``, ``name``, ``format``, or JSON with a ``uri``."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("application/json"):
+        try:
+            body = DatasetByUri.model_validate(json.loads(await request.body()))
+        except json.JSONDecodeError as exc:
+            raise Unprocessable(f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+        path = _resolve_file_uri(body.uri, settings)
+        name, fmt, inputs, src = body.name, body.format, body.inputs, open(path, "rb")
+    elif ctype.startswith("multipart/form-data"):
+        await reject_unknown_fields(request, FIELDS)
+        form = await request.form()
+        upload, name, fmt = form.get("file"), form.get("name"), form.get("format")
+        missing = [k for k, v in (("file", upload), ("name", name), ("format", fmt)) if not v]
+        if missing or isinstance(upload, str):
+            raise Unprocessable(f"missing form field(s): {', '.join(missing) or 'file'}", code="validation_error",
+                                errors=[{"loc": ["body", k], "msg": "Field required"} for k in missing or ["file"]])
+        inputs, src = _inputs_field(form.get("inputs")), upload.file  # type: ignore[union-attr]
+    else:
+        raise Unprocessable("send multipart/form-data (file upload) or application/json (uri)",
+                            code="unsupported_media_type")
+    try:
+        with receive(src, settings.data_dir / "tmp", settings.max_upload_bytes) as received:
+            row, created = await run_in_threadpool(
+                service.create_dataset, db, storage, principal.tenant_id, upload=received, name=str(name),
+                format=str(fmt), inputs=inputs, idempotency_key=idempotency_key)
+            db.commit()
+    finally:
+        src.close()
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return dataset_out(row)
+
+
+@router.get("", response_model=Page[DatasetOut], responses=problems(401, 422))
+def list_datasets(principal: CurrentPrincipal, db: DbSession, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                  after: str | None = None) -> Page[DatasetOut]:
+    rows, has_more, cursor = paginate(db, select(Dataset).where(Dataset.tenant_id == principal.tenant_id), Dataset,
+                                      limit, after)
+    return Page[DatasetOut](data=[dataset_out(r) for r in rows], has_more=has_more, next_cursor=cursor)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=problems(401, 404))
+def get_dataset(dataset_id: str, principal: CurrentPrincipal, db: DbSession) -> DatasetOut:
+    return dataset_out(service.get_dataset(db, principal.tenant_id, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problems(401, 404, 409))
+def delete_dataset(dataset_id: str, principal: CurrentPrincipal, db: DbSession, storage: StorageDep) -> Response:
+    key = service.delete_dataset(db, principal.tenant_id, dataset_id)
+    db.commit()
+    storage.delete(key)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,106 @@
+"""/v1/jobs — create, watch, cancel distillation jobs."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import CurrentPrincipal, DbSession, IdempotencyKey, SettingsDep
+from app.api.docs import problems
+from app.api.schemas import (
+    ArtifactsOut, EventsOut, JobOut, MetricsOut, Page, artifact_out, event_out, job_out, metric_out,
+)
+from app.db.session import get_sessionmaker
+from app.jobs import service
+from app.jobs.spec import JobSpec
+from app.jobs.state import TERMINAL
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_SPEC_EXAMPLE = JobSpec.model_config["json_schema_extra"]["examples"][0]  # type: ignore[index]
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             responses=problems(401, 404, 409, 422),
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": {"$ref": "#/components/schemas/JobSpec"}, "example": _SPEC_EXAMPLE}}}})
+def create_job(response: Response, principal: CurrentPrincipal, db: DbSession, settings: SettingsDep,
+               idempotency_key: IdempotencyKey,
+               body: Annotated[dict[str, Any], Body(description="A JobSpec (see its schema)")]) -> JobOut:
+    """Validate and queue a job. 202 with the job; it runs on a worker. Ids must belong to the caller's tenant."""
+    job, created = service.create_job(db, settings, principal.tenant_id, body, idempotency_key)
+    db.commit()  # the message to the worker is sent by the after-commit hook
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_out(job)
+
+
+@router.get("", response_model=Page[JobOut], responses=problems(401, 422))
+def list_jobs(principal: CurrentPrincipal, db: DbSession, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              after: str | None = None, status: str | None = None, kind: str | None = None) -> Page[JobOut]:
+    rows, has_more, cursor = service.list_jobs(db, principal.tenant_id, limit=limit, after=after, status=status,
+                                               kind=kind)
+    return Page[JobOut](data=[job_out(r) for r in rows], has_more=has_more, next_cursor=cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=problems(401, 404))
+def get_job(job_id: str, principal: CurrentPrincipal, db: DbSession) -> JobOut:
+    return job_out(service.get_job(db, principal.tenant_id, job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             responses=problems(401, 404, 409))
+def cancel_job(job_id: str, principal: CurrentPrincipal, db: DbSession) -> JobOut:
+    """Ask the job to stop. Idempotent; a finished job answers 409."""
+    job = service.cancel_job(db, principal.tenant_id, job_id)
+    db.commit()
+    return job_out(job)
+
+
+def _follow(job_id: str, after: int) -> Iterator[str]:
+    """Server-sent events: poll the table, emit new events, stop once the job is terminal."""
+    last, sessions = after, get_sessionmaker()
+    while True:
+        with sessions() as db:
+            events = service.events_after(db, job_id, last)
+            job = db.get(service.Job, job_id)
+            done = job is None or job.status in TERMINAL
+        for e in events:
+            last = e.seq
+            yield f"id: {e.seq}\nevent: {e.type}\ndata: {json.dumps(event_out(e).model_dump())}\n\n"
+        if done and not events:
+            yield "event: end\ndata: {}\n\n"
+            return
+        if not events:
+            yield ": keep-alive\n\n"
+            time.sleep(0.5)
+
+
+@router.get("/{job_id}/events", response_model=EventsOut, responses=problems(401, 404),
+            description="JSON page of events after `after` (a seq). With `Accept: text/event-stream` it follows "
+                        "live until the job ends.")
+def job_events(job_id: str, request: Request, principal: CurrentPrincipal, db: DbSession,
+               after: Annotated[int, Query(ge=0)] = 0,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 1000) -> Any:
+    service.get_job(db, principal.tenant_id, job_id)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        return StreamingResponse(_follow(job_id, after), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventsOut(data=[event_out(e) for e in service.events_after(db, job_id, after, limit)])
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsOut, responses=problems(401, 404))
+def job_metrics(job_id: str, principal: CurrentPrincipal, db: DbSession) -> MetricsOut:
+    service.get_job(db, principal.tenant_id, job_id)
+    return MetricsOut(data=[metric_out(m) for m in service.metric_points(db, job_id)])
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactsOut, responses=problems(401, 404))
+def job_artifacts(job_id: str, principal: CurrentPrincipal, db: DbSession) -> ArtifactsOut:
+    service.get_job(db, principal.tenant_id, job_id)
+    return ArtifactsOut(data=[artifact_out(a) for a in service.job_artifacts(db, job_id)])

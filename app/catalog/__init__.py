@@ -1,0 +1,1 @@
+"""Teacher models and datasets: safe inspection of uploads, registration, listing."""

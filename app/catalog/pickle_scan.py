@@ -1,0 +1,43 @@
+"""Static inspection of pickle streams: which globals would unpickling import? Nothing is executed.
+
+``pickletools.genops`` only decodes opcodes; we never call ``pickle.load``. A TorchScript archive's
+``data.pkl`` may reference TorchScript classes (``__torch__.…``) and tensor rebuild helpers; any
+other global (``os.system``, ``builtins.eval``, a user's module) means the file is not a plain
+TorchScript archive and is refused.
+"""
+
+from __future__ import annotations
+
+import pickletools
+
+SAFE_MODULE_PREFIXES = ("__torch__", "torch._utils", "torch.jit._pickle", "collections", "torch")
+
+
+def referenced_globals(data: bytes) -> list[str]:
+    """Every ``module.name`` the pickle stream would import, in order. Raises ValueError on a corrupt stream."""
+    found: list[str] = []
+    strings: list[str] = []  # recent string pushes: STACK_GLOBAL takes its module and name from them
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            if op.name == "GLOBAL" or op.name == "INST":
+                module, _, name = str(arg).partition(" ")
+                found.append(f"{module}.{name}")
+            elif op.name == "STACK_GLOBAL":
+                found.append(".".join(strings[-2:]) if len(strings) >= 2 else "<unknown>")
+            elif isinstance(arg, str) and "UNICODE" in op.name or op.name in ("BINSTRING", "SHORT_BINSTRING", "STRING"):
+                strings.append(str(arg))
+    except Exception as exc:  # truncated or not a pickle at all
+        raise ValueError(f"corrupt pickle stream: {exc}") from exc
+    return found
+
+
+def unsafe_globals(data: bytes) -> list[str]:
+    """The globals outside the TorchScript allow-list (empty when the stream is safe to hand to torch.jit.load)."""
+    return [g for g in referenced_globals(data)
+            if not any(g == p or g.startswith(p + ".") for p in SAFE_MODULE_PREFIXES)]
+
+
+def looks_like_module_pickle(data: bytes) -> bool:
+    """True when a torch.save pickle stores a whole nn.Module (a class import outside torch's helpers)."""
+    return any(not g.startswith(("torch._utils", "collections", "torch.")) or "nn.modules" in g
+               for g in referenced_globals(data))

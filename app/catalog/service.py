@@ -1,0 +1,119 @@
+"""Register, list and delete teacher models and datasets for a tenant.
+
+Every lookup is scoped to the tenant: another tenant's resource is indistinguishable from a
+missing one (both ``NotFound``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session
+
+from app import idempotency
+from app.catalog.dataset_files import SUPPORTED_DATASET_FORMATS, npz_schema
+from app.catalog.model_files import ALL_MODEL_FORMATS, inspect_model_file
+from app.catalog.uploads import Received
+from app.db.models import Dataset, Job, Model
+from app.errors import Conflict, NotFound, Unprocessable
+from app.ids import new_id
+from app.jobs.state import ACTIVE
+from app.settings import Settings
+from app.storage import Storage
+
+TASKS = ("classification",)
+
+
+def get_model(session: Session, tenant_id: str, model_id: str) -> Model:
+    row = session.get(Model, model_id)
+    if row is None or row.tenant_id != tenant_id:
+        raise NotFound(f"no model {model_id}")
+    return row
+
+
+def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
+    row = session.get(Dataset, dataset_id)
+    if row is None or row.tenant_id != tenant_id:
+        raise NotFound(f"no dataset {dataset_id}")
+    return row
+
+
+def _parse_architecture(raw: str | None) -> dict[str, Any] | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise Unprocessable(f"'architecture' is not valid JSON: {exc}", code="invalid_architecture") from exc
+    if not isinstance(value, dict) or "family" not in value:
+        raise Unprocessable("'architecture' must be a JSON object with a 'family'", code="invalid_architecture")
+    return value
+
+
+def create_model(session: Session, storage: Storage, settings: Settings, tenant_id: str, *, upload: Received,
+                 name: str, format: str | None, task: str, architecture: str | None,
+                 idempotency_key: str | None) -> tuple[Model, bool]:
+    """Inspect and store an uploaded checkpoint. Returns (model, created) — created False on replay."""
+    if format is not None and format not in ALL_MODEL_FORMATS:
+        raise Unprocessable(f"format must be one of {', '.join(ALL_MODEL_FORMATS)}", code="invalid_format")
+    if task not in TASKS:
+        raise Unprocessable(f"task '{task}' is not supported by this deployment; supported: {', '.join(TASKS)}",
+                            code="unsupported_task")
+    arch = _parse_architecture(architecture)
+    req = idempotency.request_hash({"name": name, "format": format, "task": task, "architecture": arch,
+                                    "sha256": upload.sha256})
+    if (prior := idempotency.lookup(session, tenant_id, "models", idempotency_key, req)) is not None:
+        return get_model(session, tenant_id, prior), False
+    found = inspect_model_file(upload.path, format, settings.inspect_timeout_seconds)
+    model_id = new_id("model")
+    blob = storage.put_file(f"models/{model_id}", upload.path)  # blob first, then the row
+    row = Model(id=model_id, tenant_id=tenant_id, name=name, format=found.format, task=task, architecture=arch,
+                io_schema=found.io_schema, size_bytes=blob.size_bytes, sha256=upload.sha256,
+                num_parameters=found.num_parameters, storage_key=blob.key)
+    session.add(row)
+    idempotency.remember(session, tenant_id, "models", idempotency_key, req, model_id)
+    session.flush()
+    return row, True
+
+
+def create_dataset(session: Session, storage: Storage, tenant_id: str, *, upload: Received, name: str, format: str,
+                   inputs: list[str] | None, idempotency_key: str | None) -> tuple[Dataset, bool]:
+    if format not in SUPPORTED_DATASET_FORMATS:
+        raise Unprocessable(f"dataset format '{format}' is not supported by this deployment; "
+                            f"supported: {', '.join(SUPPORTED_DATASET_FORMATS)}", code="unsupported_format")
+    req = idempotency.request_hash({"name": name, "format": format, "inputs": inputs, "sha256": upload.sha256})
+    if (prior := idempotency.lookup(session, tenant_id, "datasets", idempotency_key, req)) is not None:
+        return get_dataset(session, tenant_id, prior), False
+    schema = npz_schema(upload.path, inputs)
+    dataset_id = new_id("dataset")
+    blob = storage.put_file(f"datasets/{dataset_id}", upload.path)
+    row = Dataset(id=dataset_id, tenant_id=tenant_id, name=name, format=format, num_rows=schema["num_rows"],
+                  size_bytes=blob.size_bytes, sha256=upload.sha256, has_labels=schema["has_labels"],
+                  schema_=schema, storage_key=blob.key)
+    session.add(row)
+    idempotency.remember(session, tenant_id, "datasets", idempotency_key, req, dataset_id)
+    session.flush()
+    return row, True
+
+
+def _in_use(session: Session, column, resource_id: str) -> bool:
+    return bool(session.scalar(select(exists().where(column == resource_id, Job.status.in_(ACTIVE)))))
+
+
+def delete_model(session: Session, tenant_id: str, model_id: str) -> str:
+    """Delete the row; returns the blob key for the caller to remove after commit. 409 while a job needs it."""
+    row = get_model(session, tenant_id, model_id)
+    if _in_use(session, Job.teacher_model_id, model_id):
+        raise Conflict(f"model {model_id} is used by a job that has not finished; cancel it first", code="in_use")
+    session.delete(row)  # finished jobs keep the id in their spec; the FK is set to NULL
+    return row.storage_key
+
+
+def delete_dataset(session: Session, tenant_id: str, dataset_id: str) -> str:
+    row = get_dataset(session, tenant_id, dataset_id)
+    if _in_use(session, Job.dataset_id, dataset_id):
+        raise Conflict(f"dataset {dataset_id} is used by a job that has not finished; cancel it first", code="in_use")
+    session.delete(row)
+    return row.storage_key

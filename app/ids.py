@@ -1,0 +1,11 @@
+"""Opaque, type-prefixed, roughly time-ordered identifiers (``job_…``, ``mdl_…``)."""
+
+import secrets
+import time
+
+PREFIXES = {"model": "mdl", "dataset": "ds", "job": "job", "artifact": "art", "tenant": "ten", "api_key": "key"}
+
+
+def new_id(kind: str) -> str:
+    # Millisecond timestamp first so ids sort by creation time; random tail for uniqueness.
+    return f"{PREFIXES[kind]}_{int(time.time() * 1000):012x}{secrets.token_hex(8)}"

@@ -1,0 +1,1 @@
+"""The job domain: spec schema, state machine, service."""

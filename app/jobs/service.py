@@ -1,0 +1,115 @@
+"""Create, read, list and cancel jobs. Validation that needs no GPU happens here, before 202."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import idempotency
+from app.catalog.service import get_dataset, get_model
+from app.db.models import Artifact, Job, JobEvent, JobMetric
+from app.errors import Conflict, NotFound, Unprocessable
+from app.ids import new_id
+from app.jobs import state
+from app.jobs.events import append_event
+from app.jobs.spec import JobSpec
+from app.pagination import paginate
+from app.queue import enqueue_after_commit
+from app.settings import Settings
+
+
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    row = session.get(Job, job_id)
+    if row is None or row.tenant_id != tenant_id:
+        raise NotFound(f"no job {job_id}")
+    return row
+
+
+def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[str, Any],
+               idempotency_key: str | None) -> tuple[Job, bool]:
+    """Validate ``body`` into a spec, store the job ``queued`` and enqueue it after commit.
+
+    Returns (job, created); created is False when an identical earlier request is replayed.
+    """
+    req = idempotency.request_hash(body)
+    if (prior := idempotency.lookup(session, tenant_id, "jobs", idempotency_key, req)) is not None:
+        return get_job(session, tenant_id, prior), False
+    spec = JobSpec.model_validate(body)
+    teacher = get_model(session, tenant_id, spec.teacher_model_id)
+    dataset = get_dataset(session, tenant_id, spec.dataset_id)
+    if teacher.task != "classification":
+        raise Unprocessable(f"the teacher's task is '{teacher.task}'; this deployment distills classification "
+                            f"teachers", code="unsupported_task")
+    job = Job(id=new_id("job"), tenant_id=tenant_id, status=state.QUEUED, kind=spec.kind,
+              teacher_model_id=teacher.id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"),
+              queue=settings.job_queue, attempts=0, max_attempts=settings.max_attempts,
+              progress={"step_index": 0, "step_kind": spec.steps[0].kind, "epoch": 0,
+                        "epochs": getattr(spec.steps[0], "epochs", None), "fraction": 0.0, "eta_seconds": None})
+    session.add(job)
+    session.flush()
+    idempotency.remember(session, tenant_id, "jobs", idempotency_key, req, job.id)
+    append_event(session, job.id, "queued", f"job queued on '{job.queue}'")
+    enqueue_after_commit(session, job.id, job.queue)
+    return job, True
+
+
+def list_jobs(session: Session, tenant_id: str, *, limit: int, after: str | None, status: str | None,
+              kind: str | None) -> tuple[list[Job], bool, str | None]:
+    stmt = select(Job).where(Job.tenant_id == tenant_id)
+    if status:
+        if status not in state.STATUSES:
+            raise Unprocessable(f"status must be one of {', '.join(state.STATUSES)}", code="invalid_filter")
+        stmt = stmt.where(Job.status == status)
+    if kind:
+        # kind matches a job containing that step kind ('distill' matches 'distill+quantize')
+        stmt = stmt.where((Job.kind == kind) | Job.kind.like(f"{kind}+%") | Job.kind.like(f"%+{kind}")
+                          | Job.kind.like(f"%+{kind}+%"))
+    return paginate(session, stmt, Job, limit, after)
+
+
+def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    """Ask a job to stop. Queued → cancelled at once; running → cancelling (the worker stops within a step).
+
+    Idempotent: cancelling again answers the same; a finished job is a 409.
+    """
+    job = get_job(session, tenant_id, job_id)
+    for _ in range(3):  # the worker may move the job between our read and our update: re-read and retry
+        session.refresh(job)
+        if job.status == state.CANCELLING or job.status == state.CANCELLED:
+            return job
+        if job.status in state.TERMINAL:
+            raise Conflict(f"job {job_id} already {job.status}; there is nothing to cancel", code="job_finished")
+        target = state.CANCELLED if job.status == state.QUEUED else state.CANCELLING
+        try:
+            state.transition(session, job_id, target, allowed_from={job.status},
+                             **({"error_code": "cancelled", "error_message": "cancelled by the client"}
+                                if target == state.CANCELLED else {}))
+        except state.InvalidTransition:
+            continue
+        append_event(session, job_id, "cancel_requested", "cancel requested by the client")
+        session.refresh(job)
+        return job
+    raise Conflict(f"job {job_id} changed state while cancelling; retry", code="job_busy")
+
+
+def events_after(session: Session, job_id: str, after: int, limit: int = 1000) -> list[JobEvent]:
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after)
+                                .order_by(JobEvent.seq).limit(limit)))
+
+
+def metric_points(session: Session, job_id: str) -> list[JobMetric]:
+    return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.id)))
+
+
+def job_artifacts(session: Session, job_id: str) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id)
+                                .order_by(Artifact.created_at, Artifact.id)))
+
+
+def get_artifact(session: Session, tenant_id: str, artifact_id: str) -> Artifact:
+    row = session.get(Artifact, artifact_id)
+    if row is None or row.tenant_id != tenant_id:
+        raise NotFound(f"no artifact {artifact_id}")
+    return row

@@ -1,0 +1,49 @@
+"""The ASGI application: ``uvicorn app.main:app``. Importing this module never imports torch."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api.routes import artifacts, datasets, jobs, models, ops
+from app.api.telemetry import Telemetry
+from app.errors import install_error_handlers
+from app.jobs.spec import JobSpec
+from app.settings import get_settings
+
+DESCRIPTION = """Distillation as a service: upload a teacher and data, queue a job, download a smaller,
+faster student with a report of what it kept. Authenticate with `Authorization: Bearer <api key>`
+(`distillery keys create --tenant NAME`). Errors are `application/problem+json`."""
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = FastAPI(title="Distillery", version=__version__, description=DESCRIPTION)
+    install_error_handlers(app)
+    for module in (models, datasets, jobs, artifacts, ops):
+        app.include_router(module.router)
+    # Multipart overhead on top of the file itself is small; allow 1 MiB of slack.
+    app.add_middleware(Telemetry, max_body_bytes=settings.max_upload_bytes + 1024 * 1024)
+
+    original_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = original_openapi()
+            # POST /v1/jobs takes a raw dict (so the idempotency hash covers exactly what was sent);
+            # publish the JobSpec schema it is validated against.
+            schema.setdefault("components", {}).setdefault("schemas", {})["JobSpec"] = JobSpec.model_json_schema(
+                ref_template="#/components/schemas/{model}")
+            defs = schema["components"]["schemas"]["JobSpec"].pop("$defs", {})
+            schema["components"]["schemas"].update(defs)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+app = create_app()

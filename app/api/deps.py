@@ -35,4 +35,13 @@ def _principal(db: DbSession, authorization: Annotated[str | None, Header()] = N
 
 
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+
+
+def _idempotency_key(
+    key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200,
+                                      description="Replays the original response for the same key and body")] = None,
+) -> str | None:
+    return key
+
+
+IdempotencyKey = Annotated[str | None, Depends(_idempotency_key)]

@@ -108,3 +108,18 @@ def celery_worker(migrated, tmp_path_factory) -> Iterator[subprocess.Popen]:
     wait_for_log(proc, log, "ready.", timeout=60)
     yield proc
     stop_process(proc)
+
+
+@pytest.fixture()
+def uploaded(client, teacher_files, digits_npz):
+    """``uploaded(headers)`` → (model_id, dataset_id) owned by that key's tenant."""
+
+    def _upload(headers: dict[str, str], fmt: str = "onnx") -> tuple[str, str]:
+        m = client.post("/v1/models", headers=headers, files={"file": ("t", teacher_files[fmt].read_bytes())},
+                        data={"name": "teacher"})
+        d = client.post("/v1/datasets", headers=headers, files={"file": ("d.npz", digits_npz)},
+                        data={"name": "digits", "format": "npz"})
+        assert m.status_code == 201 and d.status_code == 201, (m.text, d.text)
+        return m.json()["id"], d.json()["id"]
+
+    return _upload

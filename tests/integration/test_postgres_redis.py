@@ -1,0 +1,121 @@
+"""The whole service on PostgreSQL + Redis, API and worker as separate processes."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.support.fixtures import start_process, stop_process
+from tests.support.flow import check_student_files, distill_digits, upload_inputs, wait_for, wait_http
+from tests.support.teachers import npz_bytes
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def api_url(migrated, tmp_path_factory, celery_worker):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("api") / "api.log"
+    proc = start_process([sys.executable, "-m", "app.cli", "serve"], log, env={"DISTILLERY_PORT": str(port)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url)
+        yield url
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture()
+def http(api_url, make_key):
+    with httpx.Client(base_url=api_url, headers=make_key("integration"), timeout=30) as c:
+        yield c
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_kd_job_end_to_end(http, teacher_files, digits, fmt):
+    job, files = distill_digits(http, teacher_files[fmt], digits)
+    report = check_student_files(files, digits, min_accuracy=0.90)
+    assert job["progress"]["fraction"] == 1.0 and job["attempts"] == 1
+    assert job["metrics"]["student"]["accuracy"] >= 0.90 and job["metrics"]["student"]["agreement"] >= 0.90
+    assert report["teacher"]["accuracy"] >= 0.95 and report["compression_ratio"] > 1
+    types = [e["type"] for e in http.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
+    assert types[0] == "queued" and "started" in types and "validate" in types and types[-1] == "succeeded"
+    series = http.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
+    assert len([p for p in series if p["name"] == "val_accuracy"]) == 30
+
+
+def test_cancel_running_job_within_5_seconds(http, teacher_files, digits):
+    model_id, dataset_id = upload_inputs(http, teacher_files["torchscript"], digits)
+    job = http.post("/v1/jobs", json={"teacher_model_id": model_id, "dataset_id": dataset_id,
+                                      "student": {"family": "mlp", "hidden": [32]},
+                                      "steps": [{"kind": "distill", "epochs": 5000, "batch_size": 8}]}).json()
+    running = wait_for(http, job["id"], until={"running", "failed", "succeeded"}, timeout=60)
+    assert running["status"] == "running"
+    time.sleep(1.0)  # let it get into training
+    asked = time.monotonic()
+    r = http.post(f"/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 202 and r.json()["status"] in ("cancelling", "cancelled")
+    final = wait_for(http, job["id"], timeout=5)
+    assert final["status"] == "cancelled" and time.monotonic() - asked < 5
+    assert final["error"]["code"] == "cancelled"
+    assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202  # idempotent once cancelled
+
+
+def test_shape_mismatch_fails_fast_with_precise_message(http, teacher_files, digits):
+    model_id = http.post("/v1/models", files={"file": ("t.pt", teacher_files["torchscript"].read_bytes())},
+                         data={"name": "t"}).json()["id"]
+    x = np.random.default_rng(0).random((100, 20), dtype=np.float32)
+    ds = http.post("/v1/datasets", files={"file": ("d.npz", npz_bytes(x=x, y=np.zeros(100, np.int64)))},
+                   data={"name": "wrong-width", "format": "npz"}).json()["id"]
+    job = http.post("/v1/jobs", json={"teacher_model_id": model_id, "dataset_id": ds,
+                                      "student": {"family": "mlp", "hidden": [8]}}).json()
+    final = wait_for(http, job["id"], timeout=60)
+    assert final["status"] == "failed" and final["error"]["code"] == "shape_mismatch"
+    assert "20" in final["error"]["message"] and "64" in final["error"]["message"]
+    from datetime import datetime
+
+    took = datetime.fromisoformat(final["finished_at"]) - datetime.fromisoformat(final["started_at"])
+    assert took.total_seconds() < 5, took
+
+
+def test_duplicate_delivery_runs_once(http, teacher_files, digits):
+    from app.queue import send_job
+
+    model_id, dataset_id = upload_inputs(http, teacher_files["onnx"], digits)
+    job = http.post("/v1/jobs", json={"teacher_model_id": model_id, "dataset_id": dataset_id,
+                                      "student": {"family": "mlp", "hidden": [16]},
+                                      "steps": [{"kind": "distill", "epochs": 3}], "exports": ["onnx"]}).json()
+    from app.settings import get_settings
+
+    send_job(job["id"], get_settings().job_queue)  # a second message for the same job
+    send_job(job["id"], get_settings().job_queue)
+    final = wait_for(http, job["id"])
+    assert final["status"] == "succeeded" and final["attempts"] == 1
+    time.sleep(1.0)  # give the duplicates time to be consumed
+    events = http.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+    assert [e["type"] for e in events].count("started") == 1
+    arts = http.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+    assert sorted(a["kind"] for a in arts).count("student") == 1
+
+
+def test_events_stream_follows_until_the_job_ends(http, api_url, teacher_files, digits):
+    model_id, dataset_id = upload_inputs(http, teacher_files["onnx"], digits)
+    job = http.post("/v1/jobs", json={"teacher_model_id": model_id, "dataset_id": dataset_id,
+                                      "student": {"family": "mlp", "hidden": [16]},
+                                      "steps": [{"kind": "distill", "epochs": 3}], "exports": ["onnx"]}).json()
+    seen = []
+    with http.stream("GET", f"/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"},
+                     timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                seen.append(line[len("event: "):])
+    assert seen[0] == "queued" and seen[-1] == "end" and "succeeded" in seen

@@ -1,0 +1,67 @@
+"""Distillery's pure-PyTorch distillation engine.
+
+Public interface (used by the worker)::
+
+    from worker.engine import run, inspect_model, registries
+    from worker.engine import TeacherSource, DatasetSource, Reporter
+    from worker.engine import ArtifactFile, EngineResult, EngineError, Cancelled
+
+The value types are stdlib-only and imported eagerly; ``run``, ``registries``
+and ``inspect_model`` are resolved lazily (PEP 562) so that importing the
+package - e.g. for ``python -m worker.engine.inspect`` on an ONNX upload - does
+not pay for importing torch.
+
+Layer rule: this package imports only torch, numpy, onnx, onnxruntime,
+safetensors and the standard library.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .types import (
+    ArtifactFile,
+    Cancelled,
+    DatasetSource,
+    EngineError,
+    EngineResult,
+    NullReporter,
+    Reporter,
+    TeacherSource,
+)
+
+if TYPE_CHECKING:
+    from .inspect import inspect_model
+    from .pipeline import run
+    from .registry import Registry, registries
+
+__all__ = [
+    "run",
+    "TeacherSource",
+    "DatasetSource",
+    "Reporter",
+    "NullReporter",
+    "ArtifactFile",
+    "EngineResult",
+    "EngineError",
+    "Cancelled",
+    "registries",
+    "inspect_model",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "run":
+        from .pipeline import run
+
+        return run
+    if name == "registries":
+        from . import pipeline  # noqa: F401  (imports every plugin module so registries are full)
+        from .registry import registries
+
+        return registries
+    if name == "inspect_model":
+        from .inspect import inspect_model
+
+        return inspect_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

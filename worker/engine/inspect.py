@@ -1,0 +1,178 @@
+"""Fast structural check of an uploaded model file.
+
+``inspect_model(path, format) -> dict``; never raises for a bad file:
+
+* success: ``{"ok": true, "format", "num_parameters", "inputs": [...], "outputs": [...]}``
+  where each input/output is ``{"name", "shape" (ints, null for dynamic dims), "dtype"}``.
+  TorchScript archives carry no shape information, so their lists are empty.
+* failure: ``{"ok": false, "error": "<human-readable reason>"}``
+
+CLI (one JSON line on stdout; exit 0 on success, 2 on failure)::
+
+    python -m worker.engine.inspect --format torchscript|onnx PATH
+
+Runs on every upload, so it only parses the file: torch is imported only for
+TorchScript, and ONNX models are checked with ``onnx.checker`` without creating
+an inference session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("torchscript", "onnx")
+
+
+def error_summary(exc: BaseException, limit: int = 400) -> str:
+    """One line describing an exception from torch/onnx/onnxruntime.
+
+    TorchScript errors carry a multi-line interpreter traceback whose last line
+    is the actual reason, so that line is kept.
+    """
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    if not text:
+        text = type(exc).__name__
+    elif "Error" not in text.split(":", 1)[0]:
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def count_torchscript_parameters(module: Any) -> int:
+    """Weights in a TorchScript module.
+
+    Parameters first; a frozen or traced-with-constants module may hold its
+    weights as plain state-dict tensors, or as tensor constants inlined into
+    the graph, so fall back to those in turn.
+    """
+    import torch
+
+    total = sum(int(p.numel()) for p in module.parameters())
+    if total:
+        return total
+    total = sum(int(t.numel()) for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+    if total:
+        return total
+    try:
+        for node in module.graph.nodes():
+            if node.kind() == "prim::Constant" and node.output().type().kind() == "TensorType":
+                total += int(node.t("value").numel())
+    except Exception:  # graph introspection is best effort
+        pass
+    return total
+
+
+def count_onnx_parameters(model: Any) -> int:
+    """Sum of the element counts of the main graph's initializers."""
+    total = 0
+    for init in model.graph.initializer:
+        total += int(math.prod(init.dims))
+    for sparse in model.graph.sparse_initializer:
+        total += int(math.prod(sparse.values.dims))
+    return total
+
+
+def _onnx_value_info(value: Any) -> dict[str, Any]:
+    import onnx
+
+    tensor_type = value.type.tensor_type if value.type.HasField("tensor_type") else None
+    if tensor_type is None:
+        return {"name": value.name, "shape": None, "dtype": None}
+    shape = None
+    if tensor_type.HasField("shape"):
+        shape = [int(d.dim_value) if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+    except Exception:
+        dtype = onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower()
+    return {"name": value.name, "shape": shape, "dtype": dtype}
+
+
+def _inspect_onnx(path: Path) -> dict[str, Any]:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        return {"ok": False, "error": f"not a valid ONNX model: {error_summary(exc)}"}
+    if not model.HasField("graph") or not model.graph.node:
+        return {"ok": False, "error": "not a valid ONNX model: the file has no graph nodes"}
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        return {"ok": False, "error": f"ONNX model failed validation: {error_summary(exc)}"}
+    init_names = {i.name for i in model.graph.initializer}
+    return {
+        "ok": True,
+        "format": "onnx",
+        "num_parameters": count_onnx_parameters(model),
+        "inputs": [_onnx_value_info(v) for v in model.graph.input if v.name not in init_names],
+        "outputs": [_onnx_value_info(v) for v in model.graph.output],
+    }
+
+
+def _inspect_torchscript(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        return {"ok": False, "error": f"not a loadable TorchScript archive: {error_summary(exc)}"}
+    if not hasattr(module, "forward"):
+        return {"ok": False, "error": "TorchScript module has no forward() method"}
+    return {
+        "ok": True,
+        "format": "torchscript",
+        "num_parameters": count_torchscript_parameters(module),
+        "inputs": [],
+        "outputs": [],
+    }
+
+
+def inspect_model(path: Path, format: str) -> dict[str, Any]:
+    """Check that ``path`` is a loadable model of ``format``; see module docstring."""
+    path = Path(path)
+    if format not in FORMATS:
+        return {"ok": False, "error": f"unsupported model format {format!r} (expected one of: {', '.join(FORMATS)})"}
+    if not path.exists():
+        return {"ok": False, "error": f"file not found: {path}"}
+    if not path.is_file():
+        return {"ok": False, "error": f"not a regular file: {path}"}
+    if path.stat().st_size == 0:
+        return {"ok": False, "error": "the file is empty"}
+    try:
+        return _inspect_onnx(path) if format == "onnx" else _inspect_torchscript(path)
+    except Exception as exc:  # never let a hostile file crash the caller
+        return {"ok": False, "error": f"cannot inspect {format} model: {error_summary(exc)}"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # Keep the one-JSON-line contract even for usage errors.
+        print(json.dumps({"ok": False, "error": f"usage: {message}"}))
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="python -m worker.engine.inspect", description="Inspect a model file.")
+    parser.add_argument("--format", required=True, help="torchscript | onnx")
+    parser.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    # Anything a library prints must not corrupt the JSON line on stdout.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = inspect_model(args.path, args.format)
+    print(json.dumps(result))
+    return 0 if result.get("ok") else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The job report: per-model rows, ratios and reproducibility data.
+
+Layout (written as ``report.json``)::
+
+    {"teacher": row, "steps": [{"index", "kind", "method", **row}], "student": row,
+     "compression_ratio", "parameter_ratio", "speedup",
+     "reproducibility": {"seed", "versions", "spec_sha256", "data_sha256", "teacher_sha256", ...},
+     "data": {"train_rows", "val_rows", "val_source", ...}}
+
+    row = {"num_parameters", "size_bytes", "latency_ms": {"batch_1", "batch_32"},
+           "accuracy"?, "agreement", "f1_macro"?}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .latency import median_latency_ms
+from .types import ArtifactFile
+
+LATENCY_BATCHES = (1, 32)
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def spec_sha256(spec: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(spec).encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import onnxruntime
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def latency_batch(x: np.ndarray, rows: int) -> np.ndarray:
+    """The first ``rows`` rows of ``x``, repeated if it has fewer."""
+    reps = math.ceil(rows / x.shape[0])
+    return np.ascontiguousarray(np.concatenate([x] * reps)[:rows]) if reps > 1 else np.ascontiguousarray(x[:rows])
+
+
+def measure_latency(make_fn: Callable[[np.ndarray], Callable[[], Any]], x: np.ndarray) -> dict[str, float]:
+    """``{"batch_1": ms, "batch_32": ms}``; ``make_fn(batch)`` returns a zero-arg runner."""
+    return {f"batch_{b}": median_latency_ms(make_fn(latency_batch(x, b))) for b in LATENCY_BATCHES}
+
+
+def model_row(num_parameters: int, size_bytes: int, latency_ms: dict[str, float], metrics: Mapping[str, float]) -> dict:
+    row: dict[str, Any] = {
+        "num_parameters": int(num_parameters),
+        "size_bytes": int(size_bytes),
+        "latency_ms": dict(latency_ms),
+    }
+    for key in ("accuracy", "agreement", "f1_macro"):
+        if key in metrics:
+            row[key] = float(metrics[key])
+    return row
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return float(a) / float(b) if b else None
+
+
+def build_report(
+    *,
+    teacher: dict,
+    steps: list[dict],
+    student: dict,
+    reproducibility: dict,
+    data: dict,
+) -> dict[str, Any]:
+    return {
+        "teacher": teacher,
+        "steps": steps,
+        "student": student,
+        "compression_ratio": _ratio(teacher["size_bytes"], student["size_bytes"]),
+        "parameter_ratio": _ratio(teacher["num_parameters"], student["num_parameters"]),
+        "speedup": _ratio(teacher["latency_ms"]["batch_32"], student["latency_ms"]["batch_32"]),
+        "reproducibility": reproducibility,
+        "data": data,
+    }
+
+
+def write_report(report: dict, out_dir: Path) -> ArtifactFile:
+    path = Path(out_dir) / "report.json"
+    path.write_text(json.dumps(report, indent=2, sort_keys=False))
+    return ArtifactFile("report", "json", path, None, "application/json")

@@ -32,11 +32,21 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,  # long jobs: do not hoard messages another worker could run
         task_ignore_result=True,  # results live in the SQL database, not the broker
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 6 * 3600},
+        broker_transport_options=_transport_options(settings.resolved_broker_url),
         task_default_queue=settings.job_queue,
         worker_hijack_root_logger=False,
     )
     return app
+
+
+def _transport_options(url: str) -> dict:
+    if url.startswith("sqla+"):
+        # kombu's SQLAlchemy transport hands these to create_engine: wait on a locked SQLite file
+        # (API and worker share it) instead of failing.
+        return {"connect_args": {"timeout": 30}} if "sqlite" in url else {}
+    # Redis: an unacked message is redelivered after this long. Jobs can run for hours; the
+    # lease/reaper, not this timeout, is what recovers a job from a dead worker.
+    return {"visibility_timeout": 6 * 3600}
 
 
 @lru_cache

@@ -1,0 +1,55 @@
+"""`distillery run` — the embedded default (SQLite, a SQLite-backed Celery queue, local files) — end to end."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.support.fixtures import ROOT, start_process, stop_process, wait_for_log
+from tests.support.flow import check_student_files, distill_digits, wait_http
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    data = tmp_path_factory.mktemp("embedded")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Nothing but the data dir and port: the defaults must give a working service.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
+    env.update(DISTILLERY_DATA_DIR=str(data), DISTILLERY_PORT=str(port), DISTILLERY_WORKER_THREADS="1")
+    log = data / "run.log"
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "run"], cwd=ROOT, env=env, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url)
+        wait_for_log(proc, log, "ready.", timeout=60)  # the worker is consuming
+        out = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "laptop"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, check=True)
+        key = out.stdout.strip().splitlines()[-1]
+        yield {"url": url, "key": key, "proc": proc, "log": log, "data": data}
+    finally:
+        stop_process(proc)
+
+
+def test_embedded_flow_and_clean_shutdown(embedded, teacher_files, digits):
+    assert "listening on http://127.0.0.1" in embedded["log"].read_text()
+    assert (embedded["data"] / "distillery.db").exists() and (embedded["data"] / "queue.db").exists()
+    with httpx.Client(base_url=embedded["url"], headers={"Authorization": f"Bearer {embedded['key']}"},
+                      timeout=30) as http:
+        assert http.get("/readyz").json()["status"] == "ready"
+        job, files = distill_digits(http, teacher_files["onnx"], digits)
+    check_student_files(files, digits, min_accuracy=0.90)
+    assert job["metrics"]["student"]["accuracy"] >= 0.90
+    # SIGTERM stops the API and the worker, cleanly.
+    assert stop_process(embedded["proc"], timeout=30) == 0
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{embedded['url']}/healthz", timeout=2)
+    log = embedded["log"].read_text()
+    assert "Traceback" not in log, log[-3000:]

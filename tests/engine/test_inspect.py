@@ -87,3 +87,10 @@ def test_cli_success_and_failure(teacher_onnx, teacher_ts, tmp_path):
     assert code == 2 and info["ok"] is False and info["error"]
     code, info, _ = _cli(str(cut))  # missing --format: still one JSON line, exit 2
     assert code == 2 and info["ok"] is False and "usage" in info["error"]
+
+
+def test_torch_save_checkpoint_gets_an_actionable_message(teacher_module, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save(teacher_module.state_dict(), path)
+    info = inspect_model(path, "torchscript")
+    assert info["ok"] is False and "torch.save() checkpoint" in info["error"]

@@ -209,3 +209,22 @@ def test_explicit_held_out_images_multi_step_and_partial_exports(digits, tmp_pat
         pred = student(torch.from_numpy(images[1500:])).argmax(1).numpy()
     assert float((pred == y[1500:]).mean()) == pytest.approx(result.metrics["student"]["accuracy"])
     assert result.metrics["student"]["accuracy"] >= 0.85
+
+
+def test_onnx_teacher_with_pinned_batch_and_no_exports(teacher_module, digits, write_npz, tmp_path):
+    """Some ONNX exports fix the batch dimension to 1; the engine runs them row by row."""
+    from worker.engine import TeacherSource
+
+    path = tmp_path / "batch1.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(teacher_module, (torch.zeros(1, 64),), str(path), dynamo=False,
+                          input_names=["pixels"], output_names=["scores"], opset_version=17)
+    x, y = digits
+    ds = write_npz("small", x=x[:300], y=y[:300])
+    result = run(make_spec(exports=[], step__epochs=2), TeacherSource(path, "onnx"), ds, tmp_path / "out",
+                 RecordingReporter(), device="cpu", threads=1)
+    assert [a.kind for a in result.artifacts] == ["report"]
+    assert result.report["teacher"]["num_parameters"] == 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
+    assert result.metrics["teacher"]["accuracy"] >= 0.95
+    assert result.report["student"]["size_bytes"] > 0

@@ -45,6 +45,26 @@ def error_summary(exc: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def torchscript_load_error(path: Path, exc: BaseException) -> str:
+    """Why ``torch.jit.load`` refused ``path``, in words a user can act on."""
+    text = str(exc)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        magic = b""
+    if magic != b"PK\x03\x04":
+        return "not a TorchScript archive: TorchScript files are zip archives and this file is not one"
+    if "failed finding central directory" in text:
+        return "not a loadable TorchScript archive: the zip archive is truncated or corrupt"
+    if "constants.pkl" in text or "bytecode.pkl" in text:
+        return (
+            "not a TorchScript archive: this looks like a torch.save() checkpoint; "
+            "export the model with torch.jit.script(model).save(path) or torch.jit.trace instead"
+        )
+    return f"not a loadable TorchScript archive: {error_summary(exc)}"
+
+
 def count_torchscript_parameters(module: Any) -> int:
     """Weights in a TorchScript module.
 
@@ -126,7 +146,7 @@ def _inspect_torchscript(path: Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
-        return {"ok": False, "error": f"not a loadable TorchScript archive: {error_summary(exc)}"}
+        return {"ok": False, "error": torchscript_load_error(path, exc)}
     if not hasattr(module, "forward"):
         return {"ok": False, "error": "TorchScript module has no forward() method"}
     return {

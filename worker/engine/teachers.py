@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .inspect import count_onnx_parameters, count_torchscript_parameters, error_summary
+from .inspect import count_onnx_parameters, count_torchscript_parameters, error_summary, torchscript_load_error
 from .registry import EmptyConfig, teacher_formats
 from .types import Cancelled, EngineError, TeacherSource
 
@@ -161,7 +161,7 @@ def _load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModul
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:  # torch raises RuntimeError/ValueError/... for junk files
-        raise EngineError("invalid_model", f"cannot load teacher as TorchScript: {error_summary(exc)}") from None
+        raise EngineError("invalid_model", f"cannot load teacher: {torchscript_load_error(path, exc)}") from None
     if not hasattr(module, "forward"):
         raise EngineError("invalid_model", "TorchScript teacher has no forward() method")
     return module.eval()

@@ -1,0 +1,14 @@
+# One image for the API and the worker; the command chooses the role.
+# CPU build by default; for GPU workers build with TORCH_INDEX=https://download.pytorch.org/whl/cu128.
+FROM python:3.11-slim
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 DISTILLERY_DATA_DIR=/data
+WORKDIR /srv
+COPY pyproject.toml README.md alembic.ini ./
+COPY app ./app
+COPY worker ./worker
+COPY migrations ./migrations
+RUN pip install --extra-index-url "$TORCH_INDEX" "torch==2.13.0" && pip install .
+VOLUME ["/data"]
+EXPOSE 8000
+CMD ["distillery", "serve"]

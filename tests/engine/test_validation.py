@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -111,7 +112,9 @@ def test_teacher_with_non_logit_output(digits_npz, tmp_path):
             return x.sum(dim=1)  # [N], not [N, C]
 
     path = tmp_path / "bad.pt"
-    torch.jit.save(torch.jit.script(Bad()), str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(Bad()), str(path))
     err = _fail(make_spec(), TeacherSource(path, "torchscript"), digits_npz, tmp_path)
     assert err.code == "shape_mismatch" and "expected 2-D logits" in err.message
 

@@ -64,31 +64,33 @@ class NpzDataset:
         if len(inputs) != 1:
             raise EngineError("unsupported", f"only single-input datasets are supported; got inputs {list(inputs)}")
         name = inputs[0]
-        try:
-            archive = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise _bad(f"dataset file not found: {path}") from None
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-            raise _bad(f"cannot read dataset as .npz: {_first_line(exc)}") from None
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise _bad("dataset is a single .npy array, expected an .npz archive with named arrays")
-        with archive:
-            present = set(archive.files)
-            if name not in present:
-                raise _bad(f"dataset has no array {name!r} (found: {', '.join(sorted(present)) or 'none'})")
+        if not path.is_file():
+            raise _bad(f"dataset file not found: {path}")
+        # Open the file ourselves: np.load leaks the handle when the zip is corrupt.
+        with open(path, "rb") as fh:
+            try:
+                archive = np.load(fh, allow_pickle=False)
+            except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+                raise _bad(f"cannot read dataset as .npz: {_first_line(exc)}") from None
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise _bad("dataset is a single .npy array, expected an .npz archive with named arrays")
+            with archive:
+                present = set(archive.files)
+                if name not in present:
+                    raise _bad(f"dataset has no array {name!r} (found: {', '.join(sorted(present)) or 'none'})")
 
-            def read(key: str) -> np.ndarray | None:
-                if key not in present:
-                    return None
-                try:
-                    return archive[key]
-                except ValueError as exc:  # object arrays need pickle: refuse
-                    raise _bad(f"array {key!r} cannot be read without pickle: {_first_line(exc)}") from None
-                except (OSError, zipfile.BadZipFile, EOFError) as exc:
-                    raise _bad(f"array {key!r} is corrupt: {_first_line(exc)}") from None
+                def read(key: str) -> np.ndarray | None:
+                    if key not in present:
+                        return None
+                    try:
+                        return archive[key]
+                    except ValueError as exc:  # object arrays need pickle: refuse
+                        raise _bad(f"array {key!r} cannot be read without pickle: {_first_line(exc)}") from None
+                    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+                        raise _bad(f"array {key!r} is corrupt: {_first_line(exc)}") from None
 
-            val_name = f"{name}_val"
-            return check_dataset(name, read(name), read("y"), read(val_name), read("y_val"), val_name)
+                val_name = f"{name}_val"
+                return check_dataset(name, read(name), read("y"), read(val_name), read("y_val"), val_name)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ import io
 import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,12 @@ from . import losses as _losses  # noqa: F401
 from . import optim as _optim  # noqa: F401
 from . import steps as _steps  # noqa: F401
 from . import students as _students
-from .data import check_label_range, load_dataset, split_dataset
+from .data import Dataset, Split, check_label_range, load_dataset, split_dataset
 from .evaluate import classification_metrics
 from .registry import exports as export_registry
 from .report import build_report, file_sha256, measure_latency, model_row, spec_sha256, versions, write_report
-from .spec import parse_spec
-from .teachers import load_teacher, probe_teacher, teacher_logits
+from .spec import JobSpec, parse_spec
+from .teachers import Teacher, load_teacher, probe_teacher, teacher_logits
 from .train import ProgressTracker, TrainContext
 from .types import ArtifactFile, DatasetSource, EngineError, EngineResult, Reporter, TeacherSource
 
@@ -91,23 +92,18 @@ def _student_latency(model: nn.Module, x: np.ndarray) -> dict[str, float]:
     return measure_latency(make, x)
 
 
-def run(
-    spec: Mapping[str, Any],
-    teacher: TeacherSource,
-    dataset: DatasetSource,
-    out_dir: Path,
-    reporter: Reporter,
-    *,
-    device: str = "auto",
-    threads: int | None = None,
-) -> EngineResult:
-    """Distil ``teacher`` into the student ``spec`` describes, using ``dataset``.
+@dataclass
+class _Validated:
+    job: JobSpec
+    device: torch.device
+    data: Dataset
+    teacher: Teacher
+    num_classes: int
 
-    Writes artifacts into ``out_dir`` and returns them with metrics and the
-    report. Raises :class:`EngineError` (``.code``) for user-fixable problems
-    and :class:`Cancelled` when ``reporter.should_stop()`` turns True.
-    """
-    # ---- validate ------------------------------------------------------------
+
+def _validate(spec: Mapping[str, Any], teacher: TeacherSource, dataset: DatasetSource, reporter: Reporter,
+              device: str, threads: int | None) -> _Validated:
+    """Cheap checks that catch every mismatch before anything expensive runs."""
     reporter.event("validate", "checking spec, dataset and teacher")
     job = parse_spec(spec)
     dev = resolve_device(device)
@@ -132,55 +128,64 @@ def run(
             "has_x_val": data.x_val is not None,
         },
     )
+    return _Validated(job, dev, data, tch, num_classes)
 
-    # ---- load ----------------------------------------------------------------
-    split = split_dataset(data, job.val_fraction, job.seed)
-    x_train = torch.from_numpy(split.x_train).to(dev)
-    x_val = torch.from_numpy(split.x_val).to(dev)
-    y_train = torch.from_numpy(split.y_train).to(dev) if split.y_train is not None else None
-    y_val = torch.from_numpy(split.y_val).to(dev) if split.y_val is not None else None
+
+def _prepare(v: _Validated, reporter: Reporter) -> tuple[Split, TrainContext, dict[str, float]]:
+    """Split, move data to the device, cache teacher logits, build the seeded student.
+
+    Returns the split, the training context and the teacher's held-out metrics.
+    """
+    dev, job = v.device, v.job
+    split = split_dataset(v.data, job.val_fraction, job.seed)
+
+    def on_device(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(a).to(dev)
+
     reporter.event(
         "load",
         f"{len(split.x_train)} training rows, {len(split.x_val)} held-out rows ({split.val_source}) on {dev}",
         data={"train_rows": len(split.x_train), "val_rows": len(split.x_val), "val_source": split.val_source,
-              "device": str(dev), "teacher_format": tch.format},
+              "device": str(dev), "teacher_format": v.teacher.format},
     )
 
-    # ---- teacher outputs (once, cached) ---------------------------------------
     started = time.perf_counter()
-    t_train = teacher_logits(tch, split.x_train, should_stop=reporter.should_stop)
-    t_val = teacher_logits(tch, split.x_val, should_stop=reporter.should_stop)
+    t_train = teacher_logits(v.teacher, split.x_train, should_stop=reporter.should_stop)
+    t_val = teacher_logits(v.teacher, split.x_val, should_stop=reporter.should_stop)
+    y_val = on_device(split.y_val)
     teacher_metrics = classification_metrics(t_val, None, y_val)
+    seconds = time.perf_counter() - started
     reporter.event(
         "teacher_outputs",
-        f"teacher logits cached for {len(split.x_train) + len(split.x_val)} rows "
-        f"in {time.perf_counter() - started:.2f}s",
-        data={"seconds": time.perf_counter() - started, **teacher_metrics},
+        f"teacher logits cached for {len(split.x_train) + len(split.x_val)} rows in {seconds:.2f}s",
+        data={"seconds": seconds, **teacher_metrics},
     )
 
-    # ---- steps -----------------------------------------------------------------
     # Seed right before anything random: weight init, dropout, batch order.
     torch.manual_seed(job.seed)
-    student, architecture = job.student.create(data.row_shape, num_classes)
-    student = student.to(dev)
+    student, architecture = job.student.create(v.data.row_shape, v.num_classes)
     ctx = TrainContext(
-        student=student,
+        student=student.to(dev),
         architecture=architecture,
         device=dev,
-        x_train=x_train,
+        x_train=on_device(split.x_train),
         t_train=t_train,
-        y_train=y_train,
-        x_val=x_val,
+        y_train=on_device(split.y_train),
+        x_val=on_device(split.x_val),
         t_val=t_val,
         y_val=y_val,
         reporter=reporter,
         generator=torch.Generator().manual_seed(job.seed),
         progress=ProgressTracker(reporter, sum(s.epochs for s in job.steps)),
     )
-    example = torch.from_numpy(split.x_val[:VERIFY_ROWS])
-    step_rows: list[dict[str, Any]] = []
+    return split, ctx, teacher_metrics
+
+
+def _run_steps(job: JobSpec, ctx: TrainContext, split: Split, example: torch.Tensor) -> list[dict[str, Any]]:
+    """Run every step; returns one report row per step (measured right after it)."""
+    rows: list[dict[str, Any]] = []
     for index, step in enumerate(job.steps):
-        reporter.event(
+        ctx.reporter.event(
             "step_started",
             f"step {index}: {step.name} ({step.method}), {step.epochs} epochs",
             data={"index": index, "kind": step.name, "method": step.method, "epochs": step.epochs},
@@ -194,60 +199,87 @@ def run(
             _student_latency(cpu_student, split.x_val),
             metrics,
         )
-        step_rows.append({"index": index, "kind": step.name, "method": step.method, **row})
-        reporter.event("step_finished", f"step {index} finished: " + _describe(metrics), data=metrics)
-    ctx.check_stop("before export")
+        rows.append({"index": index, "kind": step.name, "method": step.method, **row})
+        ctx.reporter.event("step_finished", f"step {index} finished: " + _describe(metrics), data=metrics)
+    return rows
 
-    # ---- export ------------------------------------------------------------------
-    final_index = len(job.steps) - 1
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cpu_student = _cpu_eval_copy(ctx.student)
-    export_input = export_mod.ExportInput(cpu_student, ctx.architecture, example, out_dir, final_index)
+
+def _export(job: JobSpec, ctx: TrainContext, example: torch.Tensor, out_dir: Path) -> list[ArtifactFile]:
+    """Write and verify the final student in every requested format."""
+    export_input = export_mod.ExportInput(
+        _cpu_eval_copy(ctx.student), ctx.architecture, example, out_dir, len(job.steps) - 1
+    )
     artifacts: list[ArtifactFile] = []
     for name in job.exports:
         files = export_registry.get(name)(None).export(export_input)
         artifacts += files
         for f in files:
-            reporter.event(
+            size = f.path.stat().st_size
+            ctx.reporter.event(
                 "export",
-                f"exported {f.kind} as {f.format}: {f.path.name} ({f.path.stat().st_size} bytes), verified",
-                data={"format": f.format, "kind": f.kind, "file": f.path.name, "size_bytes": f.path.stat().st_size},
+                f"exported {f.kind} as {f.format}: {f.path.name} ({size} bytes), verified",
+                data={"format": f.format, "kind": f.kind, "file": f.path.name, "size_bytes": size},
             )
+    return artifacts
 
-    # ---- report ------------------------------------------------------------------
-    final = dict(step_rows[-1])
-    for key in ("index", "kind", "method"):
-        final.pop(key)
+
+def run(
+    spec: Mapping[str, Any],
+    teacher: TeacherSource,
+    dataset: DatasetSource,
+    out_dir: Path,
+    reporter: Reporter,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+) -> EngineResult:
+    """Distil ``teacher`` into the student ``spec`` describes, using ``dataset``.
+
+    Writes artifacts into ``out_dir`` and returns them with metrics and the
+    report. Raises :class:`EngineError` (``.code``) for user-fixable problems
+    and :class:`Cancelled` when ``reporter.should_stop()`` turns True.
+    """
+    v = _validate(spec, teacher, dataset, reporter, device, threads)
+    split, ctx, teacher_metrics = _prepare(v, reporter)
+    example = torch.from_numpy(split.x_val[:VERIFY_ROWS])
+    step_rows = _run_steps(v.job, ctx, split, example)
+    ctx.check_stop("before export")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts = _export(v.job, ctx, example, out_dir)
+
+    # ---- report: the final student is the last step's row, sized as shipped.
+    final = {k: val for k, val in step_rows[-1].items() if k not in ("index", "kind", "method")}
     ts_file = next((a.path for a in artifacts if a.kind == "student" and a.format == "torchscript"), None)
     if ts_file is not None:
         final["size_bytes"] = ts_file.stat().st_size
     teacher_row = model_row(
-        tch.num_parameters,
-        tch.size_bytes,
-        measure_latency(tch.latency_fn, split.x_val),
-        {**teacher_metrics, "agreement": 1.0},
+        v.teacher.num_parameters,
+        v.teacher.size_bytes,
+        measure_latency(v.teacher.latency_fn, split.x_val),
+        {**teacher_metrics, "agreement": 1.0},  # the teacher agrees with itself by definition
     )
     report = build_report(
         teacher=teacher_row,
         steps=step_rows,
         student=final,
         reproducibility={
-            "seed": job.seed,
+            "seed": v.job.seed,
             "versions": versions(),
             "spec_sha256": spec_sha256(spec),
             "data_sha256": dataset.sha256 or file_sha256(Path(dataset.path)),
             "teacher_sha256": teacher.sha256 or file_sha256(Path(teacher.path)),
-            "device": str(dev),
+            "device": str(v.device),
             "threads": torch.get_num_threads(),
         },
         data={
             "train_rows": len(split.x_train),
             "val_rows": len(split.x_val),
             "val_source": split.val_source,
-            "num_classes": num_classes,
-            "labelled": labelled,
-            "input_shape": list(data.row_shape),
+            "num_classes": v.num_classes,
+            "labelled": v.data.y is not None,
+            "input_shape": list(v.data.row_shape),
         },
     )
     artifacts.append(write_report(report, out_dir))

@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from tests.support.fixtures import ROOT, start_process, stop_process, wait_for_log
+from tests.support.fixtures import ROOT, stop_process, wait_for_log
 from tests.support.flow import check_student_files, distill_digits, wait_http
 
 

@@ -31,13 +31,33 @@ def migrated(services_up) -> None:
 
 
 @pytest.fixture()
-def client(migrated):
+def client(migrated, monkeypatch):
+    """In-process API client. Jobs it creates go to a queue no worker consumes, so tests that
+    inspect or move a queued job never race the session's real worker."""
     from fastapi.testclient import TestClient
 
     from app.main import app
+    from app.settings import get_settings
 
+    monkeypatch.setattr(get_settings(), "job_queue", PARKED_QUEUE)
     with TestClient(app) as c:
         yield c
+
+
+PARKED_QUEUE = f"parked-{os.getpid()}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_parked_queue():
+    yield
+    if services.reachable("127.0.0.1", 6379):
+        import redis
+
+        from tests.conftest import QUEUE
+
+        r = redis.Redis.from_url(services.REDIS_URL)
+        for queue in (PARKED_QUEUE, QUEUE):
+            r.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
 
 
 @pytest.fixture(scope="session")

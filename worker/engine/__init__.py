@@ -25,8 +25,11 @@ from .types import (
     DatasetSource,
     EngineError,
     EngineResult,
+    InputInfo,
+    ModelSource,
     NullReporter,
     Reporter,
+    TeacherInfo,
     TeacherSource,
 )
 
@@ -39,6 +42,9 @@ __all__ = [
     "run",
     "TeacherSource",
     "DatasetSource",
+    "ModelSource",
+    "InputInfo",
+    "TeacherInfo",
     "Reporter",
     "NullReporter",
     "ArtifactFile",

@@ -22,33 +22,89 @@ ERROR_CODES = (
     "cancelled",  # the reporter asked the job to stop
 )
 
+TASKS = ("classification", "regression", "embedding")
+
 
 @dataclass(frozen=True)
 class TeacherSource:
     """A teacher model file on local disk.
 
-    ``format`` is ``"torchscript"`` or ``"onnx"``; ``sha256`` is the digest the
-    API recorded at upload (recomputed by the engine when empty).
+    ``format``: ``"torchscript" | "onnx" | "torch_export" | "safetensors"``;
+    ``task``: ``"classification" | "regression" | "embedding"``; ``sha256`` is
+    the digest the API recorded at upload (recomputed by the engine when empty);
+    ``architecture``: required for ``safetensors`` (a built-in family dict with
+    explicit dims, e.g. ``{"family": "mlp", "in_features": 64, "hidden": [256],
+    "out_features": 10}``), ignored otherwise.
     """
 
     path: Path
     format: str
     task: str = "classification"
     sha256: str = ""
+    architecture: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class DatasetSource:
-    """A dataset file on local disk (``.npz``).
+    """A dataset file on local disk.
 
-    ``inputs`` names the arrays fed to the model; only one input is supported
-    now. Held-out arrays, when present, are named ``<input>_val`` and ``y_val``.
+    ``format``: ``"npz" | "pt" | "csv" | "parquet" | "image_folder"``.
+    ``inputs`` names the arrays fed to the model, in the model's positional
+    order (ONNX teachers match them to session input names). Held-out arrays,
+    when present, are named ``<input>_val`` (``x_val`` for the single input
+    ``x``) and ``y_val``. ``options`` are per-format: csv/parquet
+    ``{"label_column": "target"}``; image_folder ``{"image_size": [32, 32],
+    "grayscale": false, "normalize": "dataset" | "none" | "imagenet"}``.
     """
 
     path: Path
     format: str = "npz"
     sha256: str = ""
     inputs: tuple[str, ...] = ("x",)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """An uploaded trainable model used as the student (``student: {"model_id": ...}``).
+
+    ``format``: ``"torchscript" | "torch_export" | "safetensors"`` (+ ``architecture``).
+    """
+
+    path: Path
+    format: str
+    architecture: dict[str, Any] | None = None
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """One model input as the data shows it (what student families size themselves on).
+
+    ``row_shape``: per-example shape, e.g. ``(64,)``, ``(1, 8, 8)`` or ``(16,)`` token ids;
+    ``is_integer``: integer dtype (token ids, masks) - kept int64, never cast to float;
+    ``max_value``: the largest value seen for integer inputs (vocab size - 1), else None.
+    """
+
+    name: str
+    row_shape: tuple[int, ...]
+    is_integer: bool = False
+    max_value: int | None = None
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What a student family may use from the teacher (``init: teacher``, ``derive``).
+
+    ``module``: the teacher as a torch ``nn.Module`` / ScriptModule (None for ONNX);
+    ``architecture``: the teacher's architecture dict when known (safetensors);
+    ``format``: the teacher's file format; ``task``: its task.
+    """
+
+    module: Any
+    architecture: dict[str, Any] | None
+    format: str
+    task: str = "classification"
 
 
 @runtime_checkable

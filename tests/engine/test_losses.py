@@ -85,3 +85,149 @@ def test_kd_gradient_flows_to_student_only():
     t = torch.tensor(T)
     kd()(s, t, torch.from_numpy(Y)).backward()
     assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+# ---- soft_ce, hard, mse, cosine: numpy golden values ------------------------------------------
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    return np.exp(_log_softmax(z))
+
+
+def expected_soft_ce(s, t, temperature, w):
+    """T^2 * mean_i(-sum q log p) + w * mean_i(-sum r log r); q=softmax(t/T), p=softmax(s/T), r=softmax(s)."""
+    q = _softmax(t / temperature)
+    ce = -(q * _log_softmax(s / temperature)).sum(axis=1).mean() * temperature**2
+    log_r = _log_softmax(s)
+    h = -(np.exp(log_r) * log_r).sum(axis=1).mean()
+    return ce + w * h
+
+
+def expected_hard(s, t, eps):
+    """CE with target (1-eps)*onehot(argmax t) + eps/C."""
+    c = s.shape[1]
+    target = np.full(s.shape, eps / c)
+    target[np.arange(len(s)), t.argmax(axis=1)] += 1 - eps
+    return -(target * _log_softmax(s)).sum(axis=1).mean()
+
+
+def expected_mse(s, t, target):
+    if target == "probabilities":
+        s, t = _softmax(s), _softmax(t)
+    return ((s - t) ** 2).mean()
+
+
+def expected_cosine(s, t, w):
+    cos = (s * t).sum(1) / np.maximum(np.linalg.norm(s, axis=1) * np.linalg.norm(t, axis=1), 1e-8)
+    return (1 - cos).mean() + w * ((s - t) ** 2).mean()
+
+
+def build(type_, **cfg):
+    return losses.build({"type": type_, **cfg})
+
+
+@pytest.mark.parametrize("temperature,w", [(1.0, 0.0), (1.0, 0.5), (2.0, 0.0), (4.0, -0.3), (3.0, 2.0)])
+@pytest.mark.parametrize("labelled", [True, False])
+def test_soft_ce_matches_formula(temperature, w, labelled):
+    loss = build("soft_ce", temperature=temperature, entropy_weight=w)
+    want = expected_soft_ce(S, T, temperature, w)
+    y = Y if labelled else None
+    assert _call(loss, S, T, y) == pytest.approx(want, rel=1e-12)
+    assert _call(loss, S, T, y, torch.float32) == pytest.approx(want, rel=1e-5)
+
+
+def test_soft_ce_is_kd_plus_teacher_entropy():
+    # CE(q, p) = KL(q || p) + H(q): same gradients as kd(alpha=1), shifted by the constant T^2 H(q).
+    for temperature in (1.0, 4.0):
+        q = _softmax(T / temperature)
+        h_q = -(q * np.log(q)).sum(1).mean() * temperature**2
+        got = _call(build("soft_ce", temperature=temperature), S, T, None)
+        assert got == pytest.approx(_call(kd(temperature, 1.0), S, T, None) + h_q, rel=1e-12)
+
+
+def test_soft_ce_hand_computed_constants():
+    assert _call(build("soft_ce", temperature=1.0, entropy_weight=0.0), S, T, None) == pytest.approx(
+        0.9559942457884757, rel=1e-12)
+    assert _call(build("soft_ce", temperature=2.0, entropy_weight=0.5), S, T, None) == pytest.approx(
+        4.605544300769873, rel=1e-12)
+    # two classes, student uniform, teacher [3/4, 1/4]: CE = ln 2 (student uniform), H(student) = ln 2
+    s, t = np.array([[0.0, 0.0]]), np.array([[np.log(3.0), 0.0]])
+    assert _call(build("soft_ce", temperature=1.0, entropy_weight=1.0), s, t, None) == pytest.approx(
+        2 * np.log(2.0), rel=1e-12)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.5, 0.9])
+def test_hard_matches_formula_and_ignores_labels(eps):
+    loss = build("hard", label_smoothing=eps)
+    want = expected_hard(S, T, eps)
+    assert _call(loss, S, T, None) == pytest.approx(want, rel=1e-12)
+    assert _call(loss, S, T, Y) == pytest.approx(want, rel=1e-12)
+    assert _call(loss, S, T, None, torch.float32) == pytest.approx(want, rel=1e-5)
+
+
+def test_hard_hand_computed_constants():
+    # argmax T = [0, 2, 0]
+    assert _call(build("hard"), S, T, None) == pytest.approx(0.9103285116653432, rel=1e-12)
+    assert _call(build("hard", label_smoothing=0.1), S, T, None) == pytest.approx(0.9636618449986768, rel=1e-12)
+    s, t = np.array([[0.0, 0.0]]), np.array([[0.0, 5.0]])
+    assert _call(build("hard"), s, t, None) == pytest.approx(np.log(2.0), rel=1e-12)
+
+
+@pytest.mark.parametrize("target", ["outputs", "probabilities"])
+def test_mse_matches_formula(target):
+    loss = build("mse", target=target)
+    want = expected_mse(S, T, target)
+    assert _call(loss, S, T, None) == pytest.approx(want, rel=1e-12)
+    assert _call(loss, S, T, Y) == pytest.approx(want, rel=1e-12)
+
+
+def test_mse_constants_regression_and_tasks():
+    assert _call(build("mse"), S, T, None) == pytest.approx(0.9244444444444443, rel=1e-12)
+    assert _call(build("mse", target="probabilities"), S, T, None) == pytest.approx(0.06243518855119255, rel=1e-12)
+    # [B, 1] regression outputs with float labels (unused)
+    s, t = np.array([[1.0], [2.0], [-1.0]]), np.array([[1.5], [0.0], [-1.0]])
+    got = float(build("mse")(torch.tensor(s), torch.tensor(t), torch.tensor([9.0, 9.0, 9.0])))
+    assert got == pytest.approx((0.25 + 4.0) / 3, rel=1e-12)
+    assert build("mse").tasks == {"classification", "regression", "embedding"}
+    assert build("mse", target="probabilities").tasks == {"classification"}
+
+
+@pytest.mark.parametrize("w", [0.0, 0.5, 3.0])
+def test_cosine_matches_formula(w):
+    loss = build("cosine", mse_weight=w)
+    want = expected_cosine(S, T, w)
+    assert _call(loss, S, T, None) == pytest.approx(want, rel=1e-12)
+    assert _call(loss, S, T, None, torch.float32) == pytest.approx(want, rel=1e-5)
+
+
+def test_cosine_constants():
+    # orthogonal rows -> 1, identical -> 0, opposite -> 2
+    s = np.array([[1.0, 0.0], [1.0, 2.0], [1.0, -1.0]])
+    t = np.array([[0.0, 3.0], [2.0, 4.0], [-2.0, 2.0]])
+    assert _call(build("cosine"), s, t, None) == pytest.approx(1.0, rel=1e-12)
+    # + w * mean((s-t)^2) = (1+9+1+4+9+9)/6 = 5.5
+    assert _call(build("cosine", mse_weight=2.0), s, t, None) == pytest.approx(1.0 + 2 * 5.5, rel=1e-12)
+    assert _call(build("cosine"), S, T, None) == pytest.approx(0.4762210772630426, rel=1e-12)
+
+
+def test_every_loss_has_tasks_and_gradients():
+    from worker.engine.registry import losses as reg
+
+    for name in reg.names():
+        loss = reg.build({"type": name})
+        assert loss.tasks and loss.tasks <= {"classification", "regression", "embedding"}
+        assert loss.name == name
+        s = torch.tensor(S, requires_grad=True)
+        loss(s, torch.tensor(T), None).backward()
+        assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def test_configs_match_the_api_defaults():
+    from app.jobs.spec import LOSSES
+
+    for name, cls in LOSSES.items():
+        stored = cls().model_dump(mode="json")
+        built = losses.build(stored, where="loss")
+        for key, value in stored.items():
+            if key != "type":
+                assert getattr(built.config, key) == value

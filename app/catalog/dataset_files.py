@@ -6,14 +6,38 @@ the API needs to answer ``num_rows``/``has_labels`` and to validate a job before
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.errors import Unprocessable
+from app.jobs.spec import DATASET_FORMATS
 
-SUPPORTED_DATASET_FORMATS = ("npz",)
+SUPPORTED_DATASET_FORMATS = DATASET_FORMATS
+
+
+class DatasetOptions(BaseModel):
+    """How to read a dataset; stored with it and applied by the worker's loader."""
+
+    model_config = ConfigDict(extra="forbid")
+    label_column: str | None = Field(None, max_length=200, description="csv/parquet: the label column.")
+    image_size: tuple[int, int] = Field((32, 32), description="image_folder: resize to H×W.")
+    grayscale: bool = Field(False, description="image_folder: one channel instead of RGB.")
+    normalize: Literal["dataset", "imagenet", "none"] = Field(
+        "dataset", description="image_folder: per-channel normalisation (dataset mean/std, ImageNet's, or none).")
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not all(1 <= d <= 2048 for d in v):
+            raise ValueError("image_size must be two sizes between 1 and 2048")
+        return v
 
 
 class DatasetFileError(Unprocessable):
@@ -69,7 +93,12 @@ def npz_schema(path: Path, inputs: list[str] | None = None) -> dict:
         if arrays[name]["shape"][0] != n:
             raise DatasetFileError(f"input arrays disagree on the number of rows: {inputs[0]!r} has {n}, "
                                    f"{name!r} has {arrays[name]['shape'][0]}")
-    for labels, feats in (("y", inputs[0]), ("y_val", "x_val")):
+    val_inputs = [f"{name}_val" for name in inputs]
+    for name, val in zip(inputs, val_inputs):
+        if val in arrays and arrays[val]["shape"][1:] != arrays[name]["shape"][1:]:
+            raise DatasetFileError(f"{val!r} rows have shape {arrays[val]['shape'][1:]} but "
+                                   f"{name!r} rows have {arrays[name]['shape'][1:]}")
+    for labels, feats in (("y", inputs[0]), ("y_val", val_inputs[0])):
         if labels in arrays:
             if feats not in arrays:
                 raise DatasetFileError(f"{labels!r} is present but {feats!r} is not")
@@ -78,9 +107,37 @@ def npz_schema(path: Path, inputs: list[str] | None = None) -> dict:
             if arrays[labels]["shape"][:1] != arrays[feats]["shape"][:1]:
                 raise DatasetFileError(f"{labels!r} has {arrays[labels]['shape'][0] if arrays[labels]['shape'] else 0} "
                                        f"rows but {feats!r} has {arrays[feats]['shape'][0]}")
-    if "x_val" in arrays and arrays["x_val"]["shape"][1:] != arrays[inputs[0]]["shape"][1:]:
-        raise DatasetFileError(f"'x_val' rows have shape {arrays['x_val']['shape'][1:]} but "
-                               f"{inputs[0]!r} rows have {arrays[inputs[0]]['shape'][1:]}")
-    if ("x_val" in arrays) and ("y" in arrays) != ("y_val" in arrays):
+    if (val_inputs[0] in arrays) and ("y" in arrays) != ("y_val" in arrays):
         raise DatasetFileError("give labels for both splits ('y' and 'y_val') or for neither")
     return {"arrays": arrays, "inputs": inputs, "num_rows": int(n), "has_labels": "y" in arrays}
+
+
+def dataset_schema(path: Path, format: str, inputs: list[str] | None, options: DatasetOptions,
+                   timeout: float) -> dict:
+    """Schema of any supported dataset: npz from its headers here; other formats by the engine's reader
+    in a subprocess (``python -m worker.engine.inspect_data``), so the API never imports torch and a
+    hostile file can only crash that subprocess. The options are stored in the schema for the worker."""
+    opts = options.model_dump(mode="json", exclude_defaults=True)
+    if format == "npz":
+        return {**npz_schema(path, inputs), "options": opts}
+    if format in ("csv", "parquet") and options.label_column is None:
+        opts_note = " (no label_column given: every column is a feature and the teacher labels the rows)"
+    else:
+        opts_note = ""
+    cmd = [sys.executable, "-m", "worker.engine.inspect_data", "--format", format, "--options", json.dumps(opts)]
+    if inputs:
+        cmd += ["--inputs", ",".join(inputs)]
+    try:
+        proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise DatasetFileError(f"reading the {format} dataset took longer than {timeout:.0f} s") from exc
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    try:
+        result = json.loads(last)
+    except json.JSONDecodeError:
+        result = {"ok": False, "error": f"the dataset reader crashed (exit {proc.returncode})"}
+    if not result.get("ok"):
+        raise DatasetFileError(f"the {format} dataset cannot be read: {result.get('error', 'unknown error')}")
+    schema = dict(result.get("schema") or {})
+    return {**schema, "num_rows": int(result["num_rows"]), "has_labels": bool(result["has_labels"]),
+            "options": opts, **({"note": opts_note.strip(" ()")} if opts_note else {})}

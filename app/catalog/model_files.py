@@ -8,6 +8,7 @@ only that subprocess.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -15,16 +16,19 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.catalog.pickle_scan import looks_like_module_pickle, unsafe_globals
+from app.catalog.pickle_scan import looks_like_module_pickle, non_tensor_globals, unsafe_globals
 from app.errors import Unprocessable
+from app.jobs.spec import MODEL_FORMATS
 
-SUPPORTED_MODEL_FORMATS = ("torchscript", "onnx")
-ALL_MODEL_FORMATS = ("torchscript", "onnx", "torch_export", "safetensors")
+SUPPORTED_MODEL_FORMATS = MODEL_FORMATS
+ALL_MODEL_FORMATS = MODEL_FORMATS
 
 HOW_TO_EXPORT = (
-    "Upload TorchScript (torch.jit.save(torch.jit.script(model), 'teacher.pt')) or ONNX "
-    "(torch.onnx.export(model, example, 'teacher.onnx'))."
+    "Upload TorchScript (torch.jit.save(torch.jit.script(model), 'teacher.pt')), ONNX "
+    "(torch.onnx.export(model, example, 'teacher.onnx')), torch.export (torch.export.save(ep, 'teacher.pt2')) "
+    "or safetensors weights with an 'architecture'."
 )
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
 class ModelFileError(Unprocessable):
@@ -101,19 +105,80 @@ def check_torchscript_pickles(path: Path) -> None:
                                      f"such a file could run code when loaded and is refused. {HOW_TO_EXPORT}")
 
 
-def inspect_model_file(path: Path, claimed: str | None, timeout: float) -> Inspection:
+def check_torch_export_pickles(path: Path) -> None:
+    """A .pt2 archive may carry pickled weights/constants/sample inputs that ``torch.export.load`` unpickles
+    with ``weights_only=False``. Allow only streams holding plain tensors; refuse anything else."""
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            data = _read_member(path, name)
+            streams: list[tuple[str, bytes]] = []
+            if data[:1] == b"\x80":
+                streams.append((name, data))
+            elif data[:4] == b"PK\x03\x04":
+                try:
+                    with zipfile.ZipFile(io.BytesIO(data)) as inner:
+                        streams += [(f"{name}:{n}", inner.read(n)) for n in inner.namelist() if n.endswith(".pkl")]
+                except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                    raise ModelFileError(f"{name} in the archive is damaged: {exc}") from exc
+            for where, stream in streams:
+                try:
+                    bad = non_tensor_globals(stream)
+                except ValueError as exc:
+                    raise ModelFileError(f"{where} in the archive is damaged: {exc}") from exc
+                if bad:
+                    raise ModelFileError(f"{where} pickles Python objects other than tensors ({', '.join(bad[:3])}); "
+                                         f"loading it could run code, so the archive is refused. {HOW_TO_EXPORT}")
+
+
+def safetensors_parameters(path: Path) -> int:
+    """Total elements of the tensors in a safetensors file, from its JSON header (nothing else is read)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(MAX_SAFETENSORS_HEADER, size - 8):
+            raise ModelFileError("the safetensors header length is larger than the file; the file is truncated")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelFileError(f"the safetensors header is not valid JSON: {exc}") from exc
+    total = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = meta["data_offsets"]
+            shape = [int(d) for d in meta["shape"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"safetensors entry {name!r} has no valid shape/data_offsets") from exc
+        if not (0 <= start <= end <= size - 8 - n):
+            raise ModelFileError(f"safetensors tensor {name!r} lies outside the file; the file is truncated")
+        count = 1
+        for d in shape:
+            count *= d
+        total += count
+    return total
+
+
+def inspect_model_file(path: Path, claimed: str | None, timeout: float, architecture: dict | None = None) -> Inspection:
     """Detect, check and measure an uploaded checkpoint. Raises :class:`ModelFileError` with the reason."""
     detected = detect_format(path)
     if claimed and claimed != detected:
         raise ModelFileError(f"format is '{claimed}' but the file is {detected}")
-    if detected not in SUPPORTED_MODEL_FORMATS:
-        raise ModelFileError(f"{detected} teachers are not supported by this deployment yet; "
-                             f"supported: {', '.join(SUPPORTED_MODEL_FORMATS)}. {HOW_TO_EXPORT}")
     if detected == "torchscript":
         check_torchscript_pickles(path)
+    elif detected == "torch_export":
+        check_torch_export_pickles(path)
+    elif detected == "safetensors":
+        if architecture is None:
+            raise ModelFileError("safetensors holds weights only: also send 'architecture', a built-in family and "
+                                 'its arguments, e.g. {"family": "mlp", "in_features": 64, "hidden": [256, 256], '
+                                 '"out_features": 10}')
+        safetensors_parameters(path)
+    cmd = [sys.executable, "-m", "worker.engine.inspect", "--format", detected]
+    if architecture is not None:
+        cmd += ["--architecture", json.dumps(architecture)]
     try:
-        proc = subprocess.run([sys.executable, "-m", "worker.engine.inspect", "--format", detected, str(path)],
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise ModelFileError(f"inspecting the {detected} file took longer than {timeout:.0f} s") from exc
     last = (proc.stdout.strip().splitlines() or [""])[-1]

@@ -37,6 +37,19 @@ def unsafe_globals(data: bytes) -> list[str]:
             if not any(g == p or g.startswith(p + ".") for p in SAFE_MODULE_PREFIXES)]
 
 
+def _is_tensor_global(g: str) -> bool:
+    """The globals ``torch.load(weights_only=True)`` itself permits: tensor rebuild helpers and storages."""
+    return (g.startswith(("torch._utils._rebuild_", "torch._tensor._rebuild_")) or
+            (g.startswith("torch.") and g.endswith("Storage")) or
+            g in ("collections.OrderedDict", "torch.Size", "torch.device", "torch.float32", "torch.int64",
+                  "torch.serialization._get_layout", "builtins.set"))
+
+
+def non_tensor_globals(data: bytes) -> list[str]:
+    """Globals beyond plain tensors and containers (empty when the stream only holds tensor data)."""
+    return [g for g in referenced_globals(data) if not _is_tensor_global(g)]
+
+
 def looks_like_module_pickle(data: bytes) -> bool:
     """True when a torch.save pickle stores a whole nn.Module (a class import outside torch's helpers)."""
     return any(not g.startswith(("torch._utils", "collections", "torch.")) or "nn.modules" in g

@@ -13,17 +13,17 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from app import idempotency
-from app.catalog.dataset_files import SUPPORTED_DATASET_FORMATS, npz_schema
+from app.catalog.dataset_files import SUPPORTED_DATASET_FORMATS, DatasetOptions, dataset_schema
 from app.catalog.model_files import ALL_MODEL_FORMATS, inspect_model_file
 from app.catalog.uploads import Received
-from app.db.models import Dataset, Job, Model
+from app.db.models import Dataset, Job, JobInput, Model
 from app.errors import Conflict, NotFound, Unprocessable
 from app.ids import new_id
+from app.jobs.spec import STUDENT_FAMILIES, TASKS
 from app.jobs.state import ACTIVE
 from app.settings import Settings
 from app.storage import Storage
 
-TASKS = ("classification",)
 
 
 def get_model(session: Session, tenant_id: str, model_id: str) -> Model:
@@ -49,6 +49,9 @@ def _parse_architecture(raw: str | None) -> dict[str, Any] | None:
         raise Unprocessable(f"'architecture' is not valid JSON: {exc}", code="invalid_architecture") from exc
     if not isinstance(value, dict) or "family" not in value:
         raise Unprocessable("'architecture' must be a JSON object with a 'family'", code="invalid_architecture")
+    if value["family"] not in STUDENT_FAMILIES:
+        raise Unprocessable(f"architecture family {value['family']!r} is not built in; "
+                            f"built-in: {', '.join(STUDENT_FAMILIES)}", code="invalid_architecture")
     return value
 
 
@@ -59,14 +62,13 @@ def create_model(session: Session, storage: Storage, settings: Settings, tenant_
     if format is not None and format not in ALL_MODEL_FORMATS:
         raise Unprocessable(f"format must be one of {', '.join(ALL_MODEL_FORMATS)}", code="invalid_format")
     if task not in TASKS:
-        raise Unprocessable(f"task '{task}' is not supported by this deployment; supported: {', '.join(TASKS)}",
-                            code="unsupported_task")
+        raise Unprocessable(f"task must be one of {', '.join(TASKS)}", code="invalid_task")
     arch = _parse_architecture(architecture)
     req = idempotency.request_hash({"name": name, "format": format, "task": task, "architecture": arch,
                                     "sha256": upload.sha256})
     if (prior := idempotency.lookup(session, tenant_id, "models", idempotency_key, req)) is not None:
         return get_model(session, tenant_id, prior), False
-    found = inspect_model_file(upload.path, format, settings.inspect_timeout_seconds)
+    found = inspect_model_file(upload.path, format, settings.inspect_timeout_seconds, arch)
     model_id = new_id("model")
     blob = storage.put_file(f"models/{model_id}", upload.path)  # blob first, then the row
     row = Model(id=model_id, tenant_id=tenant_id, name=name, format=found.format, task=task, architecture=arch,
@@ -78,15 +80,17 @@ def create_model(session: Session, storage: Storage, settings: Settings, tenant_
     return row, True
 
 
-def create_dataset(session: Session, storage: Storage, tenant_id: str, *, upload: Received, name: str, format: str,
-                   inputs: list[str] | None, idempotency_key: str | None) -> tuple[Dataset, bool]:
+def create_dataset(session: Session, storage: Storage, settings: Settings, tenant_id: str, *, upload: Received,
+                   name: str, format: str, inputs: list[str] | None, options: DatasetOptions,
+                   idempotency_key: str | None) -> tuple[Dataset, bool]:
     if format not in SUPPORTED_DATASET_FORMATS:
         raise Unprocessable(f"dataset format '{format}' is not supported by this deployment; "
                             f"supported: {', '.join(SUPPORTED_DATASET_FORMATS)}", code="unsupported_format")
-    req = idempotency.request_hash({"name": name, "format": format, "inputs": inputs, "sha256": upload.sha256})
+    req = idempotency.request_hash({"name": name, "format": format, "inputs": inputs, "sha256": upload.sha256,
+                                    "options": options.model_dump(mode="json")})
     if (prior := idempotency.lookup(session, tenant_id, "datasets", idempotency_key, req)) is not None:
         return get_dataset(session, tenant_id, prior), False
-    schema = npz_schema(upload.path, inputs)
+    schema = dataset_schema(upload.path, format, inputs, options, settings.inspect_timeout_seconds)
     dataset_id = new_id("dataset")
     blob = storage.put_file(f"datasets/{dataset_id}", upload.path)
     row = Dataset(id=dataset_id, tenant_id=tenant_id, name=name, format=format, num_rows=schema["num_rows"],
@@ -98,14 +102,15 @@ def create_dataset(session: Session, storage: Storage, tenant_id: str, *, upload
     return row, True
 
 
-def _in_use(session: Session, column, resource_id: str) -> bool:
-    return bool(session.scalar(select(exists().where(column == resource_id, Job.status.in_(ACTIVE)))))
+def _in_use(session: Session, resource_id: str) -> bool:
+    return bool(session.scalar(select(exists().where(JobInput.resource_id == resource_id,
+                                                     JobInput.job_id == Job.id, Job.status.in_(ACTIVE)))))
 
 
 def delete_model(session: Session, tenant_id: str, model_id: str) -> str:
     """Delete the row; returns the blob key for the caller to remove after commit. 409 while a job needs it."""
     row = get_model(session, tenant_id, model_id)
-    if _in_use(session, Job.teacher_model_id, model_id):
+    if _in_use(session, model_id):
         raise Conflict(f"model {model_id} is used by a job that has not finished; cancel it first", code="in_use")
     session.delete(row)  # finished jobs keep the id in their spec; the FK is set to NULL
     return row.storage_key
@@ -113,7 +118,7 @@ def delete_model(session: Session, tenant_id: str, model_id: str) -> str:
 
 def delete_dataset(session: Session, tenant_id: str, dataset_id: str) -> str:
     row = get_dataset(session, tenant_id, dataset_id)
-    if _in_use(session, Job.dataset_id, dataset_id):
+    if _in_use(session, dataset_id):
         raise Conflict(f"dataset {dataset_id} is used by a job that has not finished; cancel it first", code="in_use")
     session.delete(row)
     return row.storage_key

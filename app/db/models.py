@@ -90,6 +90,16 @@ class Job(Base):
     __table_args__ = (Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),)
 
 
+class JobInput(Base):
+    """Every model and dataset a job reads (teacher, uploaded student, per-step and eval datasets), so a
+    resource in use by an unfinished job cannot be deleted."""
+
+    __tablename__ = "job_inputs"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    resource_id: Mapped[str] = mapped_column(String(40), primary_key=True, index=True)
+    role: Mapped[str] = mapped_column(String(32))
+
+
 class JobEvent(Base):
     __tablename__ = "job_events"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -9,12 +9,12 @@ from sqlalchemy.orm import Session
 
 from app import idempotency
 from app.catalog.service import get_dataset, get_model
-from app.db.models import Artifact, Job, JobEvent, JobMetric
+from app.db.models import Artifact, Dataset, Job, JobEvent, JobInput, JobMetric, Model
 from app.errors import Conflict, NotFound, Unprocessable
 from app.ids import new_id
 from app.jobs import state
 from app.jobs.events import append_event
-from app.jobs.spec import JobSpec
+from app.jobs.spec import JobSpec, UploadedStudent
 from app.pagination import paginate
 from app.queue import enqueue_after_commit
 from app.settings import Settings
@@ -38,21 +38,57 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
         return get_job(session, tenant_id, prior), False
     spec = JobSpec.model_validate(body)
     teacher = get_model(session, tenant_id, spec.teacher_model_id)
-    dataset = get_dataset(session, tenant_id, spec.dataset_id)
-    if teacher.task != "classification":
-        raise Unprocessable(f"the teacher's task is '{teacher.task}'; this deployment distills classification "
-                            f"teachers", code="unsupported_task")
+    datasets = {ds_id: get_dataset(session, tenant_id, ds_id) for ds_id in spec.dataset_ids()}
+    if isinstance(spec.student, UploadedStudent):
+        get_model(session, tenant_id, spec.student.model_id)
+    check_compatible(spec, teacher, datasets)
     job = Job(id=new_id("job"), tenant_id=tenant_id, status=state.QUEUED, kind=spec.kind,
-              teacher_model_id=teacher.id, dataset_id=dataset.id, spec=spec.model_dump(mode="json"),
+              teacher_model_id=teacher.id, dataset_id=spec.dataset_id, spec=spec.model_dump(mode="json"),
               queue=settings.job_queue, attempts=0, max_attempts=settings.max_attempts,
               progress={"step_index": 0, "step_kind": spec.steps[0].kind, "epoch": 0,
                         "epochs": getattr(spec.steps[0], "epochs", None), "fraction": 0.0, "eta_seconds": None})
     session.add(job)
     session.flush()
+    for resource_id, role in _inputs(spec):
+        session.add(JobInput(job_id=job.id, resource_id=resource_id, role=role))
     idempotency.remember(session, tenant_id, "jobs", idempotency_key, req, job.id)
     append_event(session, job.id, "queued", f"job queued on '{job.queue}'")
     enqueue_after_commit(session, job.id, job.queue)
     return job, True
+
+
+def _inputs(spec: JobSpec) -> list[tuple[str, str]]:
+    roles = {spec.teacher_model_id: "teacher"}
+    if isinstance(spec.student, UploadedStudent):
+        roles.setdefault(spec.student.model_id, "student")
+    for ds_id in spec.dataset_ids():
+        roles.setdefault(ds_id, "eval_dataset" if ds_id == spec.eval_dataset_id else "dataset")
+    return list(roles.items())
+
+
+LOSS_TASKS = {"kd": {"classification"}, "soft_ce": {"classification"}, "hard": {"classification"},
+              "mse": {"classification", "regression", "embedding"}, "cosine": {"regression", "embedding"}}
+
+
+def check_compatible(spec: JobSpec, teacher: Model, datasets: dict[str, Dataset]) -> None:
+    """Step combinations that can be judged from metadata alone, before the job is queued."""
+    for i, step in enumerate(spec.steps):
+        loss = getattr(step, "loss", None)
+        if loss is not None and teacher.task not in LOSS_TASKS[loss.type]:
+            allowed = sorted(name for name, tasks in LOSS_TASKS.items() if teacher.task in tasks)
+            raise Unprocessable(f"steps[{i}].loss '{loss.type}' does not apply to a {teacher.task} teacher; "
+                                f"use one of: {', '.join(allowed)}", code="incompatible_spec")
+        if getattr(step, "synthesize", None) is not None and teacher.format == "onnx":
+            raise Unprocessable(f"steps[{i}].synthesize trains a generator through the teacher, which needs a torch "
+                                f"teacher (torchscript, torch_export or safetensors), not onnx",
+                                code="incompatible_spec")
+    if spec.baseline:
+        if teacher.task == "embedding":
+            raise Unprocessable("baseline needs labels to train on; embedding teachers have none",
+                                code="incompatible_spec")
+        if spec.dataset_id is None or not datasets[spec.dataset_id].has_labels:
+            raise Unprocessable("baseline trains the student on labels alone: the job's dataset must have labels",
+                                code="incompatible_spec")
 
 
 def list_jobs(session: Session, tenant_id: str, *, limit: int, after: str | None, status: str | None,

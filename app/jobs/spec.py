@@ -1,10 +1,10 @@
 """The job spec: typed, validated component configs (no torch).
 
-Each component kind (step kinds, losses, student families, optimizers) is a table of
+Each component kind (step kinds, losses, student families, optimizers, schedules) is a table of
 ``name -> pydantic config class``. The discriminated unions the API validates against and the
 ``/v1/capabilities`` listing are both built from these tables, so adding a component is adding one
 class and one table entry. The worker's engine registers an implementation under the same name
-(a test keeps the two in step).
+(``tests/worker/test_component_contract.py`` keeps the two in step).
 """
 
 from __future__ import annotations
@@ -16,6 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _union(table: dict[str, type[Config]], key: str) -> Any:
+    members = tuple(table.values())
+    return Annotated[Union[members], Field(discriminator=key)]  # type: ignore[valid-type]
 
 
 # ---- losses ------------------------------------------------------------------------------------
@@ -30,19 +35,110 @@ class KDLoss(Config):
     alpha: float = Field(0.9, ge=0, le=1, description="Weight of the soft-target term.")
 
 
-LOSSES: dict[str, type[Config]] = {"kd": KDLoss}
+class SoftCELoss(Config):
+    """Cross-entropy against the teacher's probabilities plus an entropy term: CE(softmax(t/T), s) + w·H(softmax(s))."""
 
-# ---- optimizers --------------------------------------------------------------------------------
+    type: Literal["soft_ce"] = "soft_ce"
+    temperature: float = Field(1.0, gt=0, le=100)
+    entropy_weight: float = Field(0.0, ge=-10, le=10, description="w; > 0 pushes the student to confident outputs.")
+
+
+class HardLoss(Config):
+    """Cross-entropy against the teacher's argmax (hard pseudo-labels); works without any labels."""
+
+    type: Literal["hard"] = "hard"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class MSELoss(Config):
+    """Mean squared error between student and teacher outputs (regression outputs, or logits)."""
+
+    type: Literal["mse"] = "mse"
+    target: Literal["outputs", "probabilities"] = Field(
+        "outputs", description="Match raw outputs/logits, or softmax probabilities (classification).")
+
+
+class CosineLoss(Config):
+    """1 − cos(student, teacher) per row, for embedding models; optionally plus an MSE term."""
+
+    type: Literal["cosine"] = "cosine"
+    mse_weight: float = Field(0.0, ge=0, le=100)
+
+
+LOSSES: dict[str, type[Config]] = {"kd": KDLoss, "soft_ce": SoftCELoss, "hard": HardLoss, "mse": MSELoss,
+                                   "cosine": CosineLoss}
+Loss = _union(LOSSES, "type")
+
+
+class Hint(Config):
+    """Match an intermediate feature of the student to one of the teacher (FitNets-style hints)."""
+
+    teacher: str = Field(min_length=1, max_length=200, examples=["penultimate"],
+                         description="Teacher module name (or ONNX tensor name), or 'penultimate'.")
+    student: str = Field("penultimate", min_length=1, max_length=200)
+    weight: float = Field(1.0, ge=0, le=1000)
+    distance: Literal["mse", "cosine", "attention"] = "mse"
+
+
+# ---- optimisation ------------------------------------------------------------------------------
 class OptimizerConfig(Config):
     type: Literal["adam", "adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0, le=10)
+    lr: float = Field(3e-3, gt=0, le=10)
     weight_decay: float = Field(0.0, ge=0, le=1)
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum; β1 for Adam/AdamW.")
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
+
+class ScheduleConfig(Config):
+    """Learning-rate schedule over the step's epochs, with linear warm-up."""
+
+    type: Literal["constant", "cosine", "one_cycle"] = "cosine"
+    warmup_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming up.")
+
+
+SCHEDULES = ("constant", "cosine", "one_cycle")
+
+
+class EarlyStopping(Config):
+    """Stop when the held-out metric has not improved for ``patience`` epochs; restore the best weights."""
+
+    patience: int = Field(5, ge=1, le=10_000)
+    metric: Literal["auto", "accuracy", "agreement", "mse", "cosine", "loss"] = "auto"
+    min_delta: float = Field(0.0, ge=0)
+
+
+class Augment(Config):
+    """Augmentations; the teacher sees the same augmented batch as the student (consistent teaching)."""
+
+    flip: bool = Field(False, description="Random horizontal flip (N×C×H×W inputs).")
+    shift: int = Field(0, ge=0, le=64, description="Random translation by up to this many pixels.")
+    noise: float = Field(0.0, ge=0, le=10, description="Gaussian noise std added to float inputs.")
+    mixup: float = Field(0.0, ge=0, le=10, description="Mixup Beta(α, α) on inputs; 0 disables.")
+
+
+class Synthesize(Config):
+    """Data-free distillation: train a generator against the teacher and distill on its samples."""
+
+    method: Literal["generator"] = "generator"
+    num_samples: int = Field(10_000, ge=64, le=10_000_000)
+    generator_epochs: int = Field(30, ge=1, le=10_000)
+    latent_dim: int = Field(64, ge=2, le=4096)
+
+
+class Coreset(Config):
+    """Distill on a representative subset of the transfer set."""
+
+    method: Literal["kmeans", "random"] = "kmeans"
+    fraction: float = Field(0.25, gt=0, le=1)
+
+
 # ---- student families --------------------------------------------------------------------------
+Init = Literal["random", "teacher"]
+_INIT = Field("random", description="'teacher' copies teacher weights where shape and role match.")
+
+
 class MLPStudent(Config):
     """Fully connected student. Input and output widths are inferred from the data and the teacher."""
 
@@ -50,32 +146,123 @@ class MLPStudent(Config):
     hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [128], max_length=32)
     activation: Literal["relu", "gelu", "tanh"] = "relu"
     dropout: float = Field(0.0, ge=0, lt=1)
+    init: Init = _INIT
 
 
-STUDENT_FAMILIES: dict[str, type[Config]] = {"mlp": MLPStudent}
+class CNNStudent(Config):
+    """Conv blocks (conv → batch norm → ReLU → 2×2 max-pool) then a linear head; inputs N×C×H×W."""
+
+    family: Literal["cnn"] = "cnn"
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [16, 32], min_length=1,
+                                                                  max_length=8)
+    kernel_size: int = Field(3, ge=1, le=11)
+    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=list, max_length=4)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    init: Init = _INIT
+
+
+class ResNetStudent(Config):
+    """A small residual network: a stem, ``depth`` basic blocks in 3 stages of ``width``·(1, 2, 4) channels."""
+
+    family: Literal["resnet"] = "resnet"
+    depth: int = Field(6, ge=1, le=64, description="Residual blocks in total.")
+    width: int = Field(16, ge=1, le=1024)
+    init: Init = _INIT
+
+
+class EmbeddingBagStudent(Config):
+    """Mean of token embeddings (mask-aware) → MLP head; for token-id inputs (input_ids [+ attention_mask])."""
+
+    family: Literal["embedding_bag"] = "embedding_bag"
+    embedding_dim: int | None = Field(None, ge=1, le=8192, description="Default: the teacher's, when init is teacher.")
+    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=list, max_length=8)
+    vocab_size: int | None = Field(None, ge=2, le=10_000_000, description="Default: inferred from teacher/data.")
+    init: Init = _INIT
+
+
+class TextTransformerStudent(Config):
+    """A small Transformer encoder over token ids with an attention mask; mean-pooled output head."""
+
+    family: Literal["text_transformer"] = "text_transformer"
+    d_model: int = Field(64, ge=8, le=4096)
+    layers: int = Field(2, ge=1, le=48)
+    heads: int = Field(4, ge=1, le=64)
+    ff: int = Field(128, ge=8, le=16384)
+    vocab_size: int | None = Field(None, ge=2, le=10_000_000)
+    max_len: int | None = Field(None, ge=1, le=65536)
+    init: Init = _INIT
+
+
+STUDENT_FAMILIES: dict[str, type[Config]] = {"mlp": MLPStudent, "cnn": CNNStudent, "resnet": ResNetStudent,
+                                             "embedding_bag": EmbeddingBagStudent,
+                                             "text_transformer": TextTransformerStudent}
+
+
+class UploadedStudent(Config):
+    """A trainable model uploaded to /v1/models (TorchScript, torch.export or safetensors + architecture)."""
+
+    model_id: str = Field(min_length=1, max_length=40)
+
+
+class DeriveRatios(Config):
+    width: float = Field(0.5, gt=0, le=1, description="Hidden widths / channels are multiplied by this.")
+    depth: float = Field(1.0, gt=0, le=1, description="Hidden layers / blocks kept (every other when 0.5).")
+
+
+class DerivedStudent(Config):
+    """Shrink the teacher's own architecture (built-in family, or a plain Linear/Conv/activation chain)."""
+
+    derive: DeriveRatios
+    init: Init = _INIT
+
+
+Student = Union[_union(STUDENT_FAMILIES, "family"), UploadedStudent, DerivedStudent]
+
 
 # ---- steps -------------------------------------------------------------------------------------
-Loss = Annotated[Union[tuple(LOSSES.values())], Field(discriminator="type")]  # type: ignore[valid-type]
-
-
 class DistillStep(Config):
     """Train the student to imitate the teacher."""
 
     kind: Literal["distill"] = "distill"
     loss: Loss = Field(default_factory=KDLoss)
+    hints: list[Hint] = Field(default_factory=list, max_length=16)
     epochs: int = Field(20, ge=1, le=10_000)
     batch_size: int = Field(128, ge=1, le=65_536)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient's global norm to this.")
+    early_stopping: EarlyStopping | None = None
+    augment: Augment | None = None
+    dataset_id: str | None = Field(None, max_length=40,
+                                   description="Transfer data for this step (default: the job's dataset).")
+    synthesize: Synthesize | None = None
+    coreset: Coreset | None = None
 
 
 STEP_KINDS: dict[str, type[Config]] = {"distill": DistillStep}
-
-Step = Annotated[Union[tuple(STEP_KINDS.values())], Field(discriminator="kind")]  # type: ignore[valid-type]
-Student = Annotated[Union[tuple(STUDENT_FAMILIES.values())], Field(discriminator="family")]  # type: ignore[valid-type]
+Step = _union(STEP_KINDS, "kind")
 
 EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")
 ExportFormat = Literal["torchscript", "onnx", "safetensors"]
 MetadataValue = Union[str, int, float, bool, None]
+TASKS = ("classification", "regression", "embedding")
+MODEL_FORMATS = ("torchscript", "onnx", "torch_export", "safetensors")
+DATASET_FORMATS = ("npz", "pt", "csv", "parquet", "image_folder")
+
+
+class InputSpec(Config):
+    """Shape of one model input, for data-free jobs (no dataset to infer it from)."""
+
+    shape: list[Annotated[int, Field(ge=1, le=1_000_000)]] = Field(min_length=1, max_length=6,
+                                                                   description="Per-example shape, e.g. [64].")
+    dtype: Literal["float32"] = "float32"
+    range: tuple[float, float] = (0.0, 1.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> InputSpec:
+        if self.range[0] >= self.range[1]:
+            raise ValueError("range must be [low, high] with low < high")
+        return self
 
 
 class JobSpec(Config):
@@ -99,9 +286,12 @@ class JobSpec(Config):
     )
 
     teacher_model_id: str = Field(min_length=1, max_length=40)
-    dataset_id: str = Field(min_length=1, max_length=40)
+    dataset_id: str | None = Field(None, max_length=40, description="Transfer data; omit for data-free jobs.")
+    eval_dataset_id: str | None = Field(None, max_length=40, description="Held-out data to score the result on.")
+    input_spec: InputSpec | None = Field(None, description="Input shape for data-free jobs.")
     student: Student | None = None
     steps: list[Step] = Field(default_factory=lambda: [DistillStep()], min_length=1, max_length=16)
+    baseline: bool = Field(False, description="Also train the student on labels alone, same budget; report both.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share when the dataset has no x_val.")
     exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS), max_length=3)
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -113,11 +303,30 @@ class JobSpec(Config):
             raise ValueError("exports lists a format twice")
         if any(s.kind == "distill" for s in self.steps) and self.student is None:
             raise ValueError("a distill step needs a 'student' (e.g. {\"family\": \"mlp\", \"hidden\": [64]})")
+        for i, step in enumerate(self.steps):
+            synth = getattr(step, "synthesize", None)
+            if synth is not None and self.input_spec is None:
+                raise ValueError(f"steps[{i}].synthesize needs 'input_spec' (the teacher's input shape)")
+            if synth is None and self.dataset_id is None and getattr(step, "dataset_id", None) is None:
+                raise ValueError(f"steps[{i}] has no data: give 'dataset_id' (job or step) or 'synthesize'")
+            if synth is not None and getattr(step, "coreset", None) is not None:
+                raise ValueError(f"steps[{i}]: coreset selects from real data; it cannot be combined with synthesize")
         return self
 
     @property
     def kind(self) -> str:
         return "+".join(s.kind for s in self.steps)
+
+    def dataset_ids(self) -> list[str]:
+        """Every dataset the job reads (job-level, eval, and per-step), without duplicates."""
+        ids = [self.dataset_id, self.eval_dataset_id] + [getattr(s, "dataset_id", None) for s in self.steps]
+        return list(dict.fromkeys(i for i in ids if i))
+
+    def model_ids(self) -> list[str]:
+        ids = [self.teacher_model_id]
+        if isinstance(self.student, UploadedStudent):
+            ids.append(self.student.model_id)
+        return ids
 
 
 def capabilities() -> dict[str, Any]:
@@ -136,9 +345,14 @@ def capabilities() -> dict[str, Any]:
         "step_kinds": table(STEP_KINDS, "kind"),
         "losses": table(LOSSES, "type"),
         "student_families": table(STUDENT_FAMILIES, "family"),
+        "student_sources": ["family", "model_id", "derive"],
         "optimizers": list(OPTIMIZERS),
-        "model_formats": ["torchscript", "onnx"],
-        "tasks": ["classification"],
-        "dataset_formats": ["npz"],
+        "schedules": list(SCHEDULES),
+        "hint_distances": ["mse", "cosine", "attention"],
+        "synthesizers": ["generator"],
+        "coreset_methods": ["kmeans", "random"],
+        "model_formats": list(MODEL_FORMATS),
+        "tasks": list(TASKS),
+        "dataset_formats": list(DATASET_FORMATS),
         "export_formats": list(EXPORT_FORMATS),
     }

@@ -14,9 +14,11 @@ def test_create_fills_defaults_and_queues(client, make_key, uploaded):
     job = r.json()
     assert job["status"] == "queued" and job["id"].startswith("job_") and job["attempts"] == 0
     step = job["spec"]["steps"][0]
-    assert step == {"kind": "distill", "loss": {"type": "kd", "temperature": 4.0, "alpha": 0.9}, "epochs": 20,
-                    "batch_size": 128, "optimizer": {"type": "adamw", "lr": 0.001, "weight_decay": 0.0,
-                                                     "momentum": 0.9}}
+    assert step["loss"] == {"type": "kd", "temperature": 4.0, "alpha": 0.9}
+    assert step["optimizer"] == {"type": "adamw", "lr": 0.003, "weight_decay": 0.0, "momentum": 0.9}
+    assert step["schedule"] == {"type": "cosine", "warmup_fraction": 0.0}
+    assert (step["epochs"], step["batch_size"], step["hints"], step["augment"]) == (20, 128, [], None)
+    assert job["spec"]["baseline"] is False and job["spec"]["student"]["init"] == "random"
     assert job["spec"]["exports"] == ["torchscript", "onnx", "safetensors"] and job["spec"]["val_fraction"] == 0.1
     assert job["progress"]["fraction"] == 0.0 and job["error"] is None
     events = client.get(f"/v1/jobs/{job['id']}/events", headers=h).json()["data"]
@@ -119,9 +121,13 @@ def test_model_in_use_cannot_be_deleted(client, make_key, uploaded):
 
 def test_capabilities_and_openapi(client):
     caps = client.get("/v1/capabilities").json()
-    assert [c["name"] for c in caps["losses"]] == ["kd"]
+    assert [c["name"] for c in caps["losses"]] == ["kd", "soft_ce", "hard", "mse", "cosine"]
     assert "temperature" in caps["losses"][0]["config_schema"]["properties"]
-    assert caps["model_formats"] == ["torchscript", "onnx"] and caps["dataset_formats"] == ["npz"]
+    assert [c["name"] for c in caps["student_families"]] == ["mlp", "cnn", "resnet", "embedding_bag",
+                                                              "text_transformer"]
+    assert caps["model_formats"] == ["torchscript", "onnx", "torch_export", "safetensors"]
+    assert caps["dataset_formats"] == ["npz", "pt", "csv", "parquet", "image_folder"]
+    assert caps["tasks"] == ["classification", "regression", "embedding"]
     spec = client.get("/openapi.json").json()
     assert "JobSpec" in spec["components"]["schemas"]
     for path in ("/v1/models", "/v1/datasets", "/v1/jobs", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/events",

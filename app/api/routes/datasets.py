@@ -17,6 +17,7 @@ from app.api.docs import problems
 from app.api.schemas import DatasetOut, Page, dataset_out
 from app.api.uploads import reject_unknown_fields
 from app.catalog import service
+from app.catalog.dataset_files import SUPPORTED_DATASET_FORMATS, DatasetOptions
 from app.catalog.uploads import receive
 from app.db.models import Dataset
 from app.errors import Unprocessable
@@ -24,15 +25,17 @@ from app.pagination import paginate
 from app.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-FIELDS = {"file", "name", "format", "inputs"}
+FIELDS = {"file", "name", "format", "inputs", "label_column", "options"}
 
 
 class DatasetByUri(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
     uri: str = Field(min_length=1, max_length=2000, examples=["file:///data/digits.npz"])
-    format: Literal["npz", "pt", "csv", "parquet", "jsonl", "image_folder"] = "npz"
+    format: Literal["npz", "pt", "csv", "parquet", "image_folder"] = "npz"
     inputs: list[str] | None = Field(None, max_length=16, description="Arrays fed to the model; default ['x'].")
+    label_column: str | None = Field(None, max_length=200, description="csv/parquet: the label column.")
+    options: DatasetOptions | None = None
 
 
 _UPLOAD_DOC = {
@@ -42,8 +45,11 @@ _UPLOAD_DOC = {
             "multipart/form-data": {"schema": {
                 "type": "object", "required": ["file", "name", "format"],
                 "properties": {"file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
-                               "format": {"type": "string", "enum": ["npz"]},
-                               "inputs": {"type": "string", "description": "JSON list of input array names"}}}},
+                               "format": {"type": "string", "enum": list(SUPPORTED_DATASET_FORMATS)},
+                               "inputs": {"type": "string", "description": "JSON list of input array names"},
+                               "label_column": {"type": "string", "description": "csv/parquet label column"},
+                               "options": {"type": "string", "description": "JSON DatasetOptions (image_size, "
+                                                                            "grayscale, normalize)"}}}},
             "application/json": {"schema": DatasetByUri.model_json_schema()},
         },
     }
@@ -65,6 +71,25 @@ def _resolve_file_uri(uri: str, settings: Settings) -> Path:
     if not path.is_file():
         raise Unprocessable(f"{path} does not exist or is not a file", code="uri_not_found")
     return path
+
+
+def _json_field(raw: str | None, field: str) -> dict | None:
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise Unprocessable(f"'{field}' is not valid JSON: {exc}", code="validation_error") from exc
+    if not isinstance(value, dict):
+        raise Unprocessable(f"'{field}' must be a JSON object", code="validation_error")
+    return value
+
+
+def _options(raw: dict | None, label_column: str | None) -> DatasetOptions:
+    merged = dict(raw or {})
+    if label_column is not None:
+        merged["label_column"] = label_column
+    return DatasetOptions.model_validate(merged)
 
 
 def _inputs_field(raw: str | None) -> list[str] | None:
@@ -92,6 +117,7 @@ async def create_dataset(request: Request, response: Response, principal: Curren
             raise Unprocessable(f"the body is not valid JSON: {exc}", code="invalid_json") from exc
         path = _resolve_file_uri(body.uri, settings)
         name, fmt, inputs, src = body.name, body.format, body.inputs, open(path, "rb")
+        options = _options(body.options.model_dump() if body.options else None, body.label_column)
     elif ctype.startswith("multipart/form-data"):
         await reject_unknown_fields(request, FIELDS)
         form = await request.form()
@@ -101,14 +127,15 @@ async def create_dataset(request: Request, response: Response, principal: Curren
             raise Unprocessable(f"missing form field(s): {', '.join(missing) or 'file'}", code="validation_error",
                                 errors=[{"loc": ["body", k], "msg": "Field required"} for k in missing or ["file"]])
         inputs, src = _inputs_field(form.get("inputs")), upload.file  # type: ignore[union-attr]
+        options = _options(_json_field(form.get("options"), "options"), form.get("label_column") or None)
     else:
         raise Unprocessable("send multipart/form-data (file upload) or application/json (uri)",
                             code="unsupported_media_type")
     try:
         with receive(src, settings.data_dir / "tmp", settings.max_upload_bytes) as received:
             row, created = await run_in_threadpool(
-                service.create_dataset, db, storage, principal.tenant_id, upload=received, name=str(name),
-                format=str(fmt), inputs=inputs, idempotency_key=idempotency_key)
+                service.create_dataset, db, storage, settings, principal.tenant_id, upload=received, name=str(name),
+                format=str(fmt), inputs=inputs, options=options, idempotency_key=idempotency_key)
             db.commit()
     finally:
         src.close()

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,11 +38,11 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     reporter = DbReporter(job_id, settings.lease_seconds)
     work = settings.data_dir / "work" / job_id
     try:
-        spec, teacher, dataset = _inputs(job_id)
+        inputs = _inputs(job_id)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        result = engine.run(spec, teacher, dataset, work, reporter, device=settings.device,
-                            threads=settings.worker_threads)
+        result = engine.run(inputs.spec, inputs.teacher, inputs.datasets, work, reporter, device=settings.device,
+                            threads=settings.worker_threads, models=inputs.models)
         return _succeed(job_id, result)
     except engine.Cancelled:
         return _end(job_id, state.CANCELLED, "cancelled", "cancelled by the client")
@@ -80,22 +81,48 @@ def _claim(job_id: str, settings: Settings) -> bool:
     return True
 
 
-def _inputs(job_id: str) -> tuple[dict, engine.TeacherSource, engine.DatasetSource]:
+@dataclass
+class _JobInputs:
+    spec: dict
+    teacher: engine.TeacherSource
+    datasets: dict[str, engine.DatasetSource]
+    models: dict[str, engine.ModelSource]
+
+
+def _inputs(job_id: str) -> _JobInputs:
+    """Resolve every model and dataset the spec names to local files (storage keeps them by id)."""
     storage = get_storage()
     with session_scope() as s:
         job = s.get(Job, job_id)
         assert job is not None
-        model = s.get(Model, job.teacher_model_id) if job.teacher_model_id else None
-        dataset = s.get(Dataset, job.dataset_id) if job.dataset_id else None
+        spec = dict(job.spec)
+        model = s.get(Model, spec["teacher_model_id"])
         if model is None:
-            raise _MissingInput(f"teacher model {job.spec['teacher_model_id']} was deleted before the job ran")
-        if dataset is None:
-            raise _MissingInput(f"dataset {job.spec['dataset_id']} was deleted before the job ran")
+            raise _MissingInput(f"teacher model {spec['teacher_model_id']} was deleted before the job ran")
         teacher = engine.TeacherSource(path=storage.local_path(model.storage_key), format=model.format,
-                                       task=model.task, sha256=model.sha256)
-        data = engine.DatasetSource(path=storage.local_path(dataset.storage_key), format=dataset.format,
-                                    sha256=dataset.sha256, inputs=tuple(dataset.schema_.get("inputs", ["x"])))
-        return dict(job.spec), teacher, data
+                                       task=model.task, sha256=model.sha256, architecture=model.architecture)
+        datasets = {}
+        for ds_id in _dataset_ids(spec):
+            ds = s.get(Dataset, ds_id)
+            if ds is None:
+                raise _MissingInput(f"dataset {ds_id} was deleted before the job ran")
+            datasets[ds_id] = engine.DatasetSource(
+                path=storage.local_path(ds.storage_key), format=ds.format, sha256=ds.sha256,
+                inputs=tuple(ds.schema_.get("inputs", ["x"])), options=dict(ds.schema_.get("options") or {}))
+        models = {}
+        student_model = (spec.get("student") or {}).get("model_id")
+        if student_model:
+            m = s.get(Model, student_model)
+            if m is None:
+                raise _MissingInput(f"student model {student_model} was deleted before the job ran")
+            models[m.id] = engine.ModelSource(path=storage.local_path(m.storage_key), format=m.format,
+                                              architecture=m.architecture, sha256=m.sha256)
+        return _JobInputs(spec, teacher, datasets, models)
+
+
+def _dataset_ids(spec: dict) -> list[str]:
+    ids = [spec.get("dataset_id"), spec.get("eval_dataset_id")] + [st.get("dataset_id") for st in spec["steps"]]
+    return list(dict.fromkeys(i for i in ids if i))
 
 
 def _succeed(job_id: str, result: engine.EngineResult) -> str:

@@ -2,41 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
-import httpx
 import numpy as np
 import pytest
 
-from tests.support.fixtures import start_process, stop_process
-from tests.support.flow import check_student_files, distill_digits, upload_inputs, wait_for, wait_http
+from tests.support.flow import check_student_files, distill_digits, upload_inputs, wait_for
 from tests.support.teachers import npz_bytes
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def api_url(migrated, tmp_path_factory, celery_worker):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("api") / "api.log"
-    proc = start_process([sys.executable, "-m", "app.cli", "serve"], log, env={"DISTILLERY_PORT": str(port)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url)
-        yield url
-    finally:
-        stop_process(proc)
-
-
-@pytest.fixture()
-def http(api_url, make_key):
-    with httpx.Client(base_url=api_url, headers=make_key("integration"), timeout=30) as c:
-        yield c
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])

@@ -414,3 +414,19 @@ def prune(
         pass
     assert result is not None
     return result
+
+
+# ------------------------------------------------------------ keeping sparsity
+
+
+def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{layer name: bool mask of non-zero weights}`` for every Linear/Conv; pass to
+    :func:`reapply_masks` after each optimizer step so fine-tuning keeps pruned weights at 0."""
+    return {n: m.weight.detach() != 0 for n, m in prunable_layers(model)}
+
+
+def reapply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            modules[name].weight.mul_(mask)

@@ -1,4 +1,4 @@
-"""worker/engine may only import torch, numpy, onnx, onnxruntime, safetensors and the
+"""worker/engine may only import torch, numpy, onnx, onnxruntime, safetensors, pyarrow, PIL and the
 standard library, and must never unpickle."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parents[2] / "worker" / "engine"
-ALLOWED = {"torch", "numpy", "onnx", "onnxruntime", "safetensors"}
+ALLOWED = {"torch", "numpy", "onnx", "onnxruntime", "safetensors", "pyarrow", "PIL"}
 
 
 def _modules():

@@ -79,12 +79,12 @@ def test_exports_agree_with_each_other(ts_run, digits):
     assert float((ts_pred == y_val).mean()) == pytest.approx(result.metrics["student"]["accuracy"])
 
     session = ort.InferenceSession(str(_artifact(result, "student", "onnx").path), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["input"]
-    onnx_logits = session.run(["logits"], {"input": x_val})[0]
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    onnx_logits = session.run(["logits"], {"x": x_val})[0]
     np.testing.assert_array_equal(onnx_logits.argmax(1), ts_pred)
     np.testing.assert_allclose(onnx_logits, ts_logits.numpy(), atol=1e-4)
     # Dynamic batch axis: one row works too.
-    assert session.run(["logits"], {"input": x_val[:1]})[0].shape == (1, 10)
+    assert session.run(["logits"], {"x": x_val[:1]})[0].shape == (1, 10)
 
     arch = json.loads(_artifact(result, "architecture", "json").path.read_text())
     assert arch["family"] == "mlp" and arch["in_features"] == 64 and arch["hidden"] == [32] and arch["out_features"] == 10
@@ -116,7 +116,7 @@ def test_report_layout_and_numbers(ts_run):
     assert report["speedup"] > 0
     (step,) = report["steps"]
     assert step["index"] == 0 and step["kind"] == "distill" and step["method"] == "kd"
-    assert set(step) == row_keys | {"index", "kind", "method"}
+    assert set(step) == row_keys | {"index", "kind", "method", "data"}
     repro = report["reproducibility"]
     assert repro["seed"] == 0 and set(repro["versions"]) == {"torch", "numpy", "onnxruntime", "python"}
     assert len(repro["spec_sha256"]) == 64 and len(repro["data_sha256"]) == 64 and len(repro["teacher_sha256"]) == 64

@@ -15,12 +15,12 @@ from .helpers import make_spec
 
 def test_public_registries_hold_builtins():
     assert set(registries) == {"losses", "students", "optimizers", "steps", "teacher_formats", "dataset_formats", "exports"}
-    assert registries["losses"].names() == ["kd"]
-    assert registries["students"].names() == ["mlp"]
+    assert registries["losses"].names() == ["cosine", "hard", "kd", "mse", "soft_ce"]
+    assert "mlp" in registries["students"].names()
     assert registries["optimizers"].names() == ["adam", "adamw", "sgd"]
     assert registries["steps"].names() == ["distill"]
-    assert registries["teacher_formats"].names() == ["onnx", "torchscript"]
-    assert registries["dataset_formats"].names() == ["npz"]
+    assert registries["teacher_formats"].names() == ["onnx", "safetensors", "torch_export", "torchscript"]
+    assert registries["dataset_formats"].names() == ["csv", "image_folder", "npz", "parquet", "pt"]
     assert registries["exports"].names() == ["onnx", "safetensors", "torchscript"]
 
 
@@ -36,7 +36,7 @@ def test_build_gives_typed_config_with_defaults_and_coercion():
     "registry,config,fragment",
     [
         ("losses", {"type": "kd", "temprature": 2.0}, "unknown key 'temprature' for loss 'kd' (allowed: alpha, temperature)"),
-        ("losses", {"type": "kdd"}, "unknown loss 'kdd'; available: kd"),
+        ("losses", {"type": "kdd"}, "unknown loss 'kdd'; available: cosine, hard, kd"),
         ("losses", {"temperature": 2.0}, "missing key 'type'"),
         ("losses", {"type": "kd", "temperature": 0}, "temperature must be > 0"),
         ("losses", {"type": "kd", "alpha": 1.5}, "alpha must be between 0 and 1"),
@@ -45,7 +45,7 @@ def test_build_gives_typed_config_with_defaults_and_coercion():
         ("students", {"family": "mlp", "activation": "swish"}, "activation: must be one of 'relu', 'gelu', 'tanh'"),
         ("students", {"family": "mlp", "hidden": [32, 1.5]}, "hidden[1]: expected an integer, got 1.5"),
         ("students", {"family": "mlp", "hidden": 32}, "hidden: expected an array"),
-        ("students", {"family": "cnn"}, "unknown student family 'cnn'"),
+        ("students", {"family": "cnnn"}, "unknown student family 'cnnn'"),
         ("optimizers", {"type": "adamw", "lr": -1}, "lr must be > 0"),
         ("optimizers", {"type": "rmsprop"}, "available: adam, adamw, sgd"),
         ("steps", {"kind": "distill", "epochs": 0}, "epochs must be >= 1"),

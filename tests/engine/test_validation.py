@@ -121,9 +121,12 @@ def test_teacher_with_non_logit_output(digits_npz, tmp_path):
 
 def test_unsupported_formats_tasks_inputs_and_devices(teacher_ts, digits_npz, tmp_path):
     assert _fail(make_spec(), TeacherSource(teacher_ts.path, "tflite"), digits_npz, tmp_path).code == "unsupported"
-    assert _fail(make_spec(), TeacherSource(teacher_ts.path, "torchscript", task="regression"), digits_npz, tmp_path).code == "unsupported"
-    assert _fail(make_spec(), teacher_ts, DatasetSource(digits_npz.path, format="csv"), tmp_path).code == "unsupported"
-    assert _fail(make_spec(), teacher_ts, DatasetSource(digits_npz.path, inputs=("x", "mask")), tmp_path).code == "unsupported"
+    assert _fail(make_spec(), TeacherSource(teacher_ts.path, "torchscript", task="segmentation"), digits_npz, tmp_path).code == "unsupported"
+    err = _fail(make_spec(), TeacherSource(teacher_ts.path, "torchscript", task="regression"), digits_npz, tmp_path)
+    assert err.code == "invalid_spec" and "'kd' works for classification" in err.message and "use mse" in err.message
+    assert _fail(make_spec(), teacher_ts, DatasetSource(digits_npz.path, format="tfrecord"), tmp_path).code == "unsupported"
+    err = _fail(make_spec(), teacher_ts, DatasetSource(digits_npz.path, inputs=("x", "mask")), tmp_path)
+    assert err.code == "invalid_dataset" and "no array 'mask'" in err.message
     assert _fail(make_spec(step__epochs=-1), teacher_ts, digits_npz, tmp_path).code == "invalid_spec"
     if not torch.cuda.is_available():
         with pytest.raises(EngineError) as err:
@@ -134,18 +137,18 @@ def test_unsupported_formats_tasks_inputs_and_devices(teacher_ts, digits_npz, tm
 def test_split_is_deterministic_and_holds_out_at_least_one_row():
     x = np.arange(40, dtype=np.float32).reshape(20, 2)
     y = np.arange(20) % 3
-    ds = check_dataset("x", x, y, None, None)
+    ds = check_dataset(["x"], {"x": x}, y, None, None)
     a, b, c = split_dataset(ds, 0.25, 7), split_dataset(ds, 0.25, 7), split_dataset(ds, 0.25, 8)
-    assert a.val_source == "split" and len(a.x_val) == 5 and len(a.x_train) == 15
-    np.testing.assert_array_equal(a.x_val, b.x_val)
-    assert not np.array_equal(a.x_val, c.x_val)
+    assert a.val_source == "split" and a.n_val == 5 and a.n_train == 15
+    np.testing.assert_array_equal(a.x_val["x"], b.x_val["x"])
+    assert not np.array_equal(a.x_val["x"], c.x_val["x"])
     # Held-out and training rows partition the data, labels stay aligned.
-    assert sorted(np.concatenate([a.x_val[:, 0], a.x_train[:, 0]]).tolist()) == x[:, 0].tolist()
-    np.testing.assert_array_equal(a.y_val, (a.x_val[:, 0] / 2).astype(int) % 3)
-    assert len(split_dataset(ds, 0.0, 0).x_val) == 1
+    assert sorted(np.concatenate([a.x_val["x"][:, 0], a.x_train["x"][:, 0]]).tolist()) == x[:, 0].tolist()
+    np.testing.assert_array_equal(a.y_val, (a.x_val["x"][:, 0] / 2).astype(int) % 3)
+    assert split_dataset(ds, 0.0, 0).n_val == 1
 
 
 def test_explicit_held_out_arrays_are_used():
-    ds = Dataset("x", np.zeros((5, 2), np.float32), None, np.ones((3, 2), np.float32), None)
+    ds = Dataset(["x"], {"x": np.zeros((5, 2), np.float32)}, None, {"x": np.ones((3, 2), np.float32)}, None)
     s = split_dataset(ds, 0.5, 0)
-    assert s.val_source == "x_val" and len(s.x_train) == 5 and len(s.x_val) == 3
+    assert s.val_source == "x_val" and s.n_train == 5 and s.n_val == 3

@@ -35,9 +35,25 @@ RTOL = 1e-4
 class ExportInput:
     model: nn.Module  # CPU, eval mode
     architecture: dict[str, Any]
-    example: torch.Tensor  # CPU float32 [n, *row_shape]
+    example: Any  # CPU tensor [n, *row_shape], or a list of tensors (one per input, float32/int64)
     out_dir: Path
     step_index: int
+    input_names: list[str] | None = None  # ONNX input names (the dataset's input names)
+    output_name: str = "logits"
+
+    @property
+    def examples(self) -> list[torch.Tensor]:
+        return [self.example] if isinstance(self.example, torch.Tensor) else list(self.example)
+
+    @property
+    def names(self) -> list[str]:
+        if self.input_names:
+            return list(self.input_names)
+        return ["input"] if len(self.examples) == 1 else [f"input_{i}" for i in range(len(self.examples))]
+
+    def reference(self) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(*self.examples)
 
 
 def _verify(name: str, got: np.ndarray | torch.Tensor, want: torch.Tensor) -> None:
@@ -67,14 +83,17 @@ class _Exporter:
         raise NotImplementedError
 
 
-def script_student(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """TorchScript of the student: scripted if possible, traced otherwise."""
+def script_student(model: nn.Module, example: Any) -> torch.jit.ScriptModule:
+    """TorchScript of the student: scripted if possible, traced otherwise (``example``: tensor or list)."""
+    examples = [example] if isinstance(example, torch.Tensor) else list(example)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if isinstance(model, torch.jit.ScriptModule):
+            return model
         try:
             return torch.jit.script(model)
         except Exception:
-            return torch.jit.trace(model, example[:2])
+            return torch.jit.trace(model, tuple(e[:2] for e in examples), check_trace=False)
 
 
 @exports.register("torchscript")
@@ -90,7 +109,7 @@ class TorchScriptExport(_Exporter):
             torch.jit.save(scripted, str(path), _extra_files={"architecture.json": json.dumps(inp.architecture)})
             reloaded = torch.jit.load(str(path), map_location="cpu")
         with torch.inference_mode():
-            _verify("torchscript", reloaded(inp.example), inp.model(inp.example))
+            _verify("torchscript", reloaded(*inp.examples), inp.reference())
         return [ArtifactFile("student", "torchscript", path, inp.step_index, OCTET)]
 
 
@@ -107,22 +126,26 @@ class OnnxExport(_Exporter):
             warnings.simplefilter("ignore")
             # Legacy (TorchScript-based) exporter: fast and sufficient for
             # these students; the dynamo exporter takes many seconds.
+            names, out = inp.names, inp.output_name
+            axes = {n: {0: "batch"} for n in names}
+            axes[out] = {0: "batch"}
             torch.onnx.export(
                 inp.model,
-                (inp.example[:2],),
+                tuple(e[:2] for e in inp.examples),
                 str(path),
                 dynamo=False,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                input_names=names,
+                output_names=[out],
+                dynamic_axes=axes,
                 opset_version=self.opset,
             )
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        got = session.run(["logits"], {"input": inp.example.numpy()})[0]
-        with torch.inference_mode():
-            _verify("onnx", got, inp.model(inp.example))
+        graph_inputs = {i.name for i in session.get_inputs()}
+        feeds = {n: e.numpy() for n, e in zip(inp.names, inp.examples) if n in graph_inputs}
+        got = session.run([inp.output_name], feeds)[0]
+        _verify("onnx", got, inp.reference())
         return [ArtifactFile("student", "onnx", path, inp.step_index, OCTET)]
 
 
@@ -143,9 +166,22 @@ class SafetensorsExport(_Exporter):
             metadata={"architecture": json.dumps(inp.architecture), "format": SAFETENSORS_FORMAT},
         )
         arch_path.write_text(json.dumps(inp.architecture, indent=2, sort_keys=True))
-        rebuilt = load_safetensors_student(path).eval()
+        try:
+            rebuilt = load_safetensors_student(path).eval()
+        except EngineError as exc:
+            if exc.code != "unsupported":
+                raise
+            # Not a built-in family (an uploaded TorchScript/torch.export student): verify the
+            # weights by loading them back into a copy of the trained module.
+            import copy
+
+            from safetensors.torch import load_file
+
+            rebuilt = copy.deepcopy(inp.model)
+            rebuilt.load_state_dict(load_file(str(path)))
+            rebuilt.eval()
         with torch.inference_mode():
-            _verify("safetensors", rebuilt(inp.example), inp.model(inp.example))
+            _verify("safetensors", rebuilt(*inp.examples), inp.reference())
         return [
             ArtifactFile("student", "safetensors", path, inp.step_index, OCTET),
             ArtifactFile("architecture", "json", arch_path, inp.step_index, JSON),

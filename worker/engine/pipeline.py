@@ -2,12 +2,15 @@
 
 Phases (each announced with ``reporter.event``):
 
-1. ``validate`` - parse the spec, load the dataset and the teacher, run the
-   teacher on 2 rows and check labels. Fails in well under a second for
-   mismatched inputs, before anything expensive happens.
-2. ``load`` - split train/held-out rows and move them to the device.
-3. ``teacher_outputs`` - run the teacher once over every row; cache logits.
-4. ``step_started``/``step_finished`` - run each step on the student.
+1. ``validate`` - parse the spec, load every dataset and the teacher, run the
+   teacher on 2 rows of each dataset, check task/loss/label compatibility.
+   Fails in well under a second for mismatched inputs, before anything expensive.
+2. ``load`` - the held-out rows (``eval_dataset_id``, else ``x_val``/a seeded split of
+   the job's dataset, else a slice of synthetic data) and each step's training rows.
+3. ``teacher_outputs`` - teacher outputs (and hint features) cached once per transfer set
+   (skipped for steps that augment: the teacher then runs on every augmented batch).
+4. ``step_started``/``step_finished`` - each step trains the student (``synthesize``,
+   ``coreset`` events where used); ``baseline`` trains the label-only twin.
 5. ``export`` - write and verify the requested student formats.
 6. ``report`` - measure sizes/latencies and write ``report.json``.
 """
@@ -18,8 +21,8 @@ import copy
 import io
 import time
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +36,32 @@ from . import losses as _losses  # noqa: F401
 from . import optim as _optim  # noqa: F401
 from . import steps as _steps  # noqa: F401
 from . import students as _students
-from .data import Dataset, Split, check_label_range, load_dataset, split_dataset
-from .evaluate import classification_metrics
+from . import teachers as _teachers
+from .data import Dataset, check_label_range, load_dataset, split_dataset
+from .evaluate import METRIC_KEYS, teacher_metrics
 from .registry import exports as export_registry
 from .report import build_report, file_sha256, measure_latency, model_row, spec_sha256, versions, write_report
 from .spec import JobSpec, parse_spec
-from .teachers import Teacher, load_teacher, probe_teacher, teacher_logits
-from .train import ProgressTracker, TrainContext
-from .types import ArtifactFile, DatasetSource, EngineError, EngineResult, Reporter, TeacherSource
+from .teachers import Teacher, load_teacher, probe_teacher
+from .train import ProgressTracker, StepData, Table, TeacherCache, TrainContext, fit
+from .types import (
+    ArtifactFile,
+    DatasetSource,
+    EngineError,
+    EngineResult,
+    InputInfo,
+    ModelSource,
+    TASKS,
+    Reporter,
+    TeacherInfo,
+    TeacherSource,
+)
 
 #: Held-out rows used to verify exports (enough to catch numeric drift, cheap).
 VERIFY_ROWS = 256
+#: Share of synthetic samples held out when a data-free job has no eval dataset.
+SYNTHETIC_VAL_FRACTION = 0.1
+DEFAULT_DATASET_KEY = "dataset"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -58,7 +76,7 @@ def resolve_device(device: str) -> torch.device:
     raise EngineError("invalid_spec", f"unknown device {device!r} (expected 'auto', 'cpu' or 'cuda')")
 
 
-def _student_size_bytes(model: nn.Module, example: torch.Tensor) -> int:
+def _student_size_bytes(model: nn.Module, example: list[torch.Tensor]) -> int:
     """Size of the student as a TorchScript archive (what a user would ship)."""
     try:
         buffer = io.BytesIO()
@@ -72,116 +90,499 @@ def _student_size_bytes(model: nn.Module, example: torch.Tensor) -> int:
 
 def _cpu_eval_copy(model: nn.Module) -> nn.Module:
     model = model.eval()
-    if next(model.parameters()).device.type == "cpu":
+    params = list(model.parameters())
+    if not params or params[0].device.type == "cpu":
         return model
     return copy.deepcopy(model).cpu().eval()
 
 
-def _student_latency(model: nn.Module, x: np.ndarray) -> dict[str, float]:
+def _to_tensors(batch: Mapping[str, np.ndarray]) -> list[torch.Tensor]:
+    out = []
+    for v in batch.values():
+        v = np.asarray(v)
+        v = v.astype(np.int64) if np.issubdtype(v.dtype, np.integer) else v.astype(np.float32)
+        out.append(torch.from_numpy(np.ascontiguousarray(v)))
+    return out
+
+
+def _student_latency(model: nn.Module, x: Mapping[str, np.ndarray]) -> dict[str, float]:
     cpu_model = _cpu_eval_copy(model)
 
-    def make(batch: np.ndarray):
-        t = torch.from_numpy(batch)
+    def make(batch: Mapping[str, np.ndarray]):
+        ts = _to_tensors(batch)
 
         def call():
             with torch.inference_mode():
-                return cpu_model(t)
+                return cpu_model(*ts)
 
         return call
 
     return measure_latency(make, x)
 
 
+def _first_rows(arrays: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v[: min(n, v.shape[0])]) for k, v in arrays.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
 @dataclass
 class _Validated:
     job: JobSpec
     device: torch.device
-    data: Dataset
+    datasets: dict[str, Dataset]
+    sources: dict[str, DatasetSource]
     teacher: Teacher
-    num_classes: int
+    out_dim: int
+    task: str
+    inputs: list[str]
+    row_shapes: dict[str, tuple[int, ...]]
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
-def _validate(spec: Mapping[str, Any], teacher: TeacherSource, dataset: DatasetSource, reporter: Reporter,
-              device: str, threads: int | None) -> _Validated:
+def _dataset_map(job: JobSpec, datasets: Any) -> dict[str, DatasetSource]:
+    if datasets is None:
+        return {}
+    if isinstance(datasets, DatasetSource):
+        key = job.dataset_id or DEFAULT_DATASET_KEY
+        if job.dataset_id is None:
+            job.dataset_id = key
+        return {key: datasets}
+    if not isinstance(datasets, Mapping):
+        raise EngineError("invalid_spec", f"datasets must be a mapping of id -> DatasetSource, got {type(datasets).__name__}")
+    return dict(datasets)
+
+
+def _step_dataset_id(job: JobSpec, step: Any) -> str | None:
+    if getattr(step, "synthesize", None) is not None:
+        return None
+    return getattr(step, "dataset_id", None) or job.dataset_id
+
+
+def _validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, reporter: Reporter,
+              device: str, threads: int | None, out_dir: Path) -> _Validated:
     """Cheap checks that catch every mismatch before anything expensive runs."""
-    reporter.event("validate", "checking spec, dataset and teacher")
+    reporter.event("validate", "checking spec, datasets and teacher")
     job = parse_spec(spec)
     dev = resolve_device(device)
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise EngineError("invalid_spec", f"threads must be a positive integer, got {threads!r}")
         torch.set_num_threads(threads)
-    data = load_dataset(dataset)
+    sources = _dataset_map(job, datasets)
+    task = getattr(teacher, "task", "classification")
+    if task not in TASKS:
+        raise EngineError("unsupported", f"teacher task {task!r} is not supported ({', '.join(TASKS)})")
+
+    # which datasets the job needs
+    needed: list[str] = []
+    for i, step in enumerate(job.steps):
+        ds_id = _step_dataset_id(job, step)
+        if ds_id is None and getattr(step, "synthesize", None) is None:
+            raise EngineError("invalid_spec", f"steps[{i}] has no data: give 'dataset_id' (job or step) or 'synthesize'")
+        if ds_id is not None:
+            needed.append(ds_id)
+    if job.eval_dataset_id:
+        needed.append(job.eval_dataset_id)
+    if job.dataset_id and job.dataset_id in sources:
+        needed.insert(0, job.dataset_id)
+    needed = list(dict.fromkeys(needed))
+    missing = [d for d in needed if d not in sources]
+    if missing:
+        raise EngineError("invalid_spec", f"dataset {missing[0]!r} is named by the spec but was not provided "
+                          f"(provided: {', '.join(sources) or 'none'})")
+
+    # per-step static checks
+    for i, step in enumerate(job.steps):
+        loss = getattr(step, "loss", None)
+        tasks = getattr(loss, "tasks", None) if loss is not None else None
+        if tasks is not None and task not in tasks:
+            suggestion = {"classification": "kd, soft_ce, hard or mse", "regression": "mse",
+                          "embedding": "cosine or mse"}.get(task, "")
+            raise EngineError("invalid_spec", f"steps[{i}].loss: {loss.name!r} works for "
+                              f"{' / '.join(sorted(tasks))} teachers, but this teacher's task is {task!r}"
+                              + (f" (use {suggestion})" if suggestion else ""))
+        es = getattr(step, "early_stopping", None)
+        if es is not None:
+            ok = {"auto": True, "loss": True, "agreement": task == "classification",
+                  "accuracy": task == "classification", "mse": task in ("regression", "embedding"),
+                  "cosine": task == "embedding"}[es.metric]
+            if not ok:
+                raise EngineError("invalid_spec", f"steps[{i}].early_stopping.metric: {es.metric!r} does not apply "
+                                  f"to a {task} teacher")
+        if getattr(step, "synthesize", None) is not None and task != "classification":
+            raise EngineError("invalid_spec", f"steps[{i}].synthesize: data-free distillation needs a "
+                              f"classification teacher (this one is {task!r})")
+
+    cache_dir = Path(out_dir) / "cache"
+    loaded: dict[str, Dataset] = {}
+    for ds_id in needed:
+        try:
+            loaded[ds_id] = load_dataset(sources[ds_id], cache_dir)
+        except EngineError as exc:
+            if len(needed) > 1:
+                raise EngineError(exc.code, f"dataset {ds_id!r}: {exc.message}") from None
+            raise
     tch = load_teacher(teacher, dev, threads)
-    num_classes = probe_teacher(tch, data.input_name, data.x)
-    check_label_range(data, num_classes)
-    labelled = data.y is not None
+    if any(getattr(s, "synthesize", None) is not None for s in job.steps) and tch.module is None:
+        raise EngineError("invalid_spec", "data-free distillation needs a torch teacher "
+                          "(TorchScript, torch.export or safetensors)")
+
+    # inputs: every dataset must feed the same inputs
+    inputs: list[str] | None = None
+    row_shapes: dict[str, tuple[int, ...]] = {}
+    out_dim: int | None = None
+    for ds_id, ds in loaded.items():
+        if inputs is None:
+            inputs, row_shapes = list(ds.inputs), ds.row_shapes()
+        elif list(ds.inputs) != inputs or ds.row_shapes() != row_shapes:
+            raise EngineError("shape_mismatch", f"dataset {ds_id!r} has inputs "
+                              f"{ {k: list(v) for k, v in ds.row_shapes().items()} } but the job's first dataset has "
+                              f"{ {k: list(v) for k, v in row_shapes.items()} }")
+        width = probe_teacher(tch, _first_rows(ds.x, 2))
+        if out_dim is not None and width != out_dim:
+            raise EngineError("shape_mismatch", f"teacher output width differs between datasets ({out_dim} vs {width})")
+        out_dim = width
+    if inputs is None:  # data-free only
+        assert job.input_spec is not None
+        inputs = ["x"]
+        row_shapes = {"x": tuple(job.input_spec["shape"])}
+        lo, hi = job.input_spec["range"]
+        probe = {"x": np.full((2, *row_shapes["x"]), (lo + hi) / 2, dtype=np.float32)}
+        out_dim = probe_teacher(tch, probe)
+    elif job.input_spec is not None and any(getattr(s, "synthesize", None) is not None for s in job.steps):
+        if len(inputs) != 1 or tuple(job.input_spec["shape"]) != row_shapes[inputs[0]]:
+            raise EngineError("shape_mismatch", f"input_spec.shape {job.input_spec['shape']} does not match the "
+                              f"data's rows {[list(v) for v in row_shapes.values()]}")
+    assert out_dim is not None
+    tch.bind(inputs)
+
+    # labels vs task
+    for ds_id, ds in loaded.items():
+        where = f"dataset {ds_id!r}: " if len(loaded) > 1 else ""
+        try:
+            if task == "classification":
+                check_label_range(ds, out_dim)
+            elif task == "regression":
+                for key, y in (("y", ds.y), ("y_val", ds.y_val)):
+                    if y is None:
+                        continue
+                    width = 1 if y.ndim == 1 else y.shape[1]
+                    if width != out_dim:
+                        raise EngineError("invalid_dataset", f"array {key!r} has {width} target(s) per row but "
+                                          f"the teacher predicts {out_dim}")
+                    ds.y = ds.y.astype(np.float32) if ds.y is not None else None
+                    ds.y_val = ds.y_val.astype(np.float32) if ds.y_val is not None else None
+        except EngineError as exc:
+            raise EngineError(exc.code, where + exc.message) from None
+    if job.baseline:
+        if task == "embedding":
+            raise EngineError("invalid_spec", "baseline: an embedding teacher has no labels to train a baseline on")
+        for i, step in enumerate(job.steps):
+            ds_id = _step_dataset_id(job, step)
+            if ds_id is None:
+                raise EngineError("invalid_spec", f"baseline needs labelled data, but steps[{i}] is data-free")
+            if loaded[ds_id].y is None:
+                raise EngineError("invalid_spec", f"baseline needs labels, but dataset {ds_id!r} "
+                                  f"(steps[{i}]) has none")
+
+    primary = loaded.get(job.dataset_id or "") or (next(iter(loaded.values())) if loaded else None)
     reporter.event(
         "validate",
-        f"dataset and teacher are compatible: {data.x.shape[0]} rows of shape {list(data.row_shape)}, "
-        f"{num_classes} classes, {'labelled' if labelled else 'unlabelled (soft targets only)'}",
+        f"datasets and teacher are compatible: task {task}, inputs "
+        + ", ".join(f"{k} {list(v)}" for k, v in row_shapes.items()) + f", teacher output width {out_dim}"
+        + (f", {primary.num_rows} rows, {'labelled' if primary.y is not None else 'unlabelled'}" if primary else
+           ", data-free"),
         data={
-            "rows": int(data.x.shape[0]),
-            "row_shape": list(data.row_shape),
-            "num_classes": num_classes,
-            "labelled": labelled,
-            "has_x_val": data.x_val is not None,
+            "task": task,
+            "datasets": {k: {"rows": v.num_rows, "labelled": v.y is not None, "has_val": v.x_val is not None}
+                         for k, v in loaded.items()},
+            "inputs": {k: list(v) for k, v in row_shapes.items()},
+            "output_width": out_dim,
+            "num_classes": out_dim if task == "classification" else None,
+            # kept for older readers
+            "rows": primary.num_rows if primary else 0,
+            "row_shape": list(row_shapes[inputs[0]]),
+            "labelled": bool(primary is not None and primary.y is not None),
+            "has_x_val": bool(primary is not None and primary.x_val is not None),
         },
     )
-    return _Validated(job, dev, data, tch, num_classes)
+    return _Validated(job, dev, loaded, sources, tch, out_dim, task, inputs, row_shapes)
 
 
-def _prepare(v: _Validated, reporter: Reporter) -> tuple[Split, TrainContext, dict[str, float]]:
-    """Split, move data to the device, cache teacher logits, build the seeded student.
-
-    Returns the split, the training context and the teacher's held-out metrics.
-    """
-    dev, job = v.device, v.job
-    split = split_dataset(v.data, job.val_fraction, job.seed)
-
-    def on_device(a: np.ndarray | None) -> torch.Tensor | None:
-        return None if a is None else torch.from_numpy(a).to(dev)
-
-    reporter.event(
-        "load",
-        f"{len(split.x_train)} training rows, {len(split.x_val)} held-out rows ({split.val_source}) on {dev}",
-        data={"train_rows": len(split.x_train), "val_rows": len(split.x_val), "val_source": split.val_source,
-              "device": str(dev), "teacher_format": v.teacher.format},
-    )
-
-    started = time.perf_counter()
-    t_train = teacher_logits(v.teacher, split.x_train, should_stop=reporter.should_stop)
-    t_val = teacher_logits(v.teacher, split.x_val, should_stop=reporter.should_stop)
-    y_val = on_device(split.y_val)
-    teacher_metrics = classification_metrics(t_val, None, y_val)
-    seconds = time.perf_counter() - started
-    reporter.event(
-        "teacher_outputs",
-        f"teacher logits cached for {len(split.x_train) + len(split.x_val)} rows in {seconds:.2f}s",
-        data={"seconds": seconds, **teacher_metrics},
-    )
-
-    # Seed right before anything random: weight init, dropout, batch order.
-    torch.manual_seed(job.seed)
-    student, architecture = job.student.create(v.data.row_shape, v.num_classes)
-    ctx = TrainContext(
-        student=student.to(dev),
-        architecture=architecture,
-        device=dev,
-        x_train=on_device(split.x_train),
-        t_train=t_train,
-        y_train=on_device(split.y_train),
-        x_val=on_device(split.x_val),
-        t_val=t_val,
-        y_val=y_val,
-        reporter=reporter,
-        generator=torch.Generator().manual_seed(job.seed),
-        progress=ProgressTracker(reporter, sum(s.epochs for s in job.steps)),
-    )
-    return split, ctx, teacher_metrics
+# ---------------------------------------------------------------------------------------------
+# data plan: held-out rows, per-step training rows, teacher caches
 
 
-def _run_steps(job: JobSpec, ctx: TrainContext, split: Split, example: torch.Tensor) -> list[dict[str, Any]]:
+def _labels_tensor(y: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+    return None if y is None else torch.from_numpy(np.ascontiguousarray(y)).to(device)
+
+
+class _DataPlan:
+    """Owns held-out data and builds each step's training data on demand (cached per dataset)."""
+
+    def __init__(self, v: _Validated, reporter: Reporter, out_dir: Path):
+        self.v, self.reporter, self.out_dir = v, reporter, out_dir
+        self.cache_dir = out_dir / "cache"
+        self.train_arrays: dict[str, tuple[dict[str, Any], np.ndarray | None]] = {}
+        self.tables: dict[str, Table] = {}
+        self.caches: dict[tuple, TeacherCache] = {}
+        self.synthetic: dict[int, torch.Tensor] = {}
+        self.val_source = ""
+        self.eval_dataset: str | None = None
+        self.coreset_rows: dict[tuple, np.ndarray] = {}
+        job = v.job
+        dev = v.device
+        held_from: str | None = None
+        if job.eval_dataset_id:
+            ds = v.datasets[job.eval_dataset_id]
+            if ds.x_val is not None:
+                val_x, val_y = ds.x_val, ds.y_val
+            else:
+                val_x, val_y = ds.x, ds.y
+            self.val_source = "eval_dataset"
+            self.eval_dataset = job.eval_dataset_id
+        else:
+            held_from = job.dataset_id if job.dataset_id in v.datasets else next(
+                (d for d in (_step_dataset_id(job, s) for s in job.steps) if d), None)
+            if held_from is not None:
+                split = split_dataset(v.datasets[held_from], job.val_fraction, job.seed)
+                self.train_arrays[held_from] = (split.x_train, split.y_train)
+                val_x, val_y = split.x_val, split.y_val
+                self.val_source = split.val_source
+                self.eval_dataset = held_from
+            else:
+                val_x, val_y = None, None
+                self.val_source = "synthetic"
+        for ds_id, ds in v.datasets.items():
+            if ds_id not in self.train_arrays:
+                self.train_arrays[ds_id] = (ds.x, ds.y)
+        if val_x is None:
+            # data-free without eval data: hold out a slice of the first synthetic set
+            index = next(i for i, s in enumerate(job.steps) if getattr(s, "synthesize", None) is not None)
+            samples = self._synthesize(job.steps[index], index)
+            n_val = max(1, int(round(len(samples) * SYNTHETIC_VAL_FRACTION)))
+            self.synthetic[index] = samples[:-n_val]
+            val_x = {v.inputs[0]: samples[-n_val:].cpu().numpy()}
+            val_y = None
+        self.val_x = val_x
+        self.val_y = val_y
+        self.val = Table(val_x, dev)
+        self.y_val = _labels_tensor(val_y, dev)
+        started = time.perf_counter()
+        self.t_val = TeacherCache.build(v.teacher, self.val, (), device=dev, cache_dir=None,
+                                        should_stop=reporter.should_stop).all_outputs()
+        self.teacher_seconds = time.perf_counter() - started
+
+    # -- synthesis ---------------------------------------------------------------------------
+    def _synthesize(self, step: Any, index: int) -> torch.Tensor:
+        from . import datafree
+
+        v = self.v
+        cfg = step.synthesize
+        spec = v.job.input_spec or {}
+        self.reporter.event("synthesize", f"step {index}: training a generator against the teacher "
+                            f"({cfg.generator_epochs} epochs) for {cfg.num_samples} synthetic samples",
+                            data={"step": index, "num_samples": cfg.num_samples, "generator_epochs": cfg.generator_epochs})
+        started = time.perf_counter()
+
+        def on_epoch(epoch: int, metrics: Mapping[str, float] | None = None, *args: Any) -> None:
+            for k, val in (metrics or {}).items():
+                if isinstance(val, (int, float)):
+                    self.reporter.metric(step=index, epoch=int(epoch), name=f"generator_{k}", value=float(val))
+
+        samples = datafree.synthesize(
+            v.teacher.module, tuple(spec["shape"]), tuple(spec["range"]), v.out_dim, cfg,
+            generator=torch.Generator().manual_seed(v.job.seed + 1000 + index), device=v.device,
+            should_stop=self.reporter.should_stop, on_epoch=on_epoch)
+        samples = samples.detach().float().to(v.device)
+        self.reporter.event("synthesize", f"step {index}: {len(samples)} synthetic samples in "
+                            f"{time.perf_counter() - started:.1f}s", data={"step": index, "rows": len(samples)})
+        return samples
+
+    # -- training data -----------------------------------------------------------------------
+    def _table(self, ds_id: str) -> Table:
+        if ds_id not in self.tables:
+            self.tables[ds_id] = Table(self.train_arrays[ds_id][0], self.v.device)
+        return self.tables[ds_id]
+
+    def _cache(self, key: tuple, table: Table, features: Sequence[str]) -> TeacherCache:
+        if key not in self.caches:
+            started = time.perf_counter()
+            cache = TeacherCache.build(self.v.teacher, table, features, device=self.v.device,
+                                       cache_dir=self.cache_dir, should_stop=self.reporter.should_stop,
+                                       tag="-".join(str(k) for k in key[:2]))
+            seconds = time.perf_counter() - started
+            self.reporter.event(
+                "teacher_outputs",
+                f"teacher outputs cached for {table.n} rows of {key[0]} in {seconds:.2f}s"
+                + (" (memory-mapped float16)" if cache.on_disk else ""),
+                data={"dataset": key[0], "rows": table.n, "seconds": seconds, "on_disk": cache.on_disk,
+                      "features": list(features)},
+            )
+            self.caches[key] = cache
+        return self.caches[key]
+
+    def step_data(self, step: Any, index: int, features: Sequence[str]) -> StepData:
+        v = self.v
+        dev = v.device
+        augmenting = step.augment is not None and step.augment.active
+        feats = tuple(features)
+        if step.synthesize is not None:
+            if index not in self.synthetic:
+                self.synthetic[index] = self._synthesize(step, index)
+            samples = self.synthetic[index]
+            table = Table.from_tensors({v.inputs[0]: samples}, dev)
+            cache = None if augmenting else self._cache((f"synthetic{index}", "all", feats), table, feats)
+            return StepData(table, None, cache, {"dataset": "synthetic", "rows": table.n, "synthetic": True,
+                                                 "val_source": self.val_source})
+        ds_id = _step_dataset_id(v.job, step)
+        assert ds_id is not None
+        table = self._table(ds_id)
+        y = self.train_arrays[ds_id][1]
+        info: dict[str, Any] = {"dataset": ds_id, "rows": table.n}
+        if step.coreset is not None:
+            cs = step.coreset
+            rows = self._coreset(ds_id, table, cs, feats)
+            info["coreset"] = {"method": cs.method, "fraction": cs.fraction, "rows_used": int(len(rows)),
+                               "rows_total": table.n}
+            info["rows"] = int(len(rows))
+            self.reporter.event("coreset", f"step {index}: {cs.method} coreset of {len(rows)} of {table.n} rows",
+                                data={"step": index, **info["coreset"]})
+            key = (ds_id, f"coreset-{cs.method}-{cs.fraction}", feats)
+            if augmenting:
+                cache = None
+            elif key in self.caches:
+                cache = self.caches[key]
+            elif (ds_id, "all", feats) in self.caches:
+                cache = self.caches[(ds_id, "all", feats)].subset(rows)
+                self.caches[key] = cache
+            else:
+                cache = self._cache(key, table.subset(rows), feats)
+            sub = table.subset(rows)
+            return StepData(sub, _labels_tensor(None if y is None else y[rows], dev), cache, info)
+        cache = None if augmenting else self._cache((ds_id, "all", feats), table, feats)
+        return StepData(table, _labels_tensor(y, dev), cache, info)
+
+    def _coreset(self, ds_id: str, table: Table, cs: Any, feats: tuple) -> np.ndarray:
+        key = (ds_id, cs.method, cs.fraction)
+        if key in self.coreset_rows:
+            return self.coreset_rows[key]
+        n = table.n
+        k = max(1, min(n, int(round(n * cs.fraction))))
+        seed = self.v.job.seed
+        if cs.method == "random" or k == n:
+            rows = np.sort(np.random.default_rng(seed).permutation(n)[:k])
+        else:
+            float_cols = [np.asarray(a[:], dtype=np.float32).reshape(n, -1) for a in table.arrays.values()
+                          if not np.issubdtype(np.asarray(a[:1]).dtype, np.integer)]
+            if float_cols:
+                points = torch.from_numpy(np.concatenate(float_cols, axis=1))
+            else:  # token inputs: cluster in the teacher's output space
+                points = self._cache((ds_id, "all", feats), table, feats).all_outputs().cpu()
+            rows = kmeans_representatives(points, k, seed)
+        self.coreset_rows[key] = rows
+        return rows
+
+
+def kmeans_representatives(points: torch.Tensor, k: int, seed: int, iters: int = 20) -> np.ndarray:
+    """Indices of the rows nearest to each of ``k`` k-means centroids (k-means++ init, seeded); sorted, unique."""
+    x = points.float()
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    first = int(torch.randint(0, n, (1,), generator=g))
+    centroids = [x[first]]
+    d2 = ((x - x[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        if total <= 0:
+            nxt = int(torch.randint(0, n, (1,), generator=g))
+        else:
+            nxt = int(torch.multinomial(d2 / total, 1, generator=g))
+        centroids.append(x[nxt])
+        d2 = torch.minimum(d2, ((x - x[nxt]) ** 2).sum(1))
+    c = torch.stack(centroids)
+
+    def assign(c: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.cdist(x[i:i + 4096], c).argmin(1) for i in range(0, n, 4096)])
+
+    for _ in range(iters):
+        a = assign(c)
+        sums = torch.zeros_like(c).index_add_(0, a, x)
+        counts = torch.bincount(a, minlength=k).float()
+        new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
+        if torch.allclose(new, c):
+            break
+        c = new
+    nearest = torch.cat([torch.cdist(c[i:i + 1024], x).argmin(1) for i in range(0, k, 1024)])
+    rows = np.unique(nearest.numpy())
+    if len(rows) < k:  # ties: top up with the rows farthest from any representative, deterministically
+        rest = np.setdiff1d(np.arange(n), rows)
+        extra = np.random.default_rng(seed).permutation(rest)[: k - len(rows)]
+        rows = np.sort(np.concatenate([rows, extra]))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# student
+
+
+def _input_infos(v: _Validated) -> list[InputInfo]:
+    infos = []
+    for name in v.inputs:
+        is_int, max_value = False, None
+        for ds in v.datasets.values():
+            if ds.is_integer(name):
+                is_int = True
+                for arr in (ds.x[name], (ds.x_val or {}).get(name)):
+                    if arr is not None and len(arr):
+                        m = int(np.asarray(arr).max())
+                        max_value = m if max_value is None else max(max_value, m)
+        infos.append(InputInfo(name, tuple(v.row_shapes[name]), is_int, max_value))
+    return infos
+
+
+def _create_student(v: _Validated, models: Mapping[str, ModelSource] | None) -> tuple[nn.Module, dict[str, Any]]:
+    student = v.job.student
+    if getattr(student, "kind", None) == "uploaded" or type(student).__name__ == "UploadedStudentRef":
+        model_id = student.model_id
+        if not models or model_id not in models:
+            raise EngineError("invalid_spec", f"student model {model_id!r} was not provided")
+        return _students.load_uploaded(models[model_id], _teachers.load_module)
+    info = TeacherInfo(v.teacher.module, getattr(v.teacher, "architecture", None), v.teacher.format, v.task)
+    try:
+        return student.create(_input_infos(v), v.out_dim, info)
+    except TypeError:
+        # older student families: create(row_shape, out_features)
+        return student.create(tuple(v.row_shapes[v.inputs[0]]), v.out_dim)
+
+
+def _check_student(model: nn.Module, v: _Validated, example: list[torch.Tensor]) -> None:
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            out = model(*[e[:2] for e in example])
+            model.train(was)
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise EngineError("shape_mismatch", f"the student cannot take the data's inputs: "
+                          f"{_teachers.error_summary(exc)}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != v.out_dim:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise EngineError("shape_mismatch", f"the student outputs {shape} per batch but the teacher's outputs "
+                          f"are [batch, {v.out_dim}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+def _run_steps(job: JobSpec, ctx: TrainContext, example: list[torch.Tensor], val_x: Mapping[str, np.ndarray]
+               ) -> list[dict[str, Any]]:
     """Run every step; returns one report row per step (measured right after it)."""
     rows: list[dict[str, Any]] = []
     for index, step in enumerate(job.steps):
@@ -196,18 +597,24 @@ def _run_steps(job: JobSpec, ctx: TrainContext, split: Split, example: torch.Ten
         row = model_row(
             _students.num_parameters(ctx.student),
             _student_size_bytes(cpu_student, example),
-            _student_latency(cpu_student, split.x_val),
+            _student_latency(cpu_student, val_x),
             metrics,
         )
-        rows.append({"index": index, "kind": step.name, "method": step.method, **row})
+        ctx.student.to(ctx.device)
+        info = ctx.step_info.get(index, {})
+        data = {k: val for k, val in info.items() if k in ("dataset", "rows", "coreset", "synthetic", "val_source")}
+        extra = {k: info[k] for k in ("early_stopping",) if k in info}
+        rows.append({"index": index, "kind": step.name, "method": step.method, **row, "data": data, **extra})
         ctx.reporter.event("step_finished", f"step {index} finished: " + _describe(metrics), data=metrics)
     return rows
 
 
-def _export(job: JobSpec, ctx: TrainContext, example: torch.Tensor, out_dir: Path) -> list[ArtifactFile]:
+def _export(job: JobSpec, ctx: TrainContext, example: list[torch.Tensor], inputs: list[str], out_dir: Path
+            ) -> list[ArtifactFile]:
     """Write and verify the final student in every requested format."""
     export_input = export_mod.ExportInput(
-        _cpu_eval_copy(ctx.student), ctx.architecture, example, out_dir, len(job.steps) - 1
+        _cpu_eval_copy(ctx.student), ctx.architecture, example, out_dir, len(job.steps) - 1,
+        input_names=list(inputs), output_name="logits" if ctx.task == "classification" else "output",
     )
     artifacts: list[ArtifactFile] = []
     for name in job.exports:
@@ -226,72 +633,151 @@ def _export(job: JobSpec, ctx: TrainContext, example: torch.Tensor, out_dir: Pat
 def run(
     spec: Mapping[str, Any],
     teacher: TeacherSource,
-    dataset: DatasetSource,
+    datasets: Mapping[str, DatasetSource] | DatasetSource | None,
     out_dir: Path,
     reporter: Reporter,
     *,
     device: str = "auto",
     threads: int | None = None,
+    models: Mapping[str, ModelSource] | None = None,
 ) -> EngineResult:
-    """Distil ``teacher`` into the student ``spec`` describes, using ``dataset``.
+    """Distil ``teacher`` into the student ``spec`` describes.
 
-    Writes artifacts into ``out_dir`` and returns them with metrics and the
-    report. Raises :class:`EngineError` (``.code``) for user-fixable problems
-    and :class:`Cancelled` when ``reporter.should_stop()`` turns True.
+    ``datasets`` maps dataset ids (``spec["dataset_id"]``, each step's ``dataset_id``,
+    ``spec["eval_dataset_id"]``) to sources; a bare :class:`DatasetSource` is the job's
+    dataset; None for data-free jobs. ``models`` maps ``student.model_id`` to a
+    :class:`ModelSource`. Writes artifacts into ``out_dir`` and returns them with metrics and
+    the report. Raises :class:`EngineError` (``.code``) for user-fixable problems and
+    :class:`Cancelled` when ``reporter.should_stop()`` turns True.
     """
-    v = _validate(spec, teacher, dataset, reporter, device, threads)
-    split, ctx, teacher_metrics = _prepare(v, reporter)
-    example = torch.from_numpy(split.x_val[:VERIFY_ROWS])
-    step_rows = _run_steps(v.job, ctx, split, example)
+    out_dir = Path(out_dir)
+    v = _validate(spec, teacher, datasets, reporter, device, threads, out_dir)
+    job, dev = v.job, v.device
+    plan = _DataPlan(v, reporter, out_dir)
+    t_val = plan.t_val
+    teacher_row_metrics = teacher_metrics(v.task, t_val, plan.y_val)
+    reporter.event(
+        "load",
+        f"{plan.val.n} held-out rows ({plan.val_source}) on {dev}; training rows: "
+        + ", ".join(f"{k} {plan.train_arrays[k][0][v.inputs[0]].shape[0]}" for k in plan.train_arrays) or "synthetic",
+        data={"val_rows": plan.val.n, "val_source": plan.val_source, "device": str(dev),
+              "teacher_format": v.teacher.format,
+              "train_rows": {k: int(a[0][v.inputs[0]].shape[0]) for k, a in plan.train_arrays.items()}},
+    )
+    reporter.event("teacher_outputs", f"teacher outputs cached for {plan.val.n} held-out rows in "
+                   f"{plan.teacher_seconds:.2f}s", data={"seconds": plan.teacher_seconds, **teacher_row_metrics})
+
+    example = plan.val.slice(0, VERIFY_ROWS)
+    example_cpu = [e.detach().cpu() for e in example]
+    val_x_np = {k: np.asarray(a[: min(64, a.shape[0])]) for k, a in plan.val_x.items()}
+
+    # Seed right before anything random: weight init, dropout, batch order.
+    torch.manual_seed(job.seed)
+    student, architecture = _create_student(v, models)
+    student = student.to(dev)
+    _check_student(student, v, example)
+    init_state = copy.deepcopy(student.state_dict()) if job.baseline else None
+    total_epochs = sum(s.epochs for s in job.steps) * (2 if job.baseline else 1)
+    progress = ProgressTracker(reporter, total_epochs)
+    ctx = TrainContext(
+        student=student, architecture=architecture, device=dev, task=v.task, teacher=v.teacher,
+        val=plan.val, t_val=t_val, y_val=plan.y_val, reporter=reporter,
+        generator=torch.Generator().manual_seed(job.seed), progress=progress, step_data=plan.step_data,
+    )
+    step_rows = _run_steps(job, ctx, example_cpu, val_x_np)
+
+    baseline_row = None
+    if job.baseline:
+        reporter.event("baseline", "training the same student on labels alone (same steps, epochs, optimizer, seed)")
+        torch.manual_seed(job.seed)
+        twin, _ = _create_student(v, models)
+        twin = twin.to(dev)
+        assert init_state is not None
+        twin.load_state_dict(init_state)
+        bctx = TrainContext(
+            student=twin, architecture=architecture, device=dev, task=v.task, teacher=v.teacher,
+            val=plan.val, t_val=t_val, y_val=plan.y_val, reporter=reporter,
+            generator=torch.Generator().manual_seed(job.seed), progress=progress, step_data=plan.step_data,
+            baseline=True,
+        )
+        for index, step in enumerate(job.steps):
+            fit(bctx, step, index)
+        bmetrics = bctx.evaluate()
+        cpu_twin = _cpu_eval_copy(bctx.student)
+        baseline_row = model_row(_students.num_parameters(twin), _student_size_bytes(cpu_twin, example_cpu),
+                                 _student_latency(cpu_twin, val_x_np), bmetrics)
+        reporter.event("baseline", "baseline finished: " + _describe(bmetrics), data=bmetrics)
     ctx.check_stop("before export")
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    artifacts = _export(v.job, ctx, example, out_dir)
+    artifacts = _export(job, ctx, example_cpu, v.inputs, out_dir)
 
     # ---- report: the final student is the last step's row, sized as shipped.
-    final = {k: val for k, val in step_rows[-1].items() if k not in ("index", "kind", "method")}
+    final = {k: val for k, val in step_rows[-1].items()
+             if k not in ("index", "kind", "method", "data", "early_stopping")}
     ts_file = next((a.path for a in artifacts if a.kind == "student" and a.format == "torchscript"), None)
     if ts_file is not None:
         final["size_bytes"] = ts_file.stat().st_size
     teacher_row = model_row(
         v.teacher.num_parameters,
         v.teacher.size_bytes,
-        measure_latency(v.teacher.latency_fn, split.x_val),
-        {**teacher_metrics, "agreement": 1.0},  # the teacher agrees with itself by definition
+        measure_latency(v.teacher.latency_fn, val_x_np),
+        teacher_row_metrics,
     )
+    primary_id = job.dataset_id if job.dataset_id in v.sources else next(iter(v.sources), None)
+    first = v.datasets.get(primary_id) if primary_id else None
     report = build_report(
         teacher=teacher_row,
         steps=step_rows,
         student=final,
         reproducibility={
-            "seed": v.job.seed,
+            "seed": job.seed,
             "versions": versions(),
             "spec_sha256": spec_sha256(spec),
-            "data_sha256": dataset.sha256 or file_sha256(Path(dataset.path)),
+            "data_sha256": (v.sources[primary_id].sha256 or file_sha256(Path(v.sources[primary_id].path)))
+            if primary_id else None,
+            "datasets_sha256": {k: s.sha256 or file_sha256(Path(s.path)) for k, s in v.sources.items()
+                                if k in v.datasets},
             "teacher_sha256": teacher.sha256 or file_sha256(Path(teacher.path)),
-            "device": str(v.device),
+            "device": str(dev),
             "threads": torch.get_num_threads(),
         },
         data={
-            "train_rows": len(split.x_train),
-            "val_rows": len(split.x_val),
-            "val_source": split.val_source,
-            "num_classes": v.num_classes,
-            "labelled": v.data.y is not None,
-            "input_shape": list(v.data.row_shape),
+            "task": v.task,
+            "train_rows": step_rows[0]["data"].get("rows"),
+            "val_rows": plan.val.n,
+            "val_source": plan.val_source,
+            "eval_dataset": plan.eval_dataset,
+            "num_classes": v.out_dim if v.task == "classification" else None,
+            "output_width": v.out_dim,
+            "labelled": plan.y_val is not None,
+            "input_shape": list(v.row_shapes[v.inputs[0]]),
+            "inputs": {k: list(s) for k, s in v.row_shapes.items()},
+            "classes": first.classes if first is not None else None,
+            "steps": [r["data"] for r in step_rows],
+            **({"note": "held-out metrics are measured on synthetic samples (no eval_dataset_id given)"}
+               if plan.val_source == "synthetic" else {}),
         },
     )
-    artifacts.append(write_report(report, out_dir))
+    if baseline_row is not None:
+        report["baseline"] = baseline_row
+        report["teacher_gain"] = {k: float(final[k]) - float(baseline_row[k]) for k in METRIC_KEYS
+                                  if k in final and k in baseline_row}
+    write_artifact = write_report(report, out_dir)
+    artifacts.append(write_artifact)
     reporter.event(
         "report",
         f"report written: compression {_times(report['compression_ratio'])}, "
         f"speedup {_times(report['speedup'])}, " + _describe(final),
         data={"compression_ratio": report["compression_ratio"], "speedup": report["speedup"]},
     )
-    student_metrics = {k: final[k] for k in ("accuracy", "agreement", "f1_macro") if k in final}
-    teacher_out = {k: teacher_row[k] for k in ("accuracy", "f1_macro") if k in teacher_row}
-    return EngineResult(artifacts=artifacts, metrics={"teacher": teacher_out, "student": student_metrics}, report=report)
+    student_metrics = {k: final[k] for k in METRIC_KEYS if k in final}
+    teacher_out = {k: teacher_row[k] for k in METRIC_KEYS if k in teacher_row and k not in ("agreement",)}
+    metrics: dict[str, Any] = {"teacher": teacher_out, "student": student_metrics}
+    if baseline_row is not None:
+        metrics["baseline"] = {k: baseline_row[k] for k in METRIC_KEYS if k in baseline_row}
+        metrics["teacher_gain"] = report["teacher_gain"]
+    return EngineResult(artifacts=artifacts, metrics=metrics, report=report)
 
 
 def _times(ratio: float | None) -> str:
@@ -299,5 +785,4 @@ def _times(ratio: float | None) -> str:
 
 
 def _describe(metrics: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "agreement", "f1_macro") if k in metrics)
-
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_KEYS if k in metrics)

@@ -8,7 +8,11 @@ Layout (written as ``report.json``)::
      "data": {"train_rows", "val_rows", "val_source", ...}}
 
     row = {"num_parameters", "size_bytes", "latency_ms": {"batch_1", "batch_32"},
-           "accuracy"?, "agreement", "f1_macro"?}
+           task metrics: "accuracy"?, "agreement", "f1_macro"? (classification); "mse", "mae", "r2"
+           (labels), "teacher_r2", "agreement_mse" (regression); "cosine", "mse" (embedding)}
+
+    With ``baseline: true``: ``"baseline": row`` (same student trained on labels only) and
+    ``"teacher_gain": {metric: distilled - baseline}``.
 """
 
 from __future__ import annotations
@@ -57,13 +61,16 @@ def versions() -> dict[str, str]:
     }
 
 
-def latency_batch(x: np.ndarray, rows: int) -> np.ndarray:
-    """The first ``rows`` rows of ``x``, repeated if it has fewer."""
+def latency_batch(x: Any, rows: int) -> Any:
+    """The first ``rows`` rows of ``x`` (an array or a dict of arrays), repeated if it has fewer."""
+    if isinstance(x, Mapping):
+        return {k: latency_batch(v, rows) for k, v in x.items()}
+    x = np.asarray(x[: min(rows, x.shape[0])])
     reps = math.ceil(rows / x.shape[0])
     return np.ascontiguousarray(np.concatenate([x] * reps)[:rows]) if reps > 1 else np.ascontiguousarray(x[:rows])
 
 
-def measure_latency(make_fn: Callable[[np.ndarray], Callable[[], Any]], x: np.ndarray) -> dict[str, float]:
+def measure_latency(make_fn: Callable[[Any], Callable[[], Any]], x: Any) -> dict[str, float]:
     """``{"batch_1": ms, "batch_32": ms}``; ``make_fn(batch)`` returns a zero-arg runner."""
     return {f"batch_{b}": median_latency_ms(make_fn(latency_batch(x, b))) for b in LATENCY_BATCHES}
 
@@ -74,7 +81,9 @@ def model_row(num_parameters: int, size_bytes: int, latency_ms: dict[str, float]
         "size_bytes": int(size_bytes),
         "latency_ms": dict(latency_ms),
     }
-    for key in ("accuracy", "agreement", "f1_macro"):
+    from .evaluate import METRIC_KEYS
+
+    for key in METRIC_KEYS:
         if key in metrics:
             row[key] = float(metrics[key])
     return row

@@ -20,11 +20,15 @@ DEFAULT_EXPORTS = ("torchscript", "onnx", "safetensors")
 
 @dataclass
 class JobSpec:
-    student: Any  # a students-registry instance
+    student: Any  # a students-registry instance, a derived student, or an UploadedStudentRef
     steps: list[Any]  # steps-registry instances
     val_fraction: float
     exports: list[str]
     seed: int
+    dataset_id: str | None = None
+    eval_dataset_id: str | None = None
+    input_spec: dict[str, Any] | None = None
+    baseline: bool = False
 
 
 def _invalid(message: str) -> EngineError:
@@ -35,7 +39,11 @@ def parse_spec(spec: Mapping[str, Any]) -> JobSpec:
     if not isinstance(spec, Mapping):
         raise _invalid(f"spec must be an object, got {type(spec).__name__}")
 
-    student = registry.students.build(spec.get("student", {"family": "mlp"}), where="student")
+    from . import students as _students
+
+    raw_student = spec.get("student") or {"family": "mlp"}
+    parse = getattr(_students, "parse_student", None)
+    student = parse(raw_student, where="student") if parse else registry.students.build(raw_student, where="student")
 
     raw_steps = spec.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps:
@@ -64,4 +72,33 @@ def parse_spec(spec: Mapping[str, Any]) -> JobSpec:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise _invalid(f"seed: expected an integer in [0, 2^63), got {seed!r}")
 
-    return JobSpec(student, steps, float(val_fraction), exports, seed)
+    def opt_id(key: str) -> str | None:
+        value = spec.get(key)
+        if value is not None and not isinstance(value, str):
+            raise _invalid(f"{key}: expected a string, got {value!r}")
+        return value
+
+    input_spec = spec.get("input_spec")
+    if input_spec is not None:
+        if not isinstance(input_spec, Mapping):
+            raise _invalid("input_spec: expected an object")
+        shape = input_spec.get("shape")
+        if (not isinstance(shape, list) or not shape
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+            raise _invalid(f"input_spec.shape: expected a non-empty array of positive integers, got {shape!r}")
+        rng = input_spec.get("range", [0.0, 1.0])
+        if (not isinstance(rng, (list, tuple)) or len(rng) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rng) or rng[0] >= rng[1]):
+            raise _invalid(f"input_spec.range: expected [low, high] with low < high, got {rng!r}")
+        input_spec = {"shape": [int(d) for d in shape], "range": [float(rng[0]), float(rng[1])]}
+    baseline = spec.get("baseline", False)
+    if not isinstance(baseline, bool):
+        raise _invalid(f"baseline: expected a boolean, got {baseline!r}")
+
+    job = JobSpec(student, steps, float(val_fraction), exports, seed, opt_id("dataset_id"), opt_id("eval_dataset_id"),
+                  input_spec, baseline)
+    for i, step in enumerate(job.steps):
+        synth = getattr(step, "synthesize", None)
+        if synth is not None and input_spec is None:
+            raise _invalid(f"steps[{i}].synthesize needs 'input_spec' (the teacher's input shape)")
+    return job

@@ -322,7 +322,17 @@ class ChannelPruner:
         layers = prunable_layers(model)
         if not layers:
             return
-        ratio = 1 - (1 - cumulative) / (1 - previous)
+        # Per-layer target widths from the (estimated) original width, so that rounding does not
+        # compound over rounds: original ~= current / (1 - previous), target = round(original * (1 - cumulative)).
+        ratios = {}
+        for _, m in layers[:-1]:
+            current = m.weight.shape[0]
+            target = max(1, round(current / (1 - previous) * (1 - cumulative)))
+            if target < current:
+                # torch-pruning keeps int(current * (1 - ratio)) channels
+                ratios[m] = 1 - (target + 0.5) / current
+        if not ratios:
+            return
         was = model.training
         model.eval()
         with torch.enable_grad():  # torch-pruning traces the graph through autograd
@@ -330,8 +340,9 @@ class ChannelPruner:
                 model,
                 tuple(example_inputs) if len(example_inputs) > 1 else example_inputs[0],
                 importance=tp.importance.MagnitudeImportance(p=self.config.norm),
-                pruning_ratio=ratio,
-                ignored_layers=[layers[-1][1]],
+                pruning_ratio=0.0,
+                pruning_ratio_dict=ratios,
+                ignored_layers=[layers[-1][1]] + [m for _, m in layers[:-1] if m not in ratios],
             )
             pruner.step()
         model.train(was)

@@ -18,6 +18,7 @@ Phases (each announced with ``reporter.event``):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import time
 import warnings
@@ -394,7 +395,7 @@ class _DataPlan:
                     self.reporter.metric(step=index, epoch=int(epoch), name=f"generator_{k}", value=float(val))
 
         samples = datafree.synthesize(
-            v.teacher.module, tuple(spec["shape"]), tuple(spec["range"]), v.out_dim, cfg,
+            v.teacher.module, tuple(spec["shape"]), tuple(spec["range"]), v.out_dim, dataclasses.asdict(cfg),
             generator=torch.Generator().manual_seed(v.job.seed + 1000 + index), device=v.device,
             should_stop=self.reporter.should_stop, on_epoch=on_epoch)
         samples = samples.detach().float().to(v.device)

@@ -588,13 +588,20 @@ def load_safetensors_module(path: Path, architecture: dict | None, *, what: str 
         state = load_file(str(path))
     except Exception as exc:
         raise EngineError("invalid_model", f"cannot read safetensors file: {error_summary(exc)}") from None
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
         raise EngineError(
             "invalid_model",
-            f"safetensors weights do not match the architecture: missing keys {list(result.missing_keys)[:20]}, "
-            f"unexpected keys {list(result.unexpected_keys)[:20]}",
+            f"safetensors weights do not match the architecture: missing keys {missing[:20]}, "
+            f"unexpected keys {unexpected[:20]}",
         )
+    wrong = [f"{k} {list(state[k].shape)} (architecture: {list(own[k].shape)})" for k in own
+             if tuple(state[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise EngineError("invalid_model", "safetensors weights do not match the architecture: shape mismatch for "
+                          + ", ".join(wrong[:10]))
     try:
         module.load_state_dict(state, strict=True)
     except Exception as exc:

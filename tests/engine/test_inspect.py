@@ -94,3 +94,34 @@ def test_torch_save_checkpoint_gets_an_actionable_message(teacher_module, tmp_pa
     torch.save(teacher_module.state_dict(), path)
     info = inspect_model(path, "torchscript")
     assert info["ok"] is False and "torch.save() checkpoint" in info["error"]
+
+
+def test_inspect_torch_export_and_safetensors(teacher_module, tmp_path):
+    import json as _json
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    from worker.engine.inspect import inspect_model
+    from worker.engine.students import from_architecture
+
+    ep = torch.export.export(teacher_module, (torch.zeros(4, 64),),
+                             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    pt2 = tmp_path / "m.pt2"
+    torch.export.save(ep, str(pt2))
+    info = inspect_model(pt2, "torch_export")
+    assert info["ok"] and info["num_parameters"] == 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
+    assert info["inputs"][0]["shape"][1:] == [64] and info["outputs"][0]["shape"][1:] == [10]
+
+    arch = {"family": "mlp", "in_features": 64, "hidden": [256, 256], "out_features": 10}
+    keys = list(from_architecture(arch).state_dict())
+    st = tmp_path / "m.safetensors"
+    save_file(dict(zip(keys, [v.contiguous() for v in teacher_module.state_dict().values()])), str(st))
+    proc = subprocess.run([sys.executable, "-m", "worker.engine.inspect", "--format", "safetensors",
+                           "--architecture", _json.dumps(arch), str(st)], capture_output=True, text=True, timeout=120)
+    out = _json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and out["ok"] and out["num_parameters"] == info["num_parameters"]
+    bad = inspect_model(st, "safetensors", {**arch, "hidden": [128]})
+    assert not bad["ok"] and "do not match" in bad["error"]

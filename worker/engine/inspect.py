@@ -9,7 +9,13 @@
 
 CLI (one JSON line on stdout; exit 0 on success, 2 on failure)::
 
-    python -m worker.engine.inspect --format torchscript|onnx PATH
+    python -m worker.engine.inspect --format torchscript|onnx|torch_export|safetensors \
+        [--architecture JSON] PATH
+
+``torch_export`` archives are checked by ``teachers.check_pt2_archive`` (nothing is unpickled
+or evaluated) and report their inputs/outputs from the program's signature; ``safetensors``
+needs ``--architecture`` to be built and checked (strict key/shape match) - without it only
+the tensor count is reported.
 
 Runs on every upload, so it only parses the file: torch is imported only for
 TorchScript, and ONNX models are checked with ``onnx.checker`` without creating
@@ -27,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("torchscript", "onnx", "torch_export", "safetensors")
 
 
 def error_summary(exc: BaseException, limit: int = 400) -> str:
@@ -158,7 +164,68 @@ def _inspect_torchscript(path: Path) -> dict[str, Any]:
     }
 
 
-def inspect_model(path: Path, format: str) -> dict[str, Any]:
+def _inspect_torch_export(path: Path) -> dict[str, Any]:
+    from .teachers import safe_load_exported
+    from .types import EngineError
+
+    try:
+        ep = safe_load_exported(path)
+    except EngineError as exc:
+        return {"ok": False, "error": exc.message}
+
+    def info(spec: Any) -> dict[str, Any]:
+        meta = getattr(getattr(spec, "arg", None), "name", None)
+        node = nodes.get(meta)
+        val = node.meta.get("val") if node is not None else None
+        shape = None if val is None else [int(d) if isinstance(d, int) else None for d in val.shape]
+        dtype = None if val is None else str(val.dtype).replace("torch.", "")
+        return {"name": meta, "shape": shape, "dtype": dtype}
+
+    nodes = {n.name: n for n in ep.graph.nodes}
+    sig = ep.graph_signature
+    user_inputs = [s for s in sig.input_specs if str(s.kind).endswith("USER_INPUT")]
+    user_outputs = [s for s in sig.output_specs if str(s.kind).endswith("USER_OUTPUT")]
+    return {
+        "ok": True,
+        "format": "torch_export",
+        "num_parameters": int(sum(t.numel() for t in ep.state_dict.values())),
+        "inputs": [info(s) for s in user_inputs],
+        "outputs": [info(s) for s in user_outputs],
+    }
+
+
+def _inspect_safetensors(path: Path, architecture: dict | None) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            total = 0
+            for k in keys:
+                total += int(math.prod(f.get_slice(k).get_shape()))
+    except Exception as exc:
+        return {"ok": False, "error": f"not a valid safetensors file: {error_summary(exc)}"}
+    if architecture is None:
+        return {"ok": True, "format": "safetensors", "num_parameters": total, "inputs": [], "outputs": [],
+                "note": "no architecture given: only the tensors were checked"}
+    from .teachers import load_safetensors_module
+    from .types import EngineError
+
+    try:
+        module = load_safetensors_module(path, architecture, what="model")
+    except EngineError as exc:
+        return {"ok": False, "error": exc.message}
+    inputs, outputs = [], []
+    shape = architecture.get("input_shape") or ([architecture["in_features"]] if "in_features" in architecture else None)
+    if shape is not None:
+        inputs.append({"name": "x", "shape": [None, *[int(d) for d in shape]], "dtype": "float32"})
+    if "out_features" in architecture:
+        outputs.append({"name": "output", "shape": [None, int(architecture["out_features"])], "dtype": "float32"})
+    return {"ok": True, "format": "safetensors", "num_parameters": int(sum(p.numel() for p in module.parameters())),
+            "inputs": inputs, "outputs": outputs}
+
+
+def inspect_model(path: Path, format: str, architecture: dict | None = None) -> dict[str, Any]:
     """Check that ``path`` is a loadable model of ``format``; see module docstring."""
     path = Path(path)
     if format not in FORMATS:
@@ -170,7 +237,13 @@ def inspect_model(path: Path, format: str) -> dict[str, Any]:
     if path.stat().st_size == 0:
         return {"ok": False, "error": "the file is empty"}
     try:
-        return _inspect_onnx(path) if format == "onnx" else _inspect_torchscript(path)
+        if format == "onnx":
+            return _inspect_onnx(path)
+        if format == "torch_export":
+            return _inspect_torch_export(path)
+        if format == "safetensors":
+            return _inspect_safetensors(path, architecture)
+        return _inspect_torchscript(path)
     except Exception as exc:  # never let a hostile file crash the caller
         return {"ok": False, "error": f"cannot inspect {format} model: {error_summary(exc)}"}
 
@@ -184,12 +257,22 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m worker.engine.inspect", description="Inspect a model file.")
-    parser.add_argument("--format", required=True, help="torchscript | onnx")
+    parser.add_argument("--format", required=True, help=" | ".join(FORMATS))
+    parser.add_argument("--architecture", default=None, help="JSON architecture (safetensors)")
     parser.add_argument("path", type=Path)
     args = parser.parse_args(argv)
+    architecture = None
+    if args.architecture:
+        try:
+            architecture = json.loads(args.architecture)
+            if not isinstance(architecture, dict):
+                raise ValueError("must be a JSON object")
+        except ValueError as exc:
+            print(json.dumps({"ok": False, "error": f"--architecture: {exc}"}))
+            return 2
     # Anything a library prints must not corrupt the JSON line on stdout.
     with contextlib.redirect_stdout(sys.stderr):
-        result = inspect_model(args.path, args.format)
+        result = inspect_model(args.path, args.format, architecture)
     print(json.dumps(result))
     return 0 if result.get("ok") else 2
 

@@ -65,19 +65,16 @@ class QuantResult:
 # ----------------------------------------------------------------------- helpers
 
 
-def _quiet() -> Any:
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao.*")
-    warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*")
-    warnings.filterwarnings("ignore", message=r".*reduce_range will be deprecated.*")
-    return ctx
-
-
 class _Quiet:
+    """Silences torch.ao's deprecation chatter (FX/eager quantization still work in 2.13)."""
+
     def __enter__(self) -> None:
-        self._ctx = _quiet()
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao.*")
+        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*")
+        warnings.filterwarnings("ignore", message=r".*reduce_range will be deprecated.*")
 
     def __exit__(self, *exc: Any) -> None:
         self._ctx.__exit__(*exc)

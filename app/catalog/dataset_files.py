@@ -29,8 +29,10 @@ class DatasetOptions(BaseModel):
     label_column: str | None = Field(None, max_length=200, description="csv/parquet: the label column.")
     image_size: tuple[int, int] = Field((32, 32), description="image_folder: resize to H×W.")
     grayscale: bool = Field(False, description="image_folder: one channel instead of RGB.")
-    normalize: Literal["dataset", "imagenet", "none"] = Field(
-        "dataset", description="image_folder: per-channel normalisation (dataset mean/std, ImageNet's, or none).")
+    normalize: Literal["none", "dataset", "imagenet"] = Field(
+        "none", description="image_folder: per-channel normalisation applied before the teacher sees the pixels "
+                            "(none: [0, 1] floats; dataset: this set's mean/std; imagenet: ImageNet's mean/std). "
+                            "Use what the teacher was trained with.")
 
     @field_validator("image_size")
     @classmethod

@@ -86,9 +86,12 @@ def check_compatible(spec: JobSpec, teacher: Model, datasets: dict[str, Dataset]
         if teacher.task == "embedding":
             raise Unprocessable("baseline needs labels to train on; embedding teachers have none",
                                 code="incompatible_spec")
-        if spec.dataset_id is None or not datasets[spec.dataset_id].has_labels:
-            raise Unprocessable("baseline trains the student on labels alone: the job's dataset must have labels",
-                                code="incompatible_spec")
+        for i, step in enumerate(spec.steps):
+            ds_id = getattr(step, "dataset_id", None) or spec.dataset_id
+            if ds_id is None or not datasets[ds_id].has_labels:
+                raise Unprocessable(f"baseline trains the student on labels alone, but steps[{i}] reads "
+                                    f"{'synthetic data' if ds_id is None else 'dataset ' + ds_id}, which has none",
+                                    code="incompatible_spec")
 
 
 def list_jobs(session: Session, tenant_id: str, *, limit: int, after: str | None, status: str | None,

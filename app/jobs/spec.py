@@ -239,6 +239,54 @@ class DistillStep(Config):
     coreset: Coreset | None = None
 
 
+class Gate(Config):
+    """Quality gate: the step's output may lose at most ``max_drop`` of ``metric`` against the teacher."""
+
+    metric: Literal["accuracy", "agreement", "f1_macro", "r2", "cosine"] = "accuracy"
+    max_drop: float = Field(0.01, ge=0, le=1, description="Absolute drop allowed, e.g. 0.01 = one point.")
+
+
+class InputReduction(Config):
+    """Fit PCA / univariate selection on the transfer set; fold it into the student as a fixed first layer."""
+
+    method: Literal["pca", "select_k_best"] = "pca"
+    components: int = Field(16, ge=1, le=100_000)
+
+
+class Finetune(Config):
+    """Recover quality after compression by distilling from the job's original teacher."""
+
+    epochs: int = Field(3, ge=1, le=10_000)
+    loss: Loss = Field(default_factory=KDLoss)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-3))
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+
+class PruneStep(Config):
+    """Remove weights (unstructured) or whole neurons/channels (structured), then optionally fine-tune."""
+
+    kind: Literal["prune"] = "prune"
+    method: Literal["magnitude", "random", "layer", "channel"] = "magnitude"
+    amount: float = Field(0.5, gt=0, lt=1, description="Share of weights (or channels) removed.")
+    scope: Literal["global", "layer"] = Field("global", description="magnitude: one threshold, or per layer.")
+    iterations: int = Field(1, ge=1, le=100, description="Prune gradually in k rounds (fine-tuning between).")
+    finetune: Finetune | None = None
+    gate: Gate | None = None
+
+
+class QuantizeStep(Config):
+    """Lower the precision of weights (and activations, for static/QAT)."""
+
+    kind: Literal["quantize"] = "quantize"
+    method: Literal["dynamic_int8", "static_int8", "onnx_int8", "fp16", "bf16", "qat"] = "dynamic_int8"
+    mode: Literal["dynamic", "static"] = Field("dynamic", description="onnx_int8: dynamic or static QDQ.")
+    calibration_rows: int = Field(512, ge=16, le=1_000_000, description="static_int8 / onnx_int8 static.")
+    finetune: Finetune | None = Field(None, description="qat: the KD training run with fake quantization.")
+    gate: Gate | None = None
+
+
+COMPRESSION_STEPS: dict[str, type[Config]] = {"prune": PruneStep, "quantize": QuantizeStep}
 STEP_KINDS: dict[str, type[Config]] = {"distill": DistillStep}
 Step = _union(STEP_KINDS, "kind")
 

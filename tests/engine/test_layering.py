@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parents[2] / "worker" / "engine"
-ALLOWED = {"torch", "numpy", "onnx", "onnxruntime", "safetensors", "pyarrow", "PIL"}
+ALLOWED = {"torch_pruning", "matplotlib", "torch", "numpy", "onnx", "onnxruntime", "safetensors", "pyarrow", "PIL"}
 
 
 def _modules():

@@ -728,6 +728,7 @@ def run(
     primary_id = job.dataset_id if job.dataset_id in v.sources else next(iter(v.sources), None)
     first = v.datasets.get(primary_id) if primary_id else None
     report = build_report(
+        architecture=ctx.architecture,
         teacher=teacher_row,
         steps=step_rows,
         student=final,

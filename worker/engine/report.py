@@ -100,7 +100,10 @@ def build_report(
     student: dict,
     reproducibility: dict,
     data: dict,
+    architecture: dict | None = None,
 ) -> dict[str, Any]:
+    """The report's layout (API.md); ``architecture`` is the delivered student's (incl. what was copied
+    from the teacher under ``init_from_teacher``)."""
     return {
         "teacher": teacher,
         "steps": steps,
@@ -110,6 +113,7 @@ def build_report(
         "speedup": _ratio(teacher["latency_ms"]["batch_32"], student["latency_ms"]["batch_32"]),
         "reproducibility": reproducibility,
         "data": data,
+        "architecture": architecture,
     }
 
 

@@ -220,6 +220,20 @@ Student = Union[_union(STUDENT_FAMILIES, "family"), UploadedStudent, DerivedStud
 
 
 # ---- steps -------------------------------------------------------------------------------------
+class Gate(Config):
+    """Quality gate: the step's output may lose at most ``max_drop`` of ``metric`` against the teacher."""
+
+    metric: Literal["accuracy", "agreement", "f1_macro", "r2", "cosine"] = "accuracy"
+    max_drop: float = Field(0.01, ge=0, le=1, description="Absolute drop allowed, e.g. 0.01 = one point.")
+
+
+class InputReduction(Config):
+    """Fit PCA / univariate selection on the transfer set; fold it into the student as a fixed first layer."""
+
+    method: Literal["pca", "select_k_best"] = "pca"
+    components: int = Field(16, ge=1, le=100_000)
+
+
 class DistillStep(Config):
     """Train the student to imitate the teacher."""
 
@@ -237,20 +251,8 @@ class DistillStep(Config):
                                    description="Transfer data for this step (default: the job's dataset).")
     synthesize: Synthesize | None = None
     coreset: Coreset | None = None
-
-
-class Gate(Config):
-    """Quality gate: the step's output may lose at most ``max_drop`` of ``metric`` against the teacher."""
-
-    metric: Literal["accuracy", "agreement", "f1_macro", "r2", "cosine"] = "accuracy"
-    max_drop: float = Field(0.01, ge=0, le=1, description="Absolute drop allowed, e.g. 0.01 = one point.")
-
-
-class InputReduction(Config):
-    """Fit PCA / univariate selection on the transfer set; fold it into the student as a fixed first layer."""
-
-    method: Literal["pca", "select_k_best"] = "pca"
-    components: int = Field(16, ge=1, le=100_000)
+    input_reduction: InputReduction | None = None
+    gate: Gate | None = None
 
 
 class Finetune(Config):
@@ -286,8 +288,7 @@ class QuantizeStep(Config):
     gate: Gate | None = None
 
 
-COMPRESSION_STEPS: dict[str, type[Config]] = {"prune": PruneStep, "quantize": QuantizeStep}
-STEP_KINDS: dict[str, type[Config]] = {"distill": DistillStep}
+STEP_KINDS: dict[str, type[Config]] = {"distill": DistillStep, "prune": PruneStep, "quantize": QuantizeStep}
 Step = _union(STEP_KINDS, "kind")
 
 EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")
@@ -350,11 +351,22 @@ class JobSpec(Config):
         if len(set(self.exports)) != len(self.exports):
             raise ValueError("exports lists a format twice")
         if any(s.kind == "distill" for s in self.steps) and self.student is None:
-            raise ValueError("a distill step needs a 'student' (e.g. {\"family\": \"mlp\", \"hidden\": [64]})")
+            raise ValueError("a distill step needs a 'student' (e.g. {\"family\": \"mlp\", \"hidden\": [64]}); "
+                             "without one, prune/quantize steps compress the teacher itself")
+        kinds = [s.kind for s in self.steps]
+        if "quantize" in kinds and any(k != "quantize" for k in kinds[kinds.index("quantize"):]):
+            raise ValueError("steps after a quantize step must also be quantize steps: a quantized model cannot "
+                             "be trained or pruned further (use method 'qat' to train with quantization)")
+        if any(k != "distill" for k in kinds) and self.dataset_id is None:
+            raise ValueError("prune and quantize steps fine-tune, calibrate and measure on the job's 'dataset_id'")
+        if kinds.count("quantize") > 1:
+            raise ValueError("quantize at most once per job")
         for i, step in enumerate(self.steps):
             synth = getattr(step, "synthesize", None)
             if synth is not None and self.input_spec is None:
                 raise ValueError(f"steps[{i}].synthesize needs 'input_spec' (the teacher's input shape)")
+            if step.kind != "distill":
+                continue
             if synth is None and self.dataset_id is None and getattr(step, "dataset_id", None) is None:
                 raise ValueError(f"steps[{i}] has no data: give 'dataset_id' (job or step) or 'synthesize'")
             if synth is not None and getattr(step, "coreset", None) is not None:
@@ -399,6 +411,10 @@ def capabilities() -> dict[str, Any]:
         "hint_distances": ["mse", "cosine", "attention"],
         "synthesizers": ["generator"],
         "coreset_methods": ["kmeans", "random"],
+        "input_reductions": ["pca", "select_k_best"],
+        "prune_methods": list(PruneStep.model_fields["method"].annotation.__args__),
+        "quantize_methods": list(QuantizeStep.model_fields["method"].annotation.__args__),
+        "gate_metrics": list(Gate.model_fields["metric"].annotation.__args__),
         "model_formats": list(MODEL_FORMATS),
         "tasks": list(TASKS),
         "dataset_formats": list(DATASET_FORMATS),

@@ -46,6 +46,9 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         return _succeed(job_id, result)
     except engine.Cancelled:
         return _end(job_id, state.CANCELLED, "cancelled", "cancelled by the client")
+    except engine.QualityGateFailed as exc:
+        # Keep what the last step that met its budget produced, and the report that says which step broke it.
+        return _fail_with_artifacts(job_id, exc)
     except engine.EngineError as exc:
         return _end(job_id, state.FAILED, exc.code, exc.message)
     except _MissingInput as exc:
@@ -125,16 +128,48 @@ def _dataset_ids(spec: dict) -> list[str]:
     return list(dict.fromkeys(i for i in ids if i))
 
 
-def _succeed(job_id: str, result: engine.EngineResult) -> str:
+def _store_blobs(job_id: str, artifacts: list[engine.ArtifactFile]) -> list[Artifact]:
+    """Write every artifact's blob (first) and return the rows to insert with the status change."""
     storage = get_storage()
     rows = []
-    for art in result.artifacts:  # blobs first, rows in the same transaction as the status change
+    for art in artifacts:
         art_id = new_id("artifact")
         filename = Path(art.path).name
         blob = storage.put_file(f"artifacts/{job_id}/{art_id}/{filename}", Path(art.path))
         rows.append(Artifact(id=art_id, tenant_id="", job_id=job_id, kind=art.kind, format=art.format,
                              step_index=art.step_index, filename=filename, media_type=art.media_type,
                              size_bytes=blob.size_bytes, sha256=blob.sha256, storage_key=blob.key))
+    return rows
+
+
+def _fail_with_artifacts(job_id: str, exc: engine.EngineError) -> str:
+    """Fail the job with ``exc``'s code but keep the artifacts its ``result`` carries (quality gate)."""
+    result = exc.result
+    rows = _store_blobs(job_id, result.artifacts)
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        try:
+            state.transition(s, job_id, state.FAILED, allowed_from={state.RUNNING, state.CANCELLING},
+                             error_code=exc.code, error_message=exc.message, metrics=_jsonable(result.metrics))
+        except state.InvalidTransition:
+            ended = False  # cancelled or reaped meanwhile: keep nothing
+        else:
+            ended = True
+            for row in rows:
+                row.tenant_id = job.tenant_id
+                s.add(row)
+            append_event(s, job_id, state.FAILED, exc.message, level="error",
+                         data={"code": exc.code, "kept_artifacts": len(rows)})
+    if not ended:
+        for row in rows:
+            get_storage().delete(row.storage_key)
+    return state.FAILED if ended else "skipped"
+
+
+def _succeed(job_id: str, result: engine.EngineResult) -> str:
+    storage = get_storage()
+    rows = _store_blobs(job_id, result.artifacts)  # blobs first, rows in the same transaction as the status change
     with session_scope() as s:
         job = s.get(Job, job_id)
         assert job is not None

@@ -70,10 +70,26 @@ LOSS_TASKS = {"kd": {"classification"}, "soft_ce": {"classification"}, "hard": {
               "mse": {"classification", "regression", "embedding"}, "cosine": {"regression", "embedding"}}
 
 
+GATE_METRICS = {"classification": {"accuracy", "agreement", "f1_macro"}, "regression": {"r2"},
+                "embedding": {"cosine"}}
+TORCH_ONLY_QUANTIZERS = {"dynamic_int8", "static_int8", "fp16", "bf16", "qat"}
+
+
 def check_compatible(spec: JobSpec, teacher: Model, datasets: dict[str, Dataset]) -> None:
     """Step combinations that can be judged from metadata alone, before the job is queued."""
     for i, step in enumerate(spec.steps):
-        loss = getattr(step, "loss", None)
+        finetune = getattr(step, "finetune", None)
+        loss = getattr(step, "loss", None) or (finetune.loss if finetune is not None else None)
+        gate = getattr(step, "gate", None)
+        if gate is not None and gate.metric not in GATE_METRICS[teacher.task]:
+            raise Unprocessable(f"steps[{i}].gate.metric '{gate.metric}' is not measured for a {teacher.task} "
+                                f"teacher; use one of: {', '.join(sorted(GATE_METRICS[teacher.task]))}",
+                                code="incompatible_spec")
+        if spec.student is None and teacher.format == "onnx" and (
+                step.kind == "prune" or (step.kind == "quantize" and step.method in TORCH_ONLY_QUANTIZERS)):
+            raise Unprocessable(f"steps[{i}] ({step.kind} {step.method}) edits a torch model, but the teacher is "
+                                f"ONNX and no student is given: quantize it with 'onnx_int8', or distill into a "
+                                f"student first", code="incompatible_spec")
         if loss is not None and teacher.task not in LOSS_TASKS[loss.type]:
             allowed = sorted(name for name, tasks in LOSS_TASKS.items() if teacher.task in tasks)
             raise Unprocessable(f"steps[{i}].loss '{loss.type}' does not apply to a {teacher.task} teacher; "

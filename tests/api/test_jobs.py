@@ -141,3 +141,24 @@ def test_health_ready_metrics(client, make_key):
     assert client.get("/readyz").json()["status"] == "ready"
     text = client.get("/metrics").text
     assert 'distillery_jobs{status="queued"}' in text and "distillery_http_requests_total" in text
+
+
+def test_compression_specs_are_checked_before_queueing(client, make_key, uploaded):
+    h = make_key("jobs-compress")
+    m, d = uploaded(h)  # an ONNX classification teacher
+    cases = {
+        "cannot be trained or pruned further": {"steps": [{"kind": "quantize"}, {"kind": "prune"}]},
+        "quantize at most once": {"steps": [{"kind": "quantize"}, {"kind": "quantize", "method": "fp16"}]},
+        "onnx_int8": {"steps": [{"kind": "prune", "method": "magnitude", "amount": 0.5}]},
+        "'r2' is not measured": {"steps": [{"kind": "quantize", "method": "onnx_int8",
+                                            "gate": {"metric": "r2", "max_drop": 0.1}}]},
+        "amount": {"steps": [{"kind": "prune", "amount": 1.5}]},
+    }
+    for needle, body in cases.items():
+        r = client.post("/v1/jobs", headers=h, json={"teacher_model_id": m, "dataset_id": d, **body})
+        assert r.status_code == 422, (needle, r.text)
+        assert needle in r.text, (needle, r.json()["detail"])
+    ok = client.post("/v1/jobs", headers=h, json={"teacher_model_id": m, "dataset_id": d, "steps": [
+        {"kind": "quantize", "method": "onnx_int8", "gate": {"metric": "accuracy", "max_drop": 0.01}}]})
+    assert ok.status_code == 202, ok.text
+    assert ok.json()["spec"]["steps"][0]["mode"] == "dynamic"

@@ -7,8 +7,6 @@ the API needs to answer ``num_rows``/``has_labels`` and to validate a job before
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 from typing import Literal
@@ -16,6 +14,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.catalog.inspector import run_inspector
 from app.errors import Unprocessable
 from app.jobs.spec import DATASET_FORMATS
 
@@ -96,7 +95,7 @@ def npz_schema(path: Path, inputs: list[str] | None = None) -> dict:
             raise DatasetFileError(f"input arrays disagree on the number of rows: {inputs[0]!r} has {n}, "
                                    f"{name!r} has {arrays[name]['shape'][0]}")
     val_inputs = [f"{name}_val" for name in inputs]
-    for name, val in zip(inputs, val_inputs):
+    for name, val in zip(inputs, val_inputs, strict=True):
         if val in arrays and arrays[val]["shape"][1:] != arrays[name]["shape"][1:]:
             raise DatasetFileError(f"{val!r} rows have shape {arrays[val]['shape'][1:]} but "
                                    f"{name!r} rows have {arrays[name]['shape'][1:]}")
@@ -126,20 +125,9 @@ def dataset_schema(path: Path, format: str, inputs: list[str] | None, options: D
         opts_note = " (no label_column given: every column is a feature and the teacher labels the rows)"
     else:
         opts_note = ""
-    cmd = [sys.executable, "-m", "worker.engine.inspect_data", "--format", format, "--options", json.dumps(opts)]
-    if inputs:
-        cmd += ["--inputs", ",".join(inputs)]
-    try:
-        proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise DatasetFileError(f"reading the {format} dataset took longer than {timeout:.0f} s") from exc
-    last = (proc.stdout.strip().splitlines() or [""])[-1]
-    try:
-        result = json.loads(last)
-    except json.JSONDecodeError:
-        result = {"ok": False, "error": f"the dataset reader crashed (exit {proc.returncode})"}
-    if not result.get("ok"):
-        raise DatasetFileError(f"the {format} dataset cannot be read: {result.get('error', 'unknown error')}")
+    args = ["--format", format, "--options", json.dumps(opts)] + (["--inputs", ",".join(inputs)] if inputs else [])
+    result = run_inspector("worker.engine.inspect_data", args, path, timeout, error=DatasetFileError,
+                           what=f"the {format} dataset")
     schema = dict(result.get("schema") or {})
     return {**schema, "num_rows": int(result["num_rows"]), "has_labels": bool(result["has_labels"]),
             "options": opts, **({"note": opts_note.strip(" ()")} if opts_note else {})}

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.catalog.inspector import run_inspector
 from app.catalog.pickle_scan import looks_like_module_pickle, non_tensor_globals, unsafe_globals
 from app.errors import Unprocessable
 from app.jobs.spec import MODEL_FORMATS
@@ -174,19 +173,8 @@ def inspect_model_file(path: Path, claimed: str | None, timeout: float, architec
                                  'its arguments, e.g. {"family": "mlp", "in_features": 64, "hidden": [256, 256], '
                                  '"out_features": 10}')
         safetensors_parameters(path)
-    cmd = [sys.executable, "-m", "worker.engine.inspect", "--format", detected]
-    if architecture is not None:
-        cmd += ["--architecture", json.dumps(architecture)]
-    try:
-        proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise ModelFileError(f"inspecting the {detected} file took longer than {timeout:.0f} s") from exc
-    last = (proc.stdout.strip().splitlines() or [""])[-1]
-    try:
-        result = json.loads(last)
-    except json.JSONDecodeError:
-        result = {"ok": False, "error": f"the model inspector crashed (exit {proc.returncode})"}
-    if not result.get("ok"):
-        raise ModelFileError(f"the {detected} file cannot be loaded: {result.get('error', 'unknown error')}")
+    args = ["--format", detected] + (["--architecture", json.dumps(architecture)] if architecture is not None else [])
+    result = run_inspector("worker.engine.inspect", args, path, timeout, error=ModelFileError,
+                           what=f"the {detected} file")
     return Inspection(format=detected, num_parameters=int(result["num_parameters"]),
                       io_schema={"inputs": result.get("inputs", []), "outputs": result.get("outputs", [])})

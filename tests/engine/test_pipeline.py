@@ -19,7 +19,10 @@ from .helpers import RecordingReporter, make_spec
 
 
 def _artifact(result: EngineResult, kind: str, fmt: str):
+    """The final step's artifact of this kind and format (every step exports its output)."""
     matches = [a for a in result.artifacts if a.kind == kind and a.format == fmt]
+    last = max((a.step_index for a in matches), default=None)
+    matches = [a for a in matches if a.step_index == last]
     assert len(matches) == 1, result.artifacts
     return matches[0]
 
@@ -60,6 +63,9 @@ def test_artifacts_are_listed_with_kinds_formats_and_steps(ts_run):
             ("student", "safetensors", 0, "application/octet-stream"),
             ("architecture", "json", 0, "application/json"),
             ("report", "json", None, "application/json"),
+            ("model_card", "markdown", None, "text/markdown"),
+            ("plot", "png", None, "image/png"),
+            ("plot", "png", None, "image/png"),
         ]
     )
     for a in result.artifacts:
@@ -104,8 +110,9 @@ def test_report_layout_and_numbers(ts_run):
     assert set(report) >= {
         "teacher", "steps", "student", "compression_ratio", "parameter_ratio", "speedup", "reproducibility", "data"
     }
-    row_keys = {"num_parameters", "size_bytes", "latency_ms", "accuracy", "agreement", "f1_macro"}
-    assert set(report["teacher"]) == row_keys and set(report["student"]) == row_keys
+    row_keys = {"num_parameters", "nonzero_parameters", "size_bytes", "size_gzip_bytes", "latency_ms", "accuracy",
+                "agreement", "f1_macro"}
+    assert set(report["teacher"]) == row_keys | {"format"} and set(report["student"]) == row_keys
     assert report["teacher"]["num_parameters"] == 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
     assert report["student"]["num_parameters"] == 64 * 32 + 32 + 32 * 10 + 10
     assert report["student"]["size_bytes"] == _artifact(result, "student", "torchscript").path.stat().st_size
@@ -116,7 +123,8 @@ def test_report_layout_and_numbers(ts_run):
     assert report["speedup"] > 0
     (step,) = report["steps"]
     assert step["index"] == 0 and step["kind"] == "distill" and step["method"] == "kd"
-    assert set(step) == row_keys | {"index", "kind", "method", "data"}
+    assert set(step) == row_keys | {"index", "kind", "method", "data", "exports"}
+    assert step["exports"]["torchscript"]["accuracy"] == pytest.approx(step["accuracy"])
     repro = report["reproducibility"]
     assert repro["seed"] == 0 and set(repro["versions"]) == {"torch", "numpy", "onnxruntime", "python"}
     assert len(repro["spec_sha256"]) == 64 and len(repro["data_sha256"]) == 64 and len(repro["teacher_sha256"]) == 64
@@ -205,7 +213,9 @@ def test_explicit_held_out_images_multi_step_and_partial_exports(digits, tmp_pat
     assert [p["fraction"] for p in reporter.progresses][-1] == 1.0 and len(reporter.progresses) == 12
     assert {m["step"] for m in reporter.metrics} == {0, 1}
     assert {(a.kind, a.format, a.step_index) for a in result.artifacts} == {
-        ("student", "safetensors", 1), ("architecture", "json", 1), ("report", "json", None)}
+        ("student", "safetensors", 0), ("architecture", "json", 0),
+        ("student", "safetensors", 1), ("architecture", "json", 1), ("report", "json", None),
+        ("model_card", "markdown", None), ("plot", "png", None)}
     student = load_safetensors_student(_artifact(result, "student", "safetensors").path).eval()
     with torch.no_grad():
         pred = student(torch.from_numpy(images[1500:])).argmax(1).numpy()
@@ -226,7 +236,7 @@ def test_onnx_teacher_with_pinned_batch_and_no_exports(teacher_module, digits, w
     ds = write_npz("small", x=x[:300], y=y[:300])
     result = run(make_spec(exports=[], step__epochs=2), TeacherSource(path, "onnx"), ds, tmp_path / "out",
                  RecordingReporter(), device="cpu", threads=1)
-    assert [a.kind for a in result.artifacts] == ["report"]
+    assert sorted(a.kind for a in result.artifacts) == ["model_card", "plot", "plot", "report"]
     assert result.report["teacher"]["num_parameters"] == 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
     assert result.metrics["teacher"]["accuracy"] >= 0.95
     assert result.report["student"]["size_bytes"] > 0

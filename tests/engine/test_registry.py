@@ -18,7 +18,7 @@ def test_public_registries_hold_builtins():
     assert registries["losses"].names() == ["cosine", "hard", "kd", "mse", "soft_ce"]
     assert "mlp" in registries["students"].names()
     assert registries["optimizers"].names() == ["adam", "adamw", "sgd"]
-    assert registries["steps"].names() == ["distill"]
+    assert registries["steps"].names() == ["distill", "prune", "quantize"]
     assert registries["teacher_formats"].names() == ["onnx", "safetensors", "torch_export", "torchscript"]
     assert registries["dataset_formats"].names() == ["csv", "image_folder", "npz", "parquet", "pt"]
     assert registries["exports"].names() == ["onnx", "safetensors", "torchscript"]
@@ -49,7 +49,8 @@ def test_build_gives_typed_config_with_defaults_and_coercion():
         ("optimizers", {"type": "adamw", "lr": -1}, "lr must be > 0"),
         ("optimizers", {"type": "rmsprop"}, "available: adam, adamw, sgd"),
         ("steps", {"kind": "distill", "epochs": 0}, "epochs must be >= 1"),
-        ("steps", {"kind": "prune"}, "unknown step kind 'prune'"),
+        ("steps", {"kind": "squeeze"}, "unknown step kind 'squeeze'"),
+        ("steps", {"kind": "prune", "amount": 1.0}, "amount must be in (0, 1)"),
         ("steps", "distill", "expected an object, got string"),
     ],
 )

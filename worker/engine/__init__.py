@@ -4,7 +4,7 @@ Public interface (used by the worker)::
 
     from worker.engine import run, inspect_model, registries
     from worker.engine import TeacherSource, DatasetSource, Reporter
-    from worker.engine import ArtifactFile, EngineResult, EngineError, Cancelled
+    from worker.engine import ArtifactFile, EngineResult, EngineError, Cancelled, QualityGateFailed
 
 The value types are stdlib-only and imported eagerly; ``run``, ``registries``
 and ``inspect_model`` are resolved lazily (PEP 562) so that importing the
@@ -28,6 +28,7 @@ from .types import (
     InputInfo,
     ModelSource,
     NullReporter,
+    QualityGateFailed,
     Reporter,
     TeacherInfo,
     TeacherSource,
@@ -51,6 +52,7 @@ __all__ = [
     "EngineResult",
     "EngineError",
     "Cancelled",
+    "QualityGateFailed",
     "registries",
     "inspect_model",
 ]

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gzip
 import io
+import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 # Importing the plugin modules registers them.
+from . import compress as compress_mod
 from . import export as export_mod
 from . import losses as _losses  # noqa: F401
 from . import optim as _optim  # noqa: F401
@@ -39,7 +42,8 @@ from . import steps as _steps  # noqa: F401
 from . import students as _students
 from . import teachers as _teachers
 from .data import Dataset, check_label_range, load_dataset, split_dataset
-from .evaluate import METRIC_KEYS, teacher_metrics
+from . import evaluate as evaluate_mod
+from .evaluate import METRIC_KEYS, task_metrics, teacher_metrics
 from .registry import exports as export_registry
 from .report import build_report, file_sha256, measure_latency, model_row, spec_sha256, versions, write_report
 from .spec import JobSpec, parse_spec
@@ -52,6 +56,7 @@ from .types import (
     EngineResult,
     InputInfo,
     ModelSource,
+    QualityGateFailed,
     TASKS,
     Reporter,
     TeacherInfo,
@@ -198,6 +203,8 @@ def _validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, re
     # per-step static checks
     for i, step in enumerate(job.steps):
         loss = getattr(step, "loss", None)
+        if loss is None and getattr(step, "finetune", None) is not None:
+            loss = step.finetune.loss
         tasks = getattr(loss, "tasks", None) if loss is not None else None
         if tasks is not None and task not in tasks:
             suggestion = {"classification": "kd, soft_ce, hard or mse", "regression": "mse",
@@ -213,6 +220,14 @@ def _validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, re
             if not ok:
                 raise EngineError("invalid_spec", f"steps[{i}].early_stopping.metric: {es.metric!r} does not apply "
                                   f"to a {task} teacher")
+        gate = getattr(step, "gate", None)
+        if gate is not None:
+            fits = {"accuracy": task == "classification", "agreement": task == "classification",
+                    "f1_macro": task == "classification", "r2": task == "regression",
+                    "cosine": task == "embedding"}[gate.metric]
+            if not fits:
+                raise EngineError("invalid_spec", f"steps[{i}].gate.metric: {gate.metric!r} does not apply to a "
+                                  f"{task} teacher")
         if getattr(step, "synthesize", None) is not None and task != "classification":
             raise EngineError("invalid_spec", f"steps[{i}].synthesize: data-free distillation needs a "
                               f"classification teacher (this one is {task!r})")
@@ -290,6 +305,17 @@ def _validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, re
                                   f"(steps[{i}]) has none")
 
     primary = loaded.get(job.dataset_id or "") or (next(iter(loaded.values())) if loaded else None)
+    for i, step in enumerate(job.steps):
+        gate = getattr(step, "gate", None)
+        if gate is not None and gate.metric in ("accuracy", "f1_macro", "r2") and (primary is None or primary.y is None):
+            raise EngineError("invalid_spec", f"steps[{i}].gate.metric: {gate.metric!r} needs labels in the "
+                              "dataset (use 'agreement' for unlabelled data)")
+    if job.student is None and tch.module is None:
+        for i, step in enumerate(job.steps):
+            if not (step.name == "quantize" and step.method == "onnx_int8"):
+                raise EngineError("unsupported", f"steps[{i}] ({step.name} {step.method}) needs a torch model, but the "
+                                  f"job has no student and the teacher is ONNX; only 'quantize' with method "
+                                  "'onnx_int8' works directly on an ONNX teacher (or add a student and a distill step)")
     reporter.event(
         "validate",
         f"datasets and teacher are compatible: task {task}, inputs "
@@ -334,6 +360,7 @@ class _DataPlan:
         self.val_source = ""
         self.eval_dataset: str | None = None
         self.coreset_rows: dict[tuple, np.ndarray] = {}
+        self.step_memo: dict[tuple, StepData] = {}
         job = v.job
         dev = v.device
         held_from: str | None = None
@@ -427,6 +454,12 @@ class _DataPlan:
         return self.caches[key]
 
     def step_data(self, step: Any, index: int, features: Sequence[str]) -> StepData:
+        key = (index, tuple(features))
+        if key not in self.step_memo:
+            self.step_memo[key] = self._step_data(step, index, features)
+        return self.step_memo[key]
+
+    def _step_data(self, step: Any, index: int, features: Sequence[str]) -> StepData:
         v = self.v
         dev = v.device
         augmenting = step.augment is not None and step.augment.active
@@ -545,8 +578,40 @@ def _input_infos(v: _Validated) -> list[InputInfo]:
     return infos
 
 
-def _create_student(v: _Validated, models: Mapping[str, ModelSource] | None) -> tuple[nn.Module, dict[str, Any]]:
+def _teacher_as_student(v: _Validated, example: list[torch.Tensor]) -> tuple[nn.Module, dict[str, Any]]:
+    """No ``student`` in the spec: the steps compress the teacher itself (an editable copy)."""
+    t = v.teacher
+    if t.module is None:  # ONNX: only onnx_int8 steps (checked in _validate) - they quantize the file
+        inverse = {data: sess for sess, data in getattr(t, "mapping", {}).items()}
+        feeds = [inverse.get(name, name) for name in v.inputs]
+        return compress_mod.OrtModule(t.path, feeds), {"family": "onnx", "source": "teacher"}
+    if getattr(t, "architecture", None) and t.format == "safetensors":
+        module = copy.deepcopy(t.module).cpu()
+        architecture = {**dict(t.architecture), "source": "teacher"}
+    else:
+        from . import derive
+        from .editable import to_editable
+
+        try:
+            module = to_editable(t.module, [e.detach().cpu()[:2] for e in example])
+        except EngineError as exc:
+            raise EngineError("unsupported", f"prune/quantize steps without a student work on the teacher itself, "
+                              f"but: {exc.message}") from None
+        try:
+            architecture = {**derive.chain_architecture(module), "source": "teacher"}
+        except EngineError:
+            architecture = {"family": "teacher", "format": t.format}
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(True)
+    return module.train(), architecture
+
+
+def _create_student(v: _Validated, models: Mapping[str, ModelSource] | None,
+                    example: list[torch.Tensor] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     student = v.job.student
+    if student is None:
+        return _teacher_as_student(v, example or [])
     if getattr(student, "kind", None) == "uploaded" or type(student).__name__ == "UploadedStudentRef":
         model_id = student.model_id
         if not models or model_id not in models:
@@ -582,10 +647,117 @@ def _check_student(model: nn.Module, v: _Validated, example: list[torch.Tensor])
 # run
 
 
-def _run_steps(job: JobSpec, ctx: TrainContext, example: list[torch.Tensor], val_x: Mapping[str, np.ndarray]
-               ) -> list[dict[str, Any]]:
-    """Run every step; returns one report row per step (measured right after it)."""
-    rows: list[dict[str, Any]] = []
+def _serialized(model: nn.Module, example: list[torch.Tensor]) -> bytes | None:
+    """The bytes a user would ship: the ONNX file for ONNX Runtime models, else TorchScript."""
+    if isinstance(model, compress_mod.OrtModule):
+        return model.path.read_bytes()
+    try:
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(export_mod.script_student(model, example), buffer)
+        return buffer.getvalue()
+    except Exception:
+        return None
+
+
+def _gzip_size(data: bytes) -> int:
+    return len(gzip.compress(data, compresslevel=6, mtime=0))
+
+
+def _measure(ctx: TrainContext, example: list[torch.Tensor], val_x: Mapping[str, np.ndarray],
+             metrics: Mapping[str, float]) -> dict[str, Any]:
+    """A report row for the current model: counts, serialized (+ gzip) size, CPU latency, metrics."""
+    cpu_model = _cpu_eval_copy(ctx.student)
+    total, nonzero = compress_mod.parameter_counts(cpu_model)
+    data = _serialized(cpu_model, example)
+    size = len(data) if data is not None else _students.state_dict_bytes(cpu_model)
+    row = model_row(total, size, _student_latency(cpu_model, val_x), metrics)
+    row["nonzero_parameters"] = int(nonzero)
+    row["size_gzip_bytes"] = _gzip_size(data) if data is not None else None
+    ctx.student.to(ctx.device) if not getattr(ctx.student, "cpu_only", False) else None
+    return row
+
+
+def _gate_check(step: Any, index: int, row: dict[str, Any], teacher_row: Mapping[str, Any]) -> dict[str, Any] | None:
+    gate = getattr(step, "gate", None)
+    if gate is None:
+        return None
+    metric = gate.metric
+    if metric not in row or metric not in teacher_row:
+        raise EngineError("invalid_spec", f"steps[{index}].gate.metric: {metric!r} was not measured for this job")
+    drop = float(teacher_row[metric]) - float(row[metric])
+    return {"metric": metric, "teacher": float(teacher_row[metric]), "value": float(row[metric]),
+            "drop": drop, "max_drop": float(gate.max_drop), "passed": drop <= gate.max_drop + 1e-12}
+
+
+def _export_metrics(ctx: TrainContext, f: ArtifactFile) -> dict[str, float] | None:
+    """Held-out metrics of a reloaded export (what a user gets from the file)."""
+    if f.format == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torch.jit.load(str(f.path), map_location="cpu")
+    elif f.format == "onnx":
+        model = compress_mod.OrtModule(f.path)
+    else:
+        return None
+
+    def take(a: int, b: int) -> list[torch.Tensor]:
+        return [t.cpu() for t in ctx.val.slice(a, b)]
+
+    outputs = evaluate_mod.predict(model, None, take=take, n=ctx.val.n)  # type: ignore[arg-type]
+    return task_metrics(ctx.task, outputs, ctx.t_val.cpu(), None if ctx.y_val is None else ctx.y_val.cpu())
+
+
+def _export_step(job: JobSpec, ctx: TrainContext, example: list[torch.Tensor], inputs: list[str], out_dir: Path,
+                 index: int) -> tuple[list[ArtifactFile], dict[str, Any], dict[str, str]]:
+    """Write and verify step ``index``'s output in every requested format."""
+    plan = ctx.step_outputs.get(index)
+    extra = dict(plan.export) if plan is not None else {}
+    export_input = export_mod.ExportInput(
+        _cpu_eval_copy(ctx.student), ctx.architecture, example, out_dir, index,
+        input_names=list(inputs), output_name="logits" if ctx.task == "classification" else "output",
+        prefix=f"step{index}_" if len(job.steps) > 1 else "", task=ctx.task, **extra,
+    )
+    artifacts: list[ArtifactFile] = []
+    measured: dict[str, Any] = {}
+    for name in job.exports:
+        try:
+            files = export_registry.get(name)(None).export(export_input)
+        except export_mod.SkipExport as exc:
+            ctx.reporter.event("export", f"step {index}: {name} export skipped: {exc}", level="warning",
+                               data={"step": index, "format": name, "skipped": str(exc)})
+            measured[name] = {"skipped": str(exc)}
+            continue
+        artifacts += files
+        for f in files:
+            size = f.path.stat().st_size
+            if f.kind == "student":
+                m = _export_metrics(ctx, f)
+                if m is not None:
+                    measured[f.format] = {"file": f.path.name, "size_bytes": size, **m}
+            ctx.reporter.event(
+                "export",
+                f"step {index}: exported {f.kind} as {f.format}: {f.path.name} ({size} bytes), verified",
+                data={"step": index, "format": f.format, "kind": f.kind, "file": f.path.name, "size_bytes": size},
+            )
+    if ctx.device.type != "cpu" and not getattr(ctx.student, "cpu_only", False):
+        ctx.student.to(ctx.device)
+    return artifacts, measured, dict(export_input.notes)
+
+
+@dataclass
+class _StepsOutcome:
+    rows: list[dict[str, Any]]
+    artifacts: dict[int, list[ArtifactFile]]
+    failed: dict[str, Any] | None = None
+    message: str = ""
+
+
+def _run_steps(job: JobSpec, ctx: TrainContext, example: list[torch.Tensor], val_x: Mapping[str, np.ndarray],
+               teacher_metrics_row: Mapping[str, Any], inputs: list[str], out_dir: Path) -> _StepsOutcome:
+    """Run every step; one report row per step (measured right after it), its exports, its gate."""
+    outcome = _StepsOutcome([], {})
     for index, step in enumerate(job.steps):
         ctx.reporter.event(
             "step_started",
@@ -594,41 +766,42 @@ def _run_steps(job: JobSpec, ctx: TrainContext, example: list[torch.Tensor], val
         )
         step.run(ctx, index)
         metrics = ctx.evaluate()
-        cpu_student = _cpu_eval_copy(ctx.student)
-        row = model_row(
-            _students.num_parameters(ctx.student),
-            _student_size_bytes(cpu_student, example),
-            _student_latency(cpu_student, val_x),
-            metrics,
-        )
-        ctx.student.to(ctx.device)
+        row = _measure(ctx, example, val_x, metrics)
         info = ctx.step_info.get(index, {})
-        data = {k: val for k, val in info.items() if k in ("dataset", "rows", "coreset", "synthetic", "val_source")}
+        data = {k: val for k, val in info.items()
+                if k in ("dataset", "rows", "coreset", "synthetic", "val_source", "calibration_rows")}
         extra = {k: info[k] for k in ("early_stopping",) if k in info}
-        rows.append({"index": index, "kind": step.name, "method": step.method, **row, "data": data, **extra})
+        plan = ctx.step_outputs.get(index)
+        details = dict(plan.details) if plan is not None else {}
+        full = {"index": index, "kind": step.name, "method": step.method, **row, "data": data, **extra, **details}
+        gate = _gate_check(step, index, full, teacher_metrics_row)
+        if gate is not None:
+            full["gate"] = gate
+        outcome.rows.append(full)
         ctx.reporter.event("step_finished", f"step {index} finished: " + _describe(metrics), data=metrics)
-    return rows
-
-
-def _export(job: JobSpec, ctx: TrainContext, example: list[torch.Tensor], inputs: list[str], out_dir: Path
-            ) -> list[ArtifactFile]:
-    """Write and verify the final student in every requested format."""
-    export_input = export_mod.ExportInput(
-        _cpu_eval_copy(ctx.student), ctx.architecture, example, out_dir, len(job.steps) - 1,
-        input_names=list(inputs), output_name="logits" if ctx.task == "classification" else "output",
-    )
-    artifacts: list[ArtifactFile] = []
-    for name in job.exports:
-        files = export_registry.get(name)(None).export(export_input)
-        artifacts += files
-        for f in files:
-            size = f.path.stat().st_size
-            ctx.reporter.event(
-                "export",
-                f"exported {f.kind} as {f.format}: {f.path.name} ({size} bytes), verified",
-                data={"format": f.format, "kind": f.kind, "file": f.path.name, "size_bytes": size},
-            )
-    return artifacts
+        if gate is not None and not gate["passed"]:
+            what = f"{step.name} {step.method}"
+            outcome.message = (f"step {index} ({what}): {gate['metric']} dropped {gate['drop']:.3f} below the "
+                               f"teacher's (allowed {gate['max_drop']:.3f})")
+            outcome.failed = {"failed_step": index, "metric": gate["metric"], "drop": gate["drop"],
+                              "max_drop": gate["max_drop"]}
+            ctx.reporter.event("quality_gate", outcome.message, level="error", data=outcome.failed)
+            break
+        if gate is not None:
+            ctx.reporter.event("quality_gate", f"step {index}: {gate['metric']} drop {gate['drop']:.4f} within "
+                               f"{gate['max_drop']:.4f}", data={"step": index, **gate})
+        ctx.check_stop("before export")
+        files, measured, notes = _export_step(job, ctx, example, inputs, out_dir, index)
+        outcome.artifacts[index] = files
+        ts_file = next((f.path for f in files if f.kind == "student" and f.format == "torchscript"), None)
+        if ts_file is not None:  # sized as shipped
+            full["size_bytes"] = ts_file.stat().st_size
+            full["size_gzip_bytes"] = _gzip_size(ts_file.read_bytes())
+        if measured:
+            full["exports"] = measured
+        if notes:
+            full.setdefault("quantization", {})["export_notes"] = notes
+    return outcome
 
 
 def run(
@@ -642,14 +815,15 @@ def run(
     threads: int | None = None,
     models: Mapping[str, ModelSource] | None = None,
 ) -> EngineResult:
-    """Distil ``teacher`` into the student ``spec`` describes.
+    """Run the job ``spec`` describes on ``teacher``: distil, prune, quantize (steps in order).
 
     ``datasets`` maps dataset ids (``spec["dataset_id"]``, each step's ``dataset_id``,
     ``spec["eval_dataset_id"]``) to sources; a bare :class:`DatasetSource` is the job's
     dataset; None for data-free jobs. ``models`` maps ``student.model_id`` to a
     :class:`ModelSource`. Writes artifacts into ``out_dir`` and returns them with metrics and
-    the report. Raises :class:`EngineError` (``.code``) for user-fixable problems and
-    :class:`Cancelled` when ``reporter.should_stop()`` turns True.
+    the report. Raises :class:`EngineError` (``.code``) for user-fixable problems,
+    :class:`QualityGateFailed` (``.result`` = the last passing step's artifacts + report) when a
+    step breaks its ``gate``, and :class:`Cancelled` when ``reporter.should_stop()`` turns True.
     """
     out_dir = Path(out_dir)
     v = _validate(spec, teacher, datasets, reporter, device, threads, out_dir)
@@ -674,24 +848,45 @@ def run(
 
     # Seed right before anything random: weight init, dropout, batch order.
     torch.manual_seed(job.seed)
-    student, architecture = _create_student(v, models)
-    student = student.to(dev)
-    _check_student(student, v, example)
+    student, architecture = _create_student(v, models, example_cpu)
+    if not getattr(student, "cpu_only", False):
+        student = student.to(dev)
+    _check_student(student, v, example if not getattr(student, "cpu_only", False) else example_cpu)
     init_state = copy.deepcopy(student.state_dict()) if job.baseline else None
     total_epochs = sum(s.epochs for s in job.steps) * (2 if job.baseline else 1)
     progress = ProgressTracker(reporter, total_epochs)
+
+    def make_student(infos: list[InputInfo]) -> tuple[nn.Module, dict[str, Any]]:
+        info = TeacherInfo(v.teacher.module, getattr(v.teacher, "architecture", None), v.teacher.format, v.task)
+        torch.manual_seed(job.seed)
+        return job.student.create(infos, v.out_dim, info)
+
     ctx = TrainContext(
         student=student, architecture=architecture, device=dev, task=v.task, teacher=v.teacher,
         val=plan.val, t_val=t_val, y_val=plan.y_val, reporter=reporter,
         generator=torch.Generator().manual_seed(job.seed), progress=progress, step_data=plan.step_data,
+        make_student=make_student if hasattr(job.student, "create") else None, seed=job.seed,
+        work_dir=out_dir / "work",
     )
-    step_rows = _run_steps(job, ctx, example_cpu, val_x_np)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher_row = model_row(
+        v.teacher.num_parameters,
+        v.teacher.size_bytes,
+        measure_latency(v.teacher.latency_fn, val_x_np),
+        teacher_row_metrics,
+    )
+    teacher_row.update(_teacher_extras(v, teacher))
+    try:
+        outcome = _run_steps(job, ctx, example_cpu, val_x_np, teacher_row, v.inputs, out_dir)
+    finally:
+        shutil.rmtree(out_dir / "work", ignore_errors=True)
+    step_rows = outcome.rows
 
     baseline_row = None
-    if job.baseline:
+    if job.baseline and outcome.failed is None:
         reporter.event("baseline", "training the same student on labels alone (same steps, epochs, optimizer, seed)")
         torch.manual_seed(job.seed)
-        twin, _ = _create_student(v, models)
+        twin, _ = _create_student(v, models, example_cpu)
         twin = twin.to(dev)
         assert init_state is not None
         twin.load_state_dict(init_state)
@@ -708,27 +903,17 @@ def run(
         baseline_row = model_row(_students.num_parameters(twin), _student_size_bytes(cpu_twin, example_cpu),
                                  _student_latency(cpu_twin, val_x_np), bmetrics)
         reporter.event("baseline", "baseline finished: " + _describe(bmetrics), data=bmetrics)
-    ctx.check_stop("before export")
+    ctx.check_stop("before the report")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    artifacts = _export(job, ctx, example_cpu, v.inputs, out_dir)
-
-    # ---- report: the final student is the last step's row, sized as shipped.
-    final = {k: val for k, val in step_rows[-1].items()
-             if k not in ("index", "kind", "method", "data", "early_stopping")}
-    ts_file = next((a.path for a in artifacts if a.kind == "student" and a.format == "torchscript"), None)
-    if ts_file is not None:
-        final["size_bytes"] = ts_file.stat().st_size
-    teacher_row = model_row(
-        v.teacher.num_parameters,
-        v.teacher.size_bytes,
-        measure_latency(v.teacher.latency_fn, val_x_np),
-        teacher_row_metrics,
-    )
+    # ---- report: the final student is the last passing step's row, sized as shipped.
+    passed_rows = step_rows if outcome.failed is None else step_rows[:-1]
+    final_src = passed_rows[-1] if passed_rows else None
+    final = ({k: val for k, val in final_src.items() if k in _ROW_KEYS} if final_src is not None
+             else {k: val for k, val in teacher_row.items() if k in _ROW_KEYS})
     primary_id = job.dataset_id if job.dataset_id in v.sources else next(iter(v.sources), None)
     first = v.datasets.get(primary_id) if primary_id else None
     report = build_report(
-        architecture=ctx.architecture,
+        architecture=ctx.architecture if outcome.failed is None else None,
         teacher=teacher_row,
         steps=step_rows,
         student=final,
@@ -746,7 +931,7 @@ def run(
         },
         data={
             "task": v.task,
-            "train_rows": step_rows[0]["data"].get("rows"),
+            "train_rows": step_rows[0]["data"].get("rows") if step_rows else None,
             "val_rows": plan.val.n,
             "val_source": plan.val_source,
             "eval_dataset": plan.eval_dataset,
@@ -761,25 +946,67 @@ def run(
                if plan.val_source == "synthetic" else {}),
         },
     )
+    report["recipe"] = list(spec.get("steps") or [])
+    if outcome.failed is not None:
+        report["gate"] = outcome.failed
+        if final_src is None:
+            report["student"] = None
     if baseline_row is not None:
         report["baseline"] = baseline_row
         report["teacher_gain"] = {k: float(final[k]) - float(baseline_row[k]) for k in METRIC_KEYS
                                   if k in final and k in baseline_row}
+    extras: list[ArtifactFile] = []
+    try:
+        from . import card
+
+        extras += card.write_plots(ctx.history, teacher_row, step_rows, out_dir, v.task)
+        extras.append(card.write_model_card(report, spec, teacher, v, out_dir, failed=outcome.message or None))
+    except Exception as exc:  # noqa: BLE001 - the card and plots are extras; never fail a job over them
+        reporter.event("report", f"model card / plots skipped: {_teachers.error_summary(exc)}", level="warning")
     write_artifact = write_report(report, out_dir)
-    artifacts.append(write_artifact)
+    passed_steps = sorted(outcome.artifacts)
+    if outcome.failed is None:
+        artifacts = [a for i in passed_steps for a in outcome.artifacts[i]]
+    else:
+        artifacts = list(outcome.artifacts[passed_steps[-1]]) if passed_steps else []
+    artifacts += extras + [write_artifact]
+    student_metrics = {k: final[k] for k in METRIC_KEYS if k in final} if final_src is not None else {}
+    teacher_out = {k: teacher_row[k] for k in METRIC_KEYS if k in teacher_row and k not in ("agreement",)}
+    metrics: dict[str, Any] = {"teacher": teacher_out, "student": student_metrics}
+    if baseline_row is not None:
+        metrics["baseline"] = {k: baseline_row[k] for k in METRIC_KEYS if k in baseline_row}
+        metrics["teacher_gain"] = report["teacher_gain"]
+    result = EngineResult(artifacts=artifacts, metrics=metrics, report=report)
+    if outcome.failed is not None:
+        reporter.event("report", "report written (quality gate failed): " + outcome.message, level="error",
+                       data=outcome.failed)
+        raise QualityGateFailed(outcome.message, result)
     reporter.event(
         "report",
         f"report written: compression {_times(report['compression_ratio'])}, "
         f"speedup {_times(report['speedup'])}, " + _describe(final),
         data={"compression_ratio": report["compression_ratio"], "speedup": report["speedup"]},
     )
-    student_metrics = {k: final[k] for k in METRIC_KEYS if k in final}
-    teacher_out = {k: teacher_row[k] for k in METRIC_KEYS if k in teacher_row and k not in ("agreement",)}
-    metrics: dict[str, Any] = {"teacher": teacher_out, "student": student_metrics}
-    if baseline_row is not None:
-        metrics["baseline"] = {k: baseline_row[k] for k in METRIC_KEYS if k in baseline_row}
-        metrics["teacher_gain"] = report["teacher_gain"]
-    return EngineResult(artifacts=artifacts, metrics=metrics, report=report)
+    return result
+
+
+_ROW_KEYS = ("num_parameters", "nonzero_parameters", "size_bytes", "size_gzip_bytes", "latency_ms", *METRIC_KEYS)
+
+
+def _teacher_extras(v: _Validated, source: TeacherSource) -> dict[str, Any]:
+    """``nonzero_parameters`` and ``size_gzip_bytes`` of the teacher (gzip only below 256 MB)."""
+    out: dict[str, Any] = {"format": v.teacher.format}
+    try:
+        if v.teacher.module is not None:
+            out["nonzero_parameters"] = int(sum(int(torch.count_nonzero(p.detach()))
+                                                for p in v.teacher.module.parameters())) or None
+        else:
+            out["nonzero_parameters"] = compress_mod.OrtModule(Path(source.path)).counts()[1]
+    except Exception:  # noqa: BLE001
+        out["nonzero_parameters"] = None
+    path = Path(source.path)
+    out["size_gzip_bytes"] = _gzip_size(path.read_bytes()) if path.is_file() and path.stat().st_size < (256 << 20) else None
+    return out
 
 
 def _times(ratio: float | None) -> str:

@@ -20,7 +20,7 @@ DEFAULT_EXPORTS = ("torchscript", "onnx", "safetensors")
 
 @dataclass
 class JobSpec:
-    student: Any  # a students-registry instance, a derived student, or an UploadedStudentRef
+    student: Any  # a students-registry instance, a derived student, an UploadedStudentRef, or None (the teacher)
     steps: list[Any]  # steps-registry instances
     val_fraction: float
     exports: list[str]
@@ -41,14 +41,19 @@ def parse_spec(spec: Mapping[str, Any]) -> JobSpec:
 
     from . import students as _students
 
-    raw_student = spec.get("student") or {"family": "mlp"}
-    parse = getattr(_students, "parse_student", None)
-    student = parse(raw_student, where="student") if parse else registry.students.build(raw_student, where="student")
-
     raw_steps = spec.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps:
         raise _invalid("steps: expected a non-empty array of steps")
     steps = [registry.steps.build(s, where=f"steps[{i}]") for i, s in enumerate(raw_steps)]
+
+    raw_student = spec.get("student")
+    if raw_student is None and all(getattr(s, "name", "") != "distill" for s in steps):
+        student = None  # prune / quantize steps compress the teacher itself
+    else:
+        raw_student = raw_student or {"family": "mlp"}
+        parse = getattr(_students, "parse_student", None)
+        student = (parse(raw_student, where="student") if parse
+                   else registry.students.build(raw_student, where="student"))
 
     val_fraction = spec.get("val_fraction", 0.1)
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not math.isfinite(val_fraction):
@@ -97,8 +102,22 @@ def parse_spec(spec: Mapping[str, Any]) -> JobSpec:
 
     job = JobSpec(student, steps, float(val_fraction), exports, seed, opt_id("dataset_id"), opt_id("eval_dataset_id"),
                   input_spec, baseline)
+    kinds = [getattr(s, "name", "") for s in job.steps]
     for i, step in enumerate(job.steps):
         synth = getattr(step, "synthesize", None)
         if synth is not None and input_spec is None:
             raise _invalid(f"steps[{i}].synthesize needs 'input_spec' (the teacher's input shape)")
+        if "quantize" in kinds[:i] and kinds[i] != "quantize":
+            raise _invalid(f"steps[{i}]: a quantized model cannot be trained or pruned further "
+                           "(put quantize last, or use method 'qat')")
+        if getattr(step, "input_reduction", None) is not None:
+            if i != 0:
+                raise _invalid(f"steps[{i}].input_reduction: only the first step can reduce the inputs "
+                               "(it builds the student for the reduced features)")
+            if getattr(step, "synthesize", None) is not None:
+                raise _invalid(f"steps[{i}].input_reduction cannot be combined with synthesize")
+    if kinds.count("quantize") > 1:
+        raise _invalid("steps: quantize at most once per job")
+    if baseline and any(k != "distill" for k in kinds):
+        raise _invalid("baseline: only for jobs whose steps are all 'distill'")
     return job

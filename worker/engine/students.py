@@ -570,6 +570,33 @@ def _layer_from_dict(d: Mapping[str, Any]) -> nn.Module:
     raise EngineError("unsupported", f"unknown layer type {t!r} in a sequential architecture")
 
 
+# ---- input reduction -----------------------------------------------------------------------------
+
+
+class ReducedInput(nn.Module):
+    """A student behind a fixed (non-trainable) first layer: flatten -> Linear(in, k) -> student.
+
+    The Linear holds a PCA projection (centering folded into its bias) or a 0/1 selection matrix
+    (select_k_best), so the model takes the ORIGINAL features while the student sees k.
+    """
+
+    def __init__(self, in_features: int, components: int, student: nn.Module):
+        super().__init__()
+        self.flatten = FloatFlatten()
+        self.reduce = nn.Linear(in_features, components)
+        self.reduce.requires_grad_(False)
+        self.student = student
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(self.reduce(self.flatten(x)))
+
+
+def build_input_reduction(architecture: Mapping[str, Any]) -> ReducedInput:
+    """``{"family": "input_reduction", "in_features", "components", "student": {...}}``."""
+    return ReducedInput(int(architecture["in_features"]), int(architecture["components"]),
+                        from_architecture(architecture["student"]))
+
+
 # ---- rebuild -------------------------------------------------------------------------------------
 
 _BUILDERS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
@@ -579,6 +606,7 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
     "embedding_bag": build_embedding_bag,
     "text_transformer": build_text_transformer,
     "sequential": build_sequential,
+    "input_reduction": build_input_reduction,
 }
 
 

@@ -231,9 +231,23 @@ class TrainContext:
     step_info: dict[int, dict[str, Any]] = field(default_factory=dict)
     baseline: bool = False  # train on labels only (CE / MSE), no teacher
     metric_prefix: str = "val_"
+    #: builds a fresh student of the job's family for other inputs (``input_reduction``): list[InputInfo] -> (model, arch)
+    make_student: Callable[[Any], tuple[nn.Module, dict[str, Any]]] | None = None
+    seed: int = 0
+    #: filled by compression steps: what the step did (``prune`` stats, ``quantization`` notes, ...)
+    #: and how to export its output (see :mod:`.compress`)
+    step_outputs: dict[int, Any] = field(default_factory=dict)
+    #: scratch files of compression steps (ONNX before/after quantization); removed after the steps
+    work_dir: Path = Path("work")
 
     def predict(self) -> torch.Tensor:
-        return predict(self.student, None, take=self.val.slice, n=self.val.n)  # type: ignore[arg-type]
+        model = self.student
+        if getattr(model, "cpu_only", False):  # quantized torch / ONNX Runtime models run on CPU
+            def take(a: int, b: int) -> list[torch.Tensor]:
+                return [t.cpu() for t in self.val.slice(a, b)]
+
+            return predict(model, None, take=take, n=self.val.n).to(self.t_val.device)  # type: ignore[arg-type]
+        return predict(model, None, take=self.val.slice, n=self.val.n)  # type: ignore[arg-type]
 
     def evaluate(self, outputs: torch.Tensor | None = None) -> dict[str, float]:
         """Held-out task metrics of the current student."""
@@ -365,8 +379,14 @@ def resolve_stop_metric(metric: str, task: str, has_labels: bool) -> str:
     return metric
 
 
-def fit(ctx: TrainContext, step: Any, step_index: int) -> None:
-    """Train ``ctx.student`` for one step (see module docstring). Records history and step info."""
+def fit(ctx: TrainContext, step: Any, step_index: int, *, after_step: Callable[[nn.Module], None] | None = None,
+        epoch_offset: int = 0, total_epochs: int | None = None) -> None:
+    """Train ``ctx.student`` for one step (see module docstring). Records history and step info.
+
+    ``after_step(model)`` runs after every optimizer step (e.g. :func:`.prune.reapply_masks` keeping
+    pruned weights at zero); ``epoch_offset`` numbers the epochs of repeated fine-tunes in one step and
+    ``total_epochs`` is that step's epoch count for progress.
+    """
     baseline = ctx.baseline
     hints = [] if baseline else list(step.hints)
     augment = step.augment if (step.augment is not None and step.augment.active) else None
@@ -453,6 +473,8 @@ def fit(ctx: TrainContext, step: Any, step_index: int) -> None:
                 if step.config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, step.config.grad_clip)
                 optimizer.step()
+                if after_step is not None:
+                    after_step(model)
                 lrs.append(sched.lr)
                 sched.step()
                 loss_sum += loss.detach() * idx.shape[0]
@@ -470,12 +492,14 @@ def fit(ctx: TrainContext, step: Any, step_index: int) -> None:
                 with torch.no_grad():
                     val_loss = float(loss_fn(outputs, ctx.t_val, ctx.y_val))
             rep = ctx.reporter
-            rep.metric(step=step_index, epoch=epoch, name=f"{'baseline_' if baseline else ''}train_loss", value=train_loss)
+            epoch_no = epoch + epoch_offset
+            rep.metric(step=step_index, epoch=epoch_no, name=f"{'baseline_' if baseline else ''}train_loss", value=train_loss)
             for k, v in metrics.items():
-                rep.metric(step=step_index, epoch=epoch, name=f"{prefix}{k}", value=v)
-            ctx.history.append({"step": step_index, "epoch": epoch, "train_loss": train_loss, "lr": lrs[-1],
+                rep.metric(step=step_index, epoch=epoch_no, name=f"{prefix}{k}", value=v)
+            ctx.history.append({"step": step_index, "epoch": epoch_no, "train_loss": train_loss, "lr": lrs[-1],
                                 "baseline": baseline, **metrics})
-            ctx.progress.epoch_done(step_index=step_index, step_kind=kind, epoch=epoch, epochs=epochs,
+            ctx.progress.epoch_done(step_index=step_index, step_kind=kind, epoch=epoch_no,
+                                    epochs=total_epochs or epochs,
                                     seconds=time.perf_counter() - started)
             if es is not None and stop_metric is not None:
                 value = _metric_value(stop_metric, metrics, val_loss)

@@ -20,6 +20,7 @@ ERROR_CODES = (
     "unsupported",  # well-formed but not implemented (format, task, device)
     "export_failed",  # an export could not be produced or failed verification
     "cancelled",  # the reporter asked the job to stop
+    "quality_gate",  # a step's output lost more quality than its ``gate`` allows
 )
 
 TASKS = ("classification", "regression", "embedding")
@@ -146,8 +147,8 @@ class NullReporter:
 class ArtifactFile:
     """One file the job produced in ``out_dir``.
 
-    ``kind``: "student" | "report" | "architecture";
-    ``format``: "torchscript" | "onnx" | "safetensors" | "json";
+    ``kind``: "student" | "report" | "architecture" | "model_card" | "plot";
+    ``format``: "torchscript" | "onnx" | "safetensors" | "json" | "markdown" | "png";
     ``step_index``: the step that produced it (None for the report).
     """
 
@@ -181,3 +182,17 @@ class Cancelled(EngineError):
 
     def __init__(self, message: str = "job cancelled by request"):
         super().__init__("cancelled", message)
+
+
+class QualityGateFailed(EngineError):
+    """A step broke its ``gate`` (code ``quality_gate``).
+
+    ``result`` is an :class:`EngineResult` holding the exports of the last step that passed (none
+    when the first step failed), the report (``report["gate"] = {"failed_step", "metric", "drop",
+    "max_drop"}``, with the rows of every step run including the failing one), the model card and the
+    plots. The worker stores ``result.artifacts`` and fails the job with this code.
+    """
+
+    def __init__(self, message: str, result: EngineResult | None = None):
+        super().__init__("quality_gate", message)
+        self.result = result if result is not None else EngineResult(artifacts=[], metrics={}, report={})

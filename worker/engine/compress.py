@@ -253,6 +253,8 @@ def run_quantize(ctx: Any, step: Any, index: int) -> None:
         raise EngineError("invalid_spec", f"steps[{index}]: the model is already quantized")
     float_model = copy.deepcopy(model).to(cpu).eval()
     single_float = len(example) == 1 and example[0].is_floating_point()
+    if single_float:
+        _plain_flatten(float_model)
 
     if method == "onnx_int8":
         from .export import export_onnx_file
@@ -329,6 +331,17 @@ def run_quantize(ctx: Any, step: Any, index: int) -> None:
     out.details["quantization"] = info
 
 
+def _plain_flatten(model: nn.Module) -> None:
+    """Swap the students' ``FloatFlatten`` (an integer-input cast: control flow FX cannot trace) for
+    ``nn.Flatten``, in place; the model's input is float here."""
+    from .students import FloatFlatten
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FloatFlatten):
+                setattr(parent, name, nn.Flatten(child.start_dim, child.end_dim))
+
+
 _CPU_NOTES = {
     "dynamic_int8": "int8 GEMMs on CPU (fbgemm/x86); on GPU run the float model instead",
     "static_int8": "CPU only (x86/fbgemm engine): set torch.backends.quantized.engine = 'x86' before loading",
@@ -393,13 +406,14 @@ def _qat(ctx: Any, step: Any, index: int, float_model: nn.Module, example: list[
         finally:
             ctx.student = saved
         prepared.cpu()
+        # convert_fx rewrites the prepared model: keep its trained float weights now
+        holder["state"] = {k: v.detach().clone() for k, v in prepared.state_dict().items()}
 
     res = Q.quantize(float_model, {"method": "qat", "epochs": ft.config.epochs}, example_inputs=example,
                      train_fn=train_fn)
-    prepared = holder["prepared"]
     trained = copy.deepcopy(float_model)
     own = trained.state_dict()
-    got = {k: v for k, v in prepared.state_dict().items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    got = {k: v for k, v in holder["state"].items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     float_copy: nn.Module | None = None
     if set(got) == set(own):
         trained.load_state_dict(got)

@@ -27,7 +27,7 @@ test: install-dev
 	$(PY) -m pytest -q
 
 bench: install-dev
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf var .pytest_cache

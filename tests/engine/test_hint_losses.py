@@ -65,12 +65,12 @@ def test_linear_adapter_golden():
         hint.adapter.weight.copy_(_t(w))
         hint.adapter.bias.copy_(_t(b))
     s = SV[:, :3]
-    assert float(hint(_t(s), _t(TV))) == pytest.approx(((s @ w.T + b - TV) ** 2).mean(), rel=1e-12)
+    assert hint(_t(s), _t(TV)).item() == pytest.approx(((s @ w.T + b - TV) ** 2).mean(), rel=1e-12)
     hint = HintLoss("cosine", (6,), (3,)).double()
     with torch.no_grad():
         hint.adapter.weight.copy_(_t(w))
         hint.adapter.bias.copy_(_t(b))
-    assert float(hint(_t(s), _t(TV))) == pytest.approx(np_cos_dist(s @ w.T + b, TV), rel=1e-12)
+    assert hint(_t(s), _t(TV)).item() == pytest.approx(np_cos_dist(s @ w.T + b, TV), rel=1e-12)
 
 
 def test_conv_adapter_and_pooling_golden():

@@ -36,7 +36,8 @@ def test_pipeline_with_passing_gates_reports_every_step(http, teacher_files, dig
     model_id, dataset_id = upload_inputs(http, teacher_files["torchscript"], digits)
     job = http.post("/v1/jobs", json={
         "teacher_model_id": model_id, "dataset_id": dataset_id, "student": {"family": "mlp", "hidden": [64]},
-        "steps": [{"kind": "distill", "epochs": 25, "gate": {"metric": "accuracy", "max_drop": 0.05}},
+        "steps": [{"kind": "distill", "epochs": 30, "optimizer": {"type": "adamw", "lr": 0.01},
+                   "gate": {"metric": "accuracy", "max_drop": 0.05}},
                   {"kind": "prune", "method": "magnitude", "amount": 0.5, "finetune": {"epochs": 2},
                    "gate": {"metric": "accuracy", "max_drop": 0.05}},
                   {"kind": "quantize", "method": "dynamic_int8", "gate": {"metric": "accuracy", "max_drop": 0.05}}],

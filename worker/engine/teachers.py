@@ -870,7 +870,7 @@ def probe_teacher(teacher: Teacher, x: Mapping[str, np.ndarray]) -> int:
     teacher.bind(names)
     row_shapes = {k: tuple(v.shape[1:]) for k, v in x.items()}
     teacher.precheck(row_shapes)
-    probe = {k: torch.from_numpy(np.ascontiguousarray(_as_model_input(v[: min(2, v.shape[0])]))) for k, v in x.items()}
+    probe = {k: torch.from_numpy(np.array(_as_model_input(v[: min(2, v.shape[0])]), copy=True)) for k, v in x.items()}
     try:
         out = teacher(probe)
     except EngineError:

@@ -85,7 +85,7 @@ def test_conv_adapter_and_pooling_golden():
         hint.adapter.bias.copy_(_t(b))
     adapted = np.einsum("oc,bchw->bohw", w, s) + b[None, :, None, None]
     want = ((np_pool2(adapted) - t) ** 2).mean()
-    assert float(hint(_t(s), _t(t))) == pytest.approx(want, rel=1e-12)
+    assert hint(_t(s), _t(t)).item() == pytest.approx(want, rel=1e-12)
 
 
 def test_attention_transfer_golden():

@@ -65,12 +65,12 @@ def test_linear_adapter_golden():
         hint.adapter.weight.copy_(_t(w))
         hint.adapter.bias.copy_(_t(b))
     s = SV[:, :3]
-    assert hint(_t(s), _t(TV)).item() == pytest.approx(((s @ w.T + b - TV) ** 2).mean(), rel=1e-12)
+    assert hint(_t(s), _t(TV)).detach().item() == pytest.approx(((s @ w.T + b - TV) ** 2).mean(), rel=1e-12)
     hint = HintLoss("cosine", (6,), (3,)).double()
     with torch.no_grad():
         hint.adapter.weight.copy_(_t(w))
         hint.adapter.bias.copy_(_t(b))
-    assert hint(_t(s), _t(TV)).item() == pytest.approx(np_cos_dist(s @ w.T + b, TV), rel=1e-12)
+    assert hint(_t(s), _t(TV)).detach().item() == pytest.approx(np_cos_dist(s @ w.T + b, TV), rel=1e-12)
 
 
 def test_conv_adapter_and_pooling_golden():
@@ -85,7 +85,7 @@ def test_conv_adapter_and_pooling_golden():
         hint.adapter.bias.copy_(_t(b))
     adapted = np.einsum("oc,bchw->bohw", w, s) + b[None, :, None, None]
     want = ((np_pool2(adapted) - t) ** 2).mean()
-    assert hint(_t(s), _t(t)).item() == pytest.approx(want, rel=1e-12)
+    assert hint(_t(s), _t(t)).detach().item() == pytest.approx(want, rel=1e-12)
 
 
 def test_attention_transfer_golden():
@@ -93,7 +93,7 @@ def test_attention_transfer_golden():
     assert list(hint.parameters()) == []  # no adapter: channel counts may differ freely
     t5 = RNG.normal(size=(2, 5, 4, 4))
     want = ((np_at(SM) - np_at(t5)) ** 2).mean()
-    assert float(hint(_t(SM), _t(t5))) == pytest.approx(want, rel=1e-12)
+    assert hint(_t(SM), _t(t5)).detach().item() == pytest.approx(want, rel=1e-12)
     # different spatial sizes: the maps are pooled to the smaller 2x2 before normalising
     t_small = RNG.normal(size=(2, 5, 2, 2))
     a_s = np_pool2((SM**2).sum(axis=1)[:, None])[:, 0].reshape(2, -1)
@@ -136,13 +136,13 @@ def test_adapter_learns(distance, t_shape, s_shape):
         t = torch.einsum("bchw,co->bohw", s, torch.randn(s_shape[0], t_shape[0]))
     hint = HintLoss(distance, t_shape, s_shape)
     opt = torch.optim.Adam(hint.parameters(), lr=0.05)
-    first = float(hint(s, t))
+    first = hint(s, t).detach().item()
     for _ in range(200):
         loss = hint(s, t)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(hint(s, t)) < 0.05 * first
+    assert hint(s, t).detach().item() < 0.05 * first
 
 
 def test_gradient_reaches_the_student_not_the_teacher():

@@ -135,7 +135,9 @@ def test_report_layout_and_numbers(ts_run):
 def test_progress_metrics_and_events(ts_run):
     _, reporter, _ = ts_run
     fractions = [p["fraction"] for p in reporter.progresses]
-    assert len(fractions) == 25 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    # one update when the step starts, then one per epoch
+    assert len(fractions) == 26 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert reporter.progresses[0]["epoch"] == 0 and fractions[0] == 0.0
     last = reporter.progresses[-1]
     assert last["step_index"] == 0 and last["step_kind"] == "distill" and last["epoch"] == last["epochs"] == 25
     assert all(p["eta_seconds"] is None or p["eta_seconds"] >= 0 for p in reporter.progresses)
@@ -210,7 +212,8 @@ def test_explicit_held_out_images_multi_step_and_partial_exports(digits, tmp_pat
     result = run(spec, TeacherSource(path, "torchscript"), ds, tmp_path / "out", reporter, device="cpu", threads=1)
     assert result.report["data"] == {**result.report["data"], "train_rows": 1500, "val_rows": 297, "val_source": "x_val"}
     assert [s["index"] for s in result.report["steps"]] == [0, 1]
-    assert [p["fraction"] for p in reporter.progresses][-1] == 1.0 and len(reporter.progresses) == 12
+    assert [p["fraction"] for p in reporter.progresses][-1] == 1.0 and len(reporter.progresses) == 2 + 12
+    assert [(p["step_index"], p["epoch"]) for p in reporter.progresses if p["epoch"] == 0] == [(0, 0), (1, 0)]
     assert {m["step"] for m in reporter.metrics} == {0, 1}
     assert {(a.kind, a.format, a.step_index) for a in result.artifacts} == {
         ("student", "safetensors", 0), ("architecture", "json", 0),

@@ -764,6 +764,7 @@ def _run_steps(job: JobSpec, ctx: TrainContext, example: list[torch.Tensor], val
             f"step {index}: {step.name} ({step.method}), {step.epochs} epochs",
             data={"index": index, "kind": step.name, "method": step.method, "epochs": step.epochs},
         )
+        ctx.progress.step_started(step_index=index, step_kind=step.name, epochs=step.epochs)
         step.run(ctx, index)
         metrics = ctx.evaluate()
         row = _measure(ctx, example, val_x, metrics)

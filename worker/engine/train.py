@@ -189,6 +189,17 @@ class ProgressTracker:
     def skip(self, epochs: int) -> None:
         self.done_epochs += epochs
 
+    def step_started(self, *, step_index: int, step_kind: str, epochs: int) -> None:
+        """Announce a new step (also those without epochs, e.g. post-training quantization)."""
+        remaining = self.total_epochs - self.done_epochs
+        mean = sum(self.epoch_seconds) / len(self.epoch_seconds) if self.epoch_seconds else None
+        self.reporter.progress({
+            "step_index": step_index, "step_kind": step_kind, "epoch": 0, "epochs": epochs,
+            # Work remains even when no epochs do (quantization, exports): 1.0 is reserved for the end.
+            "fraction": min(self.done_epochs / self.total_epochs, 0.99),
+            "eta_seconds": float(mean * remaining) if mean is not None and remaining > 0 else None,
+        })
+
     def epoch_done(self, *, step_index: int, step_kind: str, epoch: int, epochs: int, seconds: float) -> None:
         self.done_epochs += 1
         self.epoch_seconds.append(seconds)

@@ -291,7 +291,7 @@ class TorchScriptTeacher(TorchTeacher):
     def _eager_copy(self) -> nn.Module:
         if self._eager is None:
             try:
-                from . import derive  # components helper: plain Linear/Conv/norm/activation chains
+                from . import derive  # rebuilds plain Linear/Conv/norm/activation chains as eager modules
             except ImportError:
                 derive = None  # type: ignore[assignment]
             rebuilt = None

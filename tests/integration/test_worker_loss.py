@@ -1,0 +1,63 @@
+"""A worker killed mid-job: the lease expires, the reaper requeues the job, another worker finishes it —
+resuming from the last training checkpoint instead of starting over."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import uuid
+
+import pytest
+
+from tests.support.fixtures import start_process, stop_process, wait_for_log
+from tests.support.jobs import job_body
+
+pytestmark = pytest.mark.integration
+
+
+def _job(job_id: str) -> dict:
+    from app.db.models import Job
+    from app.db.session import session_scope
+
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        return {"status": job.status, "attempts": job.attempts, "progress": job.progress or {},
+                "error": job.error_message}
+
+
+def test_job_survives_a_killed_worker(client, make_key, uploaded, monkeypatch, tmp_path):
+    from app.settings import get_settings
+
+    queue = f"loss-{uuid.uuid4().hex[:6]}"
+    env = {"DISTILLERY_WORKER_QUEUES": queue, "DISTILLERY_LEASE_SECONDS": "5"}
+    monkeypatch.setattr(get_settings(), "job_queue", queue)
+    h = make_key("worker-loss")
+    m, d = uploaded(h, fmt="torchscript")
+    first = start_process([sys.executable, "-m", "app.cli", "worker"], tmp_path / "a.log", env=env)
+    wait_for_log(first, tmp_path / "a.log", "ready.", timeout=60)
+    job_id = client.post("/v1/jobs", headers=h, json=job_body(
+        m, d, steps=[{"kind": "distill", "epochs": 40, "batch_size": 16}], exports=["torchscript"])).json()["id"]
+    deadline = time.monotonic() + 60
+    while _job(job_id)["progress"].get("epoch", 0) < 3:
+        assert time.monotonic() < deadline, _job(job_id)
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # no goodbye: no ack, no status change, the lease simply runs out
+    first.wait()
+    assert _job(job_id)["status"] == "running"
+
+    second = start_process([sys.executable, "-m", "app.cli", "worker"], tmp_path / "b.log", env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while _job(job_id)["status"] not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, _job(job_id)
+            time.sleep(0.5)
+    finally:
+        stop_process(second)
+    final = _job(job_id)
+    assert final["status"] == "succeeded", final
+    assert final["attempts"] == 2
+    events = [e["type"] for e in client.get(f"/v1/jobs/{job_id}/events", headers=h).json()["data"]]
+    assert events.count("started") == 2 and "requeued" in events
+    assert "resumed" in events  # the second attempt continued from the checkpoint, not from epoch 1

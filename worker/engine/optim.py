@@ -123,6 +123,14 @@ class Scheduler:
         self.count += 1
         self._apply()
 
+    def state_dict(self) -> dict[str, int]:
+        return {"count": self.count, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at batch ``count`` (the schedule is a pure function of it; ``base`` comes from the config)."""
+        self.count = int(state["count"])
+        self._apply()
+
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

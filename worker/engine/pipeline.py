@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import gzip
 import io
+import json
 import shutil
 import time
 import warnings
@@ -41,11 +42,13 @@ from . import optim as _optim  # noqa: F401
 from . import steps as _steps  # noqa: F401
 from . import students as _students
 from . import teachers as _teachers
+from . import checkpoint as ckpt_mod
 from .data import Dataset, check_label_range, load_dataset, split_dataset
 from . import evaluate as evaluate_mod
 from .evaluate import METRIC_KEYS, task_metrics, teacher_metrics
 from .registry import exports as export_registry
-from .report import build_report, file_sha256, measure_latency, model_row, spec_sha256, versions, write_report
+from .report import (build_report, canonical_json, file_sha256, measure_latency, model_row, spec_sha256, versions,
+                     write_report)
 from .spec import JobSpec, parse_spec
 from .teachers import Teacher, load_teacher, probe_teacher
 from .train import ProgressTracker, StepData, Table, TeacherCache, TrainContext, fit
@@ -746,6 +749,156 @@ def _export_step(job: JobSpec, ctx: TrainContext, example: list[torch.Tensor], i
     return artifacts, measured, dict(export_input.notes)
 
 
+# ---------------------------------------------------------------------------------------------
+# checkpoints (see checkpoint.py)
+
+
+class _Students:
+    """Snapshots of the student at step starts, and rebuilding one from a checkpoint.
+
+    A student can be rebuilt when its architecture is the job's initial one with the initial
+    state_dict layout (it is then loaded into the freshly created initial student), or when
+    :func:`.students.from_architecture` builds a module with exactly its state_dict layout.
+    """
+
+    def __init__(self, initial: nn.Module, architecture: Mapping[str, Any], device: torch.device):
+        self.initial = initial
+        self.initial_arch = self._key(architecture)
+        self.initial_sig = self._sig(initial)
+        self.device = device
+        self.built: dict[str, dict | None] = {}
+
+    @staticmethod
+    def _key(architecture: Any) -> str:
+        return json.dumps(architecture, sort_keys=True, default=ckpt_mod._json_default)
+
+    @staticmethod
+    def _sig(model: nn.Module) -> dict[str, Any] | None:
+        if getattr(model, "cpu_only", False) or isinstance(model, compress_mod.OrtModule):
+            return None
+        try:
+            return {k: (tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()}
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _built_sig(self, architecture: Any) -> dict | None:
+        key = self._key(architecture)
+        if key not in self.built:
+            try:
+                with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.built[key] = self._sig(_students.from_architecture(architecture))
+            except Exception:  # noqa: BLE001 - not rebuildable
+                self.built[key] = None
+        return self.built[key]
+
+    def _target_sig(self, architecture: Any) -> dict | None:
+        if self._key(architecture) == self.initial_arch:
+            return self.initial_sig
+        return self._built_sig(architecture)
+
+    def snapshot(self, ctx: TrainContext, *, last: bool) -> dict[str, Any] | None:
+        """The start of the next step (``last``: no step follows, the student is not needed), or None."""
+        architecture = json.loads(self._key(ctx.architecture))
+        if last:
+            return {"architecture": architecture, "student": None, "rng": None}
+        sig = self._sig(ctx.student)
+        if sig is None or sig != self._target_sig(ctx.architecture):
+            return None
+        return {
+            "architecture": architecture,
+            "student": {
+                "state": ckpt_mod.cpu_state(ctx.student),
+                "frozen": [n for n, p in ctx.student.named_parameters() if not p.requires_grad],
+                "training": bool(ctx.student.training),
+            },
+            "rng": ckpt_mod.rng_state(ctx.generator),
+        }
+
+    def rebuild(self, architecture: Any, saved: Mapping[str, Any]) -> nn.Module:
+        """The module ``saved`` describes (raises ValueError when it cannot be rebuilt)."""
+        state = saved["state"]
+        sig = {k: (tuple(v.shape), str(v.dtype)) for k, v in state.items()}
+        if sig != self._target_sig(architecture):
+            raise ValueError("the saved student does not fit its architecture")
+        if self._key(architecture) == self.initial_arch:
+            model = self.initial
+        else:
+            model = _students.from_architecture(architecture)
+        model.load_state_dict(state)
+        frozen = set(saved["frozen"])
+        for n, p in model.named_parameters():
+            if p.is_floating_point():
+                p.requires_grad_(n not in frozen)
+        model.train(bool(saved["training"]))
+        return model.to(self.device)
+
+
+@dataclass
+class _Resume:
+    step: int
+    epoch: int
+    created_at: str
+    rows: list[dict[str, Any]]
+    artifacts: dict[int, list[ArtifactFile]]
+    start: dict[str, Any] | None
+
+
+def _checkpoint_identity(spec: Mapping[str, Any], v: _Validated, teacher: TeacherSource,
+                         models: Mapping[str, ModelSource] | None) -> dict[str, Any]:
+    return {
+        "format": ckpt_mod.FORMAT_VERSION,
+        "engine_sha256": ckpt_mod.engine_code_sha256(),
+        "torch": torch.__version__,
+        "spec_sha256": spec_sha256(spec),
+        "data_sha256": {k: s.sha256 or file_sha256(Path(s.path)) for k, s in sorted(v.sources.items())
+                        if k in v.datasets},
+        "teacher_sha256": teacher.sha256 or file_sha256(Path(teacher.path)),
+        "models_sha256": {k: m.sha256 or file_sha256(Path(m.path)) for k, m in sorted((models or {}).items())},
+    }
+
+
+def _resume(ckpts: ckpt_mod.JobCheckpoints, students: _Students, job: JobSpec, ctx: TrainContext,
+            out_dir: Path) -> _Resume | None:
+    """Restore the job state from ``checkpoint.pt`` when it matches; None (after a warning) when it does not."""
+    loaded = ckpts.read()
+    if loaded is None:
+        return None
+    meta, state = loaded["meta"], loaded["state"]
+    try:
+        n = len(job.steps)
+        step, epoch = int(meta["step"]), int(meta["epoch"])
+        if not 0 <= step <= n or int(meta["steps_total"]) != n or len(meta["rows"]) != step:
+            raise ValueError(f"step {step} of {n} with {len(meta['rows'])} finished rows")
+        architecture = meta["architecture"]
+        start = None
+        student = None
+        if step < n:
+            if state["student"] is None or state["rng"] is None:
+                raise ValueError("no student saved")
+            student = students.rebuild(architecture, state["student"])
+            start = {"architecture": architecture, "student": state["student"], "rng": state["rng"]}
+        ckpts.artifacts = list(meta["artifacts"])
+        artifacts = ckpts.restore_artifacts(out_dir)
+        if sorted(artifacts) != list(range(step)):
+            raise ValueError("saved exports do not match the finished steps")
+    except Exception as exc:  # noqa: BLE001 - an unusable checkpoint is ignored, never an error
+        ckpts.artifacts = []
+        ckpts._warn(f"ignoring a checkpoint that cannot be restored ({type(exc).__name__}: {str(exc)[:200]}); "
+                    "starting over")
+        return None
+    if student is not None:
+        ctx.student = student
+    ctx.architecture = architecture
+    ctx.history = list(meta["history"])
+    ctx.step_info = {int(k): dict(val) for k, val in meta["step_info"]}
+    ctx.progress.done_epochs = int(meta["progress"]["done_epochs"])
+    ctx.progress.epoch_seconds = [float(x) for x in meta["progress"]["epoch_seconds"]]
+    if state.get("fit") is not None and step < n:
+        ckpts.pending_fit = (step, state["fit"])
+    return _Resume(step, epoch, str(meta.get("created_at", "?")), list(meta["rows"]), artifacts, start)
+
+
 @dataclass
 class _StepsOutcome:
     rows: list[dict[str, Any]]
@@ -755,10 +908,32 @@ class _StepsOutcome:
 
 
 def _run_steps(job: JobSpec, ctx: TrainContext, example: list[torch.Tensor], val_x: Mapping[str, np.ndarray],
-               teacher_metrics_row: Mapping[str, Any], inputs: list[str], out_dir: Path) -> _StepsOutcome:
-    """Run every step; one report row per step (measured right after it), its exports, its gate."""
+               teacher_metrics_row: Mapping[str, Any], inputs: list[str], out_dir: Path,
+               students: _Students | None = None, resumed: _Resume | None = None) -> _StepsOutcome:
+    """Run every step; one report row per step (measured right after it), its exports, its gate.
+
+    With ``resumed``, the steps before ``resumed.step`` are skipped (their rows and exports come
+    from the checkpoint); ``students`` snapshots each step's start for ``ctx.checkpoint``.
+    """
     outcome = _StepsOutcome([], {})
+    ckpt = ctx.checkpoint
+    first = 0
+    if resumed is not None:
+        outcome.rows.extend(resumed.rows)
+        outcome.artifacts.update(resumed.artifacts)
+        first = resumed.step
+    if ckpt is not None:
+        ckpt.rows = outcome.rows
+        ckpt.steps_total = len(job.steps)
     for index, step in enumerate(job.steps):
+        if index < first:
+            continue
+        if index == first:
+            if resumed is not None:
+                assert resumed.start is not None and resumed.start["rng"] is not None
+                ckpt_mod.set_rng_state(resumed.start["rng"], ctx.generator)
+            if ckpt is not None and students is not None:
+                ckpt.begin_step(index, resumed.start if resumed is not None else students.snapshot(ctx, last=False))
         ctx.reporter.event(
             "step_started",
             f"step {index}: {step.name} ({step.method}), {step.epochs} epochs",
@@ -802,6 +977,8 @@ def _run_steps(job: JobSpec, ctx: TrainContext, example: list[torch.Tensor], val
             full["exports"] = measured
         if notes:
             full.setdefault("quantization", {})["export_notes"] = notes
+        if ckpt is not None and students is not None:
+            ckpt.step_done(index, files, students.snapshot(ctx, last=index + 1 >= len(job.steps)))
     return outcome
 
 
@@ -815,6 +992,8 @@ def run(
     device: str = "auto",
     threads: int | None = None,
     models: Mapping[str, ModelSource] | None = None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every_seconds: float = 30.0,
 ) -> EngineResult:
     """Run the job ``spec`` describes on ``teacher``: distil, prune, quantize (steps in order).
 
@@ -825,6 +1004,10 @@ def run(
     the report. Raises :class:`EngineError` (``.code``) for user-fixable problems,
     :class:`QualityGateFailed` (``.result`` = the last passing step's artifacts + report) when a
     step breaks its ``gate``, and :class:`Cancelled` when ``reporter.should_stop()`` turns True.
+
+    ``checkpoint_dir``: keep ``checkpoint_dir/checkpoint.pt`` (after each step, and after a
+    distill epoch when ``checkpoint_every_seconds`` passed since the last write; 0 = every epoch)
+    and resume from it when it matches this job (see :mod:`.checkpoint`).
     """
     out_dir = Path(out_dir)
     v = _validate(spec, teacher, datasets, reporter, device, threads, out_dir)
@@ -870,6 +1053,26 @@ def run(
         work_dir=out_dir / "work",
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    students: _Students | None = None
+    resumed: _Resume | None = None
+    if checkpoint_dir is not None:
+        try:
+            identity = _checkpoint_identity(spec, v, teacher, models)
+        except OSError as exc:
+            reporter.event("checkpoint", f"checkpoints are off: cannot hash the job's inputs ({exc})", level="warning")
+        else:
+            ckpts = ckpt_mod.JobCheckpoints(Path(checkpoint_dir), checkpoint_every_seconds, identity, reporter)
+            ckpts.ctx = ctx
+            ctx.checkpoint = ckpts
+            students = _Students(ctx.student, ctx.architecture, dev)
+            resumed = _resume(ckpts, students, job, ctx, out_dir)
+            if resumed is not None:
+                where = (f"step {resumed.step}, epoch {resumed.epoch}" if resumed.step < len(job.steps)
+                         else "the end of the steps")
+                reporter.event("resumed", f"resuming from {where} (checkpoint of {resumed.created_at})",
+                               data={"step": resumed.step, "epoch": resumed.epoch, "steps": len(job.steps),
+                                     "completed_steps": resumed.step, "checkpoint_time": resumed.created_at,
+                                     "done_epochs": ctx.progress.done_epochs})
     teacher_row = model_row(
         v.teacher.num_parameters,
         v.teacher.size_bytes,
@@ -878,7 +1081,7 @@ def run(
     )
     teacher_row.update(_teacher_extras(v, teacher))
     try:
-        outcome = _run_steps(job, ctx, example_cpu, val_x_np, teacher_row, v.inputs, out_dir)
+        outcome = _run_steps(job, ctx, example_cpu, val_x_np, teacher_row, v.inputs, out_dir, students, resumed)
     finally:
         shutil.rmtree(out_dir / "work", ignore_errors=True)
     step_rows = outcome.rows

@@ -170,7 +170,7 @@ class DistillStep:
             from .compress import apply_input_reduction
 
             apply_input_reduction(ctx, self, index)
-        fit(ctx, self, index)
+        fit(ctx, self, index, resumable=True)
 
 
 def _bad_obj(where: str) -> Any:

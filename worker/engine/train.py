@@ -250,6 +250,8 @@ class TrainContext:
     step_outputs: dict[int, Any] = field(default_factory=dict)
     #: scratch files of compression steps (ONNX before/after quantization); removed after the steps
     work_dir: Path = Path("work")
+    #: :class:`.checkpoint.JobCheckpoints` when the job checkpoints (``fit(..., resumable=True)`` uses it)
+    checkpoint: Any = None
 
     def predict(self) -> torch.Tensor:
         model = self.student
@@ -391,13 +393,19 @@ def resolve_stop_metric(metric: str, task: str, has_labels: bool) -> str:
 
 
 def fit(ctx: TrainContext, step: Any, step_index: int, *, after_step: Callable[[nn.Module], None] | None = None,
-        epoch_offset: int = 0, total_epochs: int | None = None) -> None:
+        epoch_offset: int = 0, total_epochs: int | None = None, resumable: bool = False) -> None:
     """Train ``ctx.student`` for one step (see module docstring). Records history and step info.
 
     ``after_step(model)`` runs after every optimizer step (e.g. :func:`.prune.reapply_masks` keeping
     pruned weights at zero); ``epoch_offset`` numbers the epochs of repeated fine-tunes in one step and
-    ``total_epochs`` is that step's epoch count for progress.
+    ``total_epochs`` is that step's epoch count for progress. ``resumable``: this call is the whole
+    training of a step, so with ``ctx.checkpoint`` it checkpoints after epochs and continues from a
+    saved epoch (student, optimizer, schedule, early stopping, hint adapters, RNG states).
     """
+    from . import checkpoint as ckpt_mod
+
+    ckpt = ctx.checkpoint if resumable else None
+    resume = ckpt.fit_resume(step_index) if ckpt is not None else None
     baseline = ctx.baseline
     hints = [] if baseline else list(step.hints)
     augment = step.augment if (step.augment is not None and step.augment.active) else None
@@ -442,7 +450,18 @@ def fit(ctx: TrainContext, step: Any, step_index: int, *, after_step: Callable[[
         lrs: list[float] = []
         kind = "baseline" if baseline else step.name
         prefix = "baseline_" if baseline else ctx.metric_prefix
-        for epoch in range(1, epochs + 1):
+        start_epoch, stopped, epoch = 1, False, 0
+        if resume is not None:
+            restored = ckpt_mod.restore_fit(resume, model=model, hint_modules=hint_modules, optimizer=optimizer,
+                                            scheduler=sched, generator=ctx.generator, device=dev)
+            if restored is None:
+                ctx.reporter.event("checkpoint", f"step {step_index}: the saved training state does not fit this "
+                                   "step; training it from its start", level="warning", data={"step": step_index})
+            else:
+                epoch, stopped = restored["epoch"], restored["stopped"]
+                start_epoch = epoch + 1
+                best, bad_epochs, lrs = restored["best"], restored["bad_epochs"], restored["lrs"]
+        for epoch in range(start_epoch, (epoch if stopped else epochs) + 1):
             started = time.perf_counter()
             model.train()
             for m in hint_modules:
@@ -466,6 +485,8 @@ def fit(ctx: TrainContext, step: Any, step_index: int, *, after_step: Callable[[
                         batch = data.table.batch_dict(xs)
                         t_out = ctx.teacher(batch)
                         t_feats = ctx.teacher.features(batch, teacher_feats) if teacher_feats else {}
+                        # made in inference mode: losses that save them for backward (hint MSE) need normal tensors
+                        t_feats = {k: f.clone() for k, f in t_feats.items()}
                     else:
                         assert data.cache is not None
                         t_out, t_feats = data.cache.take(idx)
@@ -526,7 +547,13 @@ def fit(ctx: TrainContext, step: Any, step_index: int, *, after_step: Callable[[
                         rep.event("early_stopping", f"step {step_index}: no improvement of {stop_metric} for "
                                   f"{es.patience} epochs; stopped after epoch {epoch}",
                                   data={"step": step_index, "epoch": epoch, "metric": stop_metric})
-                        break
+                        stopped = True
+            if ckpt is not None:
+                ckpt.epoch_end(step_index, epoch, lambda: ckpt_mod.fit_state(
+                    model=model, hint_modules=hint_modules, optimizer=optimizer, scheduler=sched, best=best,
+                    bad_epochs=bad_epochs, stopped=stopped, epoch=epoch, lrs=lrs, generator=ctx.generator))
+            if stopped:
+                break
         info = ctx.step_info.setdefault(step_index, {})
         info.update(data.info)
         info["lr_first"] = lrs[0] if lrs else None

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from worker.engine import Cancelled, run
-from worker.engine.checkpoint import CHECKPOINT_FILE, has_checkpoint
+from worker.engine import has_checkpoint
+from worker.engine.checkpoint import CHECKPOINT_FILE
 
 from .helpers import RecordingReporter, make_spec
 
@@ -68,6 +69,7 @@ def _interrupted_then_resumed(spec, teacher, data, tmp_path, step: int, epoch: i
         _job(spec, teacher, data, tmp_path / "attempt1", StopAfterEpoch(step, epoch), ckpt_dir, every)
     reporter = RecordingReporter()
     result = _job(spec, teacher, data, tmp_path / "attempt2", reporter, ckpt_dir, every)
+    assert not [e for e in reporter.events if e[0] == "checkpoint"], "the checkpoint should resume cleanly"
     return result, reporter, ckpt_dir
 
 
@@ -97,12 +99,14 @@ def test_resume_mid_distill_gives_the_uninterrupted_weights(teacher_ts, digits_n
 
 def test_resume_skips_finished_steps_and_restores_early_stopping(teacher_ts, digits_npz, tmp_path):
     second = {**DISTILL, "epochs": 6, "optimizer": {"type": "sgd", "lr": 0.05, "momentum": 0.9},
-              "schedule": {"type": "one_cycle"}, "early_stopping": {"patience": 2, "metric": "loss"},
+              "schedule": {"type": "one_cycle"},
+              # best epoch 1, then no gain of 0.2: stops after epoch 4 and restores epoch 1's weights
+              "early_stopping": {"patience": 3, "metric": "accuracy", "min_delta": 0.2},
               "augment": {"noise": 0.05},
               "hints": [{"teacher": "penultimate", "student": "penultimate", "weight": 0.5, "distance": "mse"}]}
     spec = _spec([DISTILL, second])
     reference = _job(spec, teacher_ts, digits_npz, tmp_path / "ref", RecordingReporter(), None)
-    result, reporter, _ = _interrupted_then_resumed(spec, teacher_ts, digits_npz, tmp_path, 1, 3)
+    result, reporter, _ = _interrupted_then_resumed(spec, teacher_ts, digits_npz, tmp_path, 1, 2)
 
     _assert_same(_weights(result), _weights(reference))
     _assert_same(_weights(result, 0), _weights(reference, 0))  # step 0's export restored from the checkpoint
@@ -113,7 +117,8 @@ def test_resume_skips_finished_steps_and_restores_early_stopping(teacher_ts, dig
     assert all(a.path.is_file() and a.path.parent == tmp_path / "attempt2" for a in result.artifacts)
     ref_rows, rows = reference.report["steps"], result.report["steps"]
     assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in ref_rows]
-    assert rows[1].get("early_stopping") == ref_rows[1].get("early_stopping")
+    assert rows[1]["early_stopping"] == ref_rows[1]["early_stopping"]
+    assert (rows[1]["early_stopping"]["best_epoch"], rows[1]["early_stopping"]["epochs_run"]) == (1, 4)
 
 
 def test_step_boundary_checkpoint_with_a_long_interval(teacher_ts, digits_npz, tmp_path):

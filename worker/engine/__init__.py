@@ -5,6 +5,7 @@ Public interface (used by the worker)::
     from worker.engine import run, inspect_model, registries
     from worker.engine import TeacherSource, DatasetSource, Reporter
     from worker.engine import ArtifactFile, EngineResult, EngineError, Cancelled, QualityGateFailed
+    from worker.engine import has_checkpoint  # run(..., checkpoint_dir=...) resumes from it
 
 The value types are stdlib-only and imported eagerly; ``run``, ``registries``
 and ``inspect_model`` are resolved lazily (PEP 562) so that importing the
@@ -35,6 +36,7 @@ from .types import (
 )
 
 if TYPE_CHECKING:
+    from .checkpoint import has_checkpoint
     from .inspect import inspect_model
     from .pipeline import run
     from .registry import Registry, registries
@@ -55,6 +57,7 @@ __all__ = [
     "QualityGateFailed",
     "registries",
     "inspect_model",
+    "has_checkpoint",
 ]
 
 
@@ -68,6 +71,10 @@ def __getattr__(name: str) -> Any:
         from .registry import registries
 
         return registries
+    if name == "has_checkpoint":
+        from .checkpoint import has_checkpoint
+
+        return has_checkpoint
     if name == "inspect_model":
         from .inspect import inspect_model
 

@@ -137,7 +137,7 @@ def restore_fit(state: Mapping[str, Any], *, model: nn.Module, hint_modules: Seq
             return None
         hints = list(state["hints"])
         if len(hints) != len(hint_modules) or any(signature(s) != signature(m.state_dict())
-                                                  for s, m in zip(hints, hint_modules)):
+                                                  for s, m in zip(hints, hint_modules, strict=True)):
             return None
         groups = state["optimizer"]["param_groups"]
         if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
@@ -148,7 +148,7 @@ def restore_fit(state: Mapping[str, Any], *, model: nn.Module, hint_modules: Seq
     except (KeyError, TypeError, AttributeError):
         return None
     model.load_state_dict(state["model"])
-    for s, m in zip(hints, hint_modules):
+    for s, m in zip(hints, hint_modules, strict=True):
         m.load_state_dict(s)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -294,7 +294,7 @@ class JobCheckpoints:
         now = time.time()
         meta = {
             "identity": self.identity,
-            "created_at": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": _dt.datetime.fromtimestamp(now, _dt.UTC).isoformat(timespec="seconds"),
             "created_unix": now,
             "step": step,
             "epoch": epoch,

@@ -47,8 +47,7 @@ from .data import Dataset, check_label_range, load_dataset, split_dataset
 from . import evaluate as evaluate_mod
 from .evaluate import METRIC_KEYS, task_metrics, teacher_metrics
 from .registry import exports as export_registry
-from .report import (build_report, canonical_json, file_sha256, measure_latency, model_row, spec_sha256, versions,
-                     write_report)
+from .report import build_report, file_sha256, measure_latency, model_row, spec_sha256, versions, write_report
 from .spec import JobSpec, parse_spec
 from .teachers import Teacher, load_teacher, probe_teacher
 from .train import ProgressTracker, StepData, Table, TeacherCache, TrainContext, fit

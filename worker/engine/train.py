@@ -13,6 +13,7 @@ the student every step ("consistent teaching").
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -461,7 +462,8 @@ def fit(ctx: TrainContext, step: Any, step_index: int, *, after_step: Callable[[
                 epoch, stopped = restored["epoch"], restored["stopped"]
                 start_epoch = epoch + 1
                 best, bad_epochs, lrs = restored["best"], restored["bad_epochs"], restored["lrs"]
-        for epoch in range(start_epoch, (epoch if stopped else epochs) + 1):
+        last_epoch = epoch if stopped else epochs
+        for epoch in range(start_epoch, last_epoch + 1):
             started = time.perf_counter()
             model.train()
             for m in hint_modules:
@@ -549,9 +551,9 @@ def fit(ctx: TrainContext, step: Any, step_index: int, *, after_step: Callable[[
                                   data={"step": step_index, "epoch": epoch, "metric": stop_metric})
                         stopped = True
             if ckpt is not None:
-                ckpt.epoch_end(step_index, epoch, lambda: ckpt_mod.fit_state(
-                    model=model, hint_modules=hint_modules, optimizer=optimizer, scheduler=sched, best=best,
-                    bad_epochs=bad_epochs, stopped=stopped, epoch=epoch, lrs=lrs, generator=ctx.generator))
+                ckpt.epoch_end(step_index, epoch, functools.partial(
+                    ckpt_mod.fit_state, model=model, hint_modules=hint_modules, optimizer=optimizer, scheduler=sched,
+                    best=best, bad_epochs=bad_epochs, stopped=stopped, epoch=epoch, lrs=lrs, generator=ctx.generator))
             if stopped:
                 break
         info = ctx.step_info.setdefault(step_index, {})

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     worker_queues: str | None = Field(None, description="Queues a worker consumes; default from its device.")
     max_attempts: int = Field(3, ge=1)
     lease_seconds: int = Field(120, ge=5, description="A running job whose lease expires is requeued.")
+    checkpoint_seconds: float = Field(60.0, ge=0, description="A training checkpoint at most this often "
+                                                                "(0: every epoch); a retried job resumes from it.")
     inspect_timeout_seconds: float = Field(60.0, gt=0)
     allowed_file_roots: list[Path] = Field(default_factory=list)
 

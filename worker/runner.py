@@ -37,28 +37,41 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         return "skipped"
     reporter = DbReporter(job_id, settings.lease_seconds)
     work = settings.data_dir / "work" / job_id
+    # Checkpoints live in blob storage under the job id, so a retry on any worker that shares it resumes
+    # where the lost attempt stopped. (Local storage: a shared volume; an S3 backend would sync this dir.)
+    checkpoints = get_storage().local_path(f"checkpoints/{job_id}")
+    ended = "skipped"
     try:
         inputs = _inputs(job_id)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         result = engine.run(inputs.spec, inputs.teacher, inputs.datasets, work, reporter, device=settings.device,
-                            threads=settings.worker_threads, models=inputs.models)
-        return _succeed(job_id, result)
+                            threads=settings.worker_threads, models=inputs.models, checkpoint_dir=checkpoints,
+                            checkpoint_every_seconds=settings.checkpoint_seconds)
+        ended = _succeed(job_id, result)
+        return ended
     except engine.Cancelled:
-        return _end(job_id, state.CANCELLED, "cancelled", "cancelled by the client")
+        ended = _end(job_id, state.CANCELLED, "cancelled", "cancelled by the client")
+        return ended
     except engine.QualityGateFailed as exc:
         # Keep what the last step that met its budget produced, and the report that says which step broke it.
-        return _fail_with_artifacts(job_id, exc)
+        ended = _fail_with_artifacts(job_id, exc)
+        return ended
     except engine.EngineError as exc:
-        return _end(job_id, state.FAILED, exc.code, exc.message)
+        ended = _end(job_id, state.FAILED, exc.code, exc.message)
+        return ended
     except _MissingInput as exc:
-        return _end(job_id, state.FAILED, "input_missing", str(exc))
+        ended = _end(job_id, state.FAILED, "input_missing", str(exc))
+        return ended
     except Exception as exc:  # a bug or an environment failure: record it, never leave the job running
         log.exception("job %s crashed", job_id)
-        return _end(job_id, state.FAILED, "internal_error", f"{exc.__class__.__name__}: {exc}",
-                    data={"traceback": traceback.format_exc()[-4000:]})
+        ended = _end(job_id, state.FAILED, "internal_error", f"{exc.__class__.__name__}: {exc}",
+                     data={"traceback": traceback.format_exc()[-4000:]})
+        return ended
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if ended in state.TERMINAL:  # a finished job needs no resume point; a skipped one may still
+            shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 class _MissingInput(Exception):

@@ -31,7 +31,7 @@ def test_job_survives_a_killed_worker(client, make_key, uploaded, monkeypatch, t
     from app.settings import get_settings
 
     queue = f"loss-{uuid.uuid4().hex[:6]}"
-    env = {"DISTILLERY_WORKER_QUEUES": queue, "DISTILLERY_LEASE_SECONDS": "5"}
+    env = {"DISTILLERY_WORKER_QUEUES": queue, "DISTILLERY_LEASE_SECONDS": "5", "DISTILLERY_CHECKPOINT_SECONDS": "0"}
     monkeypatch.setattr(get_settings(), "job_queue", queue)
     h = make_key("worker-loss")
     m, d = uploaded(h, fmt="torchscript")
@@ -60,4 +60,11 @@ def test_job_survives_a_killed_worker(client, make_key, uploaded, monkeypatch, t
     assert final["attempts"] == 2
     events = [e["type"] for e in client.get(f"/v1/jobs/{job_id}/events", headers=h).json()["data"]]
     assert events.count("started") == 2 and "requeued" in events
-    assert "resumed" in events  # the second attempt continued from the checkpoint, not from epoch 1
+    # The second attempt continued from the checkpoint, not from epoch 1 ...
+    resumed = next(e for e in client.get(f"/v1/jobs/{job_id}/events", headers=h).json()["data"]
+                   if e["type"] == "resumed")
+    assert resumed["data"]["epoch"] >= 3, resumed
+    # ... and the checkpoint is gone once the job has finished.
+    from app.storage import get_storage
+
+    assert not get_storage().local_path(f"checkpoints/{job_id}").exists()

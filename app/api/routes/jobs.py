@@ -15,6 +15,7 @@ from app.api.docs import problems
 from app.api.schemas import (
     ArtifactsOut, EventsOut, JobOut, MetricsOut, Page, artifact_out, event_out, job_out, metric_out,
 )
+from app.db.models import Job
 from app.db.session import get_sessionmaker
 from app.jobs import service
 from app.jobs.spec import JobSpec
@@ -68,7 +69,7 @@ def _follow(job_id: str, after: int) -> Iterator[str]:
     while True:
         with sessions() as db:
             events = service.events_after(db, job_id, last)
-            job = db.get(service.Job, job_id)
+            job = db.get(Job, job_id)
             done = job is None or job.status in TERMINAL
         for e in events:
             last = e.seq

@@ -10,6 +10,7 @@ from app import __version__
 from app.api.routes import artifacts, datasets, jobs, models, ops
 from app.api.telemetry import Telemetry
 from app.errors import install_error_handlers
+from app.api.routes.datasets import DatasetByUri
 from app.jobs.spec import JobSpec
 from app.settings import get_settings
 
@@ -33,12 +34,13 @@ def create_app() -> FastAPI:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = original_openapi()
-            # POST /v1/jobs takes a raw dict (so the idempotency hash covers exactly what was sent);
-            # publish the JobSpec schema it is validated against.
-            schema.setdefault("components", {}).setdefault("schemas", {})["JobSpec"] = JobSpec.model_json_schema(
-                ref_template="#/components/schemas/{model}")
-            defs = schema["components"]["schemas"]["JobSpec"].pop("$defs", {})
-            schema["components"]["schemas"].update(defs)
+            # POST /v1/jobs and the JSON form of POST /v1/datasets read raw bodies (the idempotency hash
+            # covers exactly what was sent); publish the schemas they are validated against.
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (JobSpec, DatasetByUri):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -50,7 +50,7 @@ _UPLOAD_DOC = {
                                "label_column": {"type": "string", "description": "csv/parquet label column"},
                                "options": {"type": "string", "description": "JSON DatasetOptions (image_size, "
                                                                             "grayscale, normalize)"}}}},
-            "application/json": {"schema": DatasetByUri.model_json_schema()},
+            "application/json": {"schema": {"$ref": "#/components/schemas/DatasetByUri"}},
         },
     }
 }

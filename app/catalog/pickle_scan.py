@@ -14,18 +14,39 @@ SAFE_MODULE_PREFIXES = ("__torch__", "torch._utils", "torch.jit._pickle", "colle
 
 
 def referenced_globals(data: bytes) -> list[str]:
-    """Every ``module.name`` the pickle stream would import, in order. Raises ValueError on a corrupt stream."""
+    """Every ``module.name`` the pickle stream would import, in order. Raises ValueError on a corrupt stream.
+
+    ``STACK_GLOBAL`` takes module and name from the stack; they are tracked through string pushes and
+    the memo (``MEMOIZE``/``PUT`` then ``GET``), so names fetched back from the memo are seen too. When
+    the two values cannot be determined the global is reported as ``<unknown>`` (fail closed).
+    """
     found: list[str] = []
-    strings: list[str] = []  # recent string pushes: STACK_GLOBAL takes its module and name from them
+    recent: list[object] = []  # values pushed by string and memo-get opcodes, in order
+    memo: dict[int, object] = {}
+    last: object = None  # the value the previous opcode pushed (what MEMOIZE/PUT store)
     try:
         for op, arg, _pos in pickletools.genops(data):
-            if op.name == "GLOBAL" or op.name == "INST":
-                module, _, name = str(arg).partition(" ")
-                found.append(f"{module}.{name}")
-            elif op.name == "STACK_GLOBAL":
-                found.append(".".join(strings[-2:]) if len(strings) >= 2 else "<unknown>")
-            elif isinstance(arg, str) and "UNICODE" in op.name or op.name in ("BINSTRING", "SHORT_BINSTRING", "STRING"):
-                strings.append(str(arg))
+            name = op.name
+            pushed: object = None
+            if name in ("GLOBAL", "INST"):
+                module, _, attr = str(arg).partition(" ")
+                found.append(f"{module}.{attr}")
+            elif name == "STACK_GLOBAL":
+                pair = recent[-2:]
+                found.append(".".join(pair) if len(pair) == 2 and all(isinstance(p, str) for p in pair)  # type: ignore[arg-type]
+                             else "<unknown>")
+            elif name == "MEMOIZE":
+                memo[len(memo)] = last
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = last
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed = memo.get(int(arg))
+                recent.append(pushed)
+            elif isinstance(arg, str) and ("UNICODE" in name or name in ("BINSTRING", "SHORT_BINSTRING", "STRING")):
+                pushed = arg
+                recent.append(pushed)
+            if name not in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "FRAME"):
+                last = pushed
     except Exception as exc:  # truncated or not a pickle at all
         raise ValueError(f"corrupt pickle stream: {exc}") from exc
     return found

@@ -53,7 +53,7 @@ def _rewrite_pt2(src, dst, edit):
 
 @pytest.mark.parametrize("how", ["use_pickle", "expr", "target", "aoti"])
 def test_torch_export_archives_that_would_unpickle_or_eval_are_refused(teacher_pt2, digits_npz, tmp_path, how):
-    from worker.engine.teachers import safe_load_exported
+    from worker.engine.pt2_safety import safe_load_exported
 
     bad = tmp_path / "bad.pt2"
 

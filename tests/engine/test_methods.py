@@ -94,7 +94,7 @@ def test_early_stopping_restores_best(teacher_ts, digits_npz, tmp_path):
 
 class _Counter:
     def __init__(self, monkeypatch):
-        from worker.engine.teachers import TorchTeacher
+        from worker.engine.teachers_torch import TorchTeacher
 
         self.rows = 0
         self.calls = 0

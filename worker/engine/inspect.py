@@ -12,7 +12,7 @@ CLI (one JSON line on stdout; exit 0 on success, 2 on failure)::
     python -m worker.engine.inspect --format torchscript|onnx|torch_export|safetensors \
         [--architecture JSON] PATH
 
-``torch_export`` archives are checked by ``teachers.check_pt2_archive`` (nothing is unpickled
+``torch_export`` archives are checked by ``pt2_safety.check_pt2_archive`` (nothing is unpickled
 or evaluated) and report their inputs/outputs from the program's signature; ``safetensors``
 needs ``--architecture`` to be built and checked (strict key/shape match) - without it only
 the tensor count is reported.
@@ -165,7 +165,7 @@ def _inspect_torchscript(path: Path) -> dict[str, Any]:
 
 
 def _inspect_torch_export(path: Path) -> dict[str, Any]:
-    from .teachers import safe_load_exported
+    from .pt2_safety import safe_load_exported
     from .types import EngineError
 
     try:
@@ -208,7 +208,7 @@ def _inspect_safetensors(path: Path, architecture: dict | None) -> dict[str, Any
     if architecture is None:
         return {"ok": True, "format": "safetensors", "num_parameters": total, "inputs": [], "outputs": [],
                 "note": "no architecture given: only the tensors were checked"}
-    from .teachers import load_safetensors_module
+    from .teachers_torch import load_safetensors_module
     from .types import EngineError
 
     try:

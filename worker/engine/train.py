@@ -322,7 +322,7 @@ class StudentFeatures:
     """Forward hooks on the student's named submodules (``penultimate`` = input of the last nn.Linear)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]):
-        from .teachers import last_linear_name
+        from .teachers_torch import last_linear_name
 
         self.got: dict[str, torch.Tensor] = {}
         self.handles = []

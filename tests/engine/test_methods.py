@@ -168,7 +168,7 @@ def test_coreset_kmeans_and_random(teacher_ts, digits_npz, tmp_path):
 
 
 def test_kmeans_is_deterministic():
-    from worker.engine.pipeline import kmeans_representatives
+    from worker.engine.dataplan import kmeans_representatives
 
     pts = torch.randn(300, 5, generator=torch.Generator().manual_seed(0))
     a, b = kmeans_representatives(pts, 30, 1), kmeans_representatives(pts, 30, 1)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy.exc import OperationalError
+
 from app.clock import utcnow
 from app.db.models import Artifact, Dataset, Job, Model
 from app.db.session import session_scope
@@ -35,12 +37,23 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     settings = settings or get_settings()
     if not _claim(job_id, settings):
         return "skipped"
-    reporter = DbReporter(job_id, settings.lease_seconds)
     work = settings.data_dir / "work" / job_id
     # Checkpoints live in blob storage under the job id, so a retry on any worker that shares it resumes
     # where the lost attempt stopped. (Local storage: a shared volume; an S3 backend would sync this dir.)
     checkpoints = get_storage().local_path(f"checkpoints/{job_id}")
     ended = "skipped"
+    try:
+        ended = _execute(job_id, settings, work, checkpoints)
+        return ended
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if ended in state.TERMINAL:  # a finished job needs no resume point; an unfinished one keeps it
+            shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def _execute(job_id: str, settings: Settings, work: Path, checkpoints: Path) -> str:
+    """Run the engine for a claimed job and end it in a known state; returns that state."""
+    reporter = DbReporter(job_id, settings.lease_seconds)
     try:
         inputs = _inputs(job_id)
         shutil.rmtree(work, ignore_errors=True)
@@ -48,30 +61,25 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         result = engine.run(inputs.spec, inputs.teacher, inputs.datasets, work, reporter, device=settings.device,
                             threads=settings.worker_threads, models=inputs.models, checkpoint_dir=checkpoints,
                             checkpoint_every_seconds=settings.checkpoint_seconds)
-        ended = _succeed(job_id, result)
-        return ended
+        return _succeed(job_id, result)
     except engine.Cancelled:
-        ended = _end(job_id, state.CANCELLED, "cancelled", "cancelled by the client")
-        return ended
+        return _end(job_id, state.CANCELLED, "cancelled", "cancelled by the client")
     except engine.QualityGateFailed as exc:
         # Keep what the last step that met its budget produced, and the report that says which step broke it.
-        ended = _fail_with_artifacts(job_id, exc)
-        return ended
+        return _fail_with_artifacts(job_id, exc)
     except engine.EngineError as exc:
-        ended = _end(job_id, state.FAILED, exc.code, exc.message)
-        return ended
+        return _end(job_id, state.FAILED, exc.code, exc.message)
     except _MissingInput as exc:
-        ended = _end(job_id, state.FAILED, "input_missing", str(exc))
-        return ended
+        return _end(job_id, state.FAILED, "input_missing", str(exc))
+    except OperationalError:
+        # The database went away mid-job: a transient failure, not the job's fault. Leave it running;
+        # its lease expires, the reaper requeues it and the next attempt resumes from the checkpoint.
+        log.exception("job %s lost its database connection; it will be retried", job_id)
+        raise
     except Exception as exc:  # a bug or an environment failure: record it, never leave the job running
         log.exception("job %s crashed", job_id)
-        ended = _end(job_id, state.FAILED, "internal_error", f"{exc.__class__.__name__}: {exc}",
-                     data={"traceback": traceback.format_exc()[-4000:]})
-        return ended
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if ended in state.TERMINAL:  # a finished job needs no resume point; a skipped one may still
-            shutil.rmtree(checkpoints, ignore_errors=True)
+        return _end(job_id, state.FAILED, "internal_error", f"{exc.__class__.__name__}: {exc}",
+                    data={"traceback": traceback.format_exc()[-4000:]})
 
 
 class _MissingInput(Exception):

@@ -26,6 +26,8 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import hashlib
 import io
 import json
@@ -242,14 +244,15 @@ def check_label_range(dataset: Dataset, num_classes: int) -> None:
 # formats
 
 
-class _Format:
+class _Format(ABC):
     Config = EmptyConfig
 
     def __init__(self, config: EmptyConfig | None = None):
         self.config = config
 
+    @abstractmethod
     def load(self, path: Path, inputs: tuple[str, ...], options: dict, cache_dir: Path | None) -> Dataset:
-        raise NotImplementedError
+        """Read the file into a :class:`Dataset` (inputs N×…, labels, held-out split when present)."""
 
 
 def _npz_members(archive_path: Path) -> dict[str, zipfile.ZipInfo]:

@@ -9,6 +9,8 @@ accepted; any failure is ``EngineError("export_failed")``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 import shutil
 import warnings
@@ -104,7 +106,7 @@ def _verify(name: str, got: np.ndarray | torch.Tensor, want: torch.Tensor, toler
                           f"{rel:.3f} (mean relative difference, allowed {max_rel})")
 
 
-class _Exporter:
+class _Exporter(ABC):
     Config = EmptyConfig
 
     def __init__(self, config: EmptyConfig | None = None):
@@ -121,8 +123,9 @@ class _Exporter:
         except Exception as exc:
             raise EngineError("export_failed", f"{self.name} export failed: {error_summary(exc)}") from None  # type: ignore[attr-defined]
 
+    @abstractmethod
     def _export(self, inp: ExportInput) -> list[ArtifactFile]:
-        raise NotImplementedError
+        """Write the student in this format into ``inp.out_dir``, verify it, return its artifact files."""
 
 
 def script_student(model: nn.Module, example: Any) -> torch.jit.ScriptModule:

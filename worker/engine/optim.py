@@ -10,6 +10,8 @@ torch's own default).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,14 +34,15 @@ class OptimizerConfig:
         check(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}")
 
 
-class _Optimizer:
+class _Optimizer(ABC):
     Config = OptimizerConfig
 
     def __init__(self, config: OptimizerConfig):
         self.config = config
 
+    @abstractmethod
     def create(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        raise NotImplementedError
+        """A torch optimizer over ``params`` with this config's lr, weight decay and momentum."""
 
 
 @optimizers.register("adam")

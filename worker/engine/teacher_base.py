@@ -8,6 +8,8 @@ Formats live in :mod:`.teachers_torch` and :mod:`.teachers_onnx`; :mod:`.teacher
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from .types import EngineError
 Batch = Mapping[str, torch.Tensor]
 
 
-class Teacher:
+class Teacher(ABC):
     """Common interface; subclasses implement ``_forward``, ``_features`` and ``latency_fn``."""
 
     format = ""
@@ -39,8 +41,9 @@ class Teacher:
         self.inputs = list(inputs)
 
     # -- what subclasses provide -------------------------------------------
+    @abstractmethod
     def _forward(self, batch: Batch) -> Any:
-        raise NotImplementedError
+        """Raw teacher output for a batch of named input tensors (logits, or a tuple/dict holding them)."""
 
     def _features(self, batch: Batch, names: Sequence[str]) -> dict[str, torch.Tensor]:
         raise EngineError("unsupported", f"{self.format} teachers do not support hints")
@@ -48,12 +51,14 @@ class Teacher:
     def feature_names(self) -> list[str]:
         return []
 
+    @abstractmethod
     def latency_fn(self, batch: Mapping[str, np.ndarray]) -> Callable[[], Any]:
-        raise NotImplementedError
+        """A no-argument callable running the teacher once on ``batch`` in its own runtime (for timing)."""
 
     @property
+    @abstractmethod
     def num_parameters(self) -> int:
-        raise NotImplementedError
+        """Weights in the teacher (parameters, or ONNX initializer elements)."""
 
     def precheck(self, row_shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Raise shape_mismatch early when declared inputs cannot take the dataset's rows."""

@@ -24,7 +24,11 @@ run: install
 	$(VENV)/bin/distillery run
 
 test: install-dev
+	$(VENV)/bin/ruff check app worker tests benchmarks migrations
 	$(PY) -m pytest -q
+
+lint: install-dev
+	$(VENV)/bin/ruff check app worker tests benchmarks migrations
 
 bench: install-dev
 	$(PY) -m benchmarks

@@ -77,7 +77,9 @@ def main() -> None:
     rows = []
 
     def row(name, model_or_path, base_lat, base_size, lat, acc, extra=""):
-        rows.append((name, lat * 1e3, base_lat / lat, size_bytes(model_or_path, (xb,) if "cnn" not in name else (xb_i,)) / base_size if base_size else float("nan"), acc, extra))
+        example = (xb,) if "cnn" not in name else (xb_i,)
+        size_ratio = size_bytes(model_or_path, example) / base_size if base_size else float("nan")
+        rows.append((name, lat * 1e3, base_lat / lat, size_ratio, acc, extra))
 
     base_lat = torch_latency(teacher, xb, args.repeats)
     base_size = size_bytes(teacher, (xb,))
@@ -99,7 +101,8 @@ def main() -> None:
         lat32, _ = ort_latency(fp32, xb, args.repeats, args.threads)
         lat8, sess = ort_latency(int8, xb, args.repeats, args.threads)
         acc8 = float((sess.run(None, {"input": xte.numpy()})[0].argmax(1) == yte.numpy()).mean())
-        rows.append(("mlp onnx fp32 (ORT)", lat32 * 1e3, base_lat / lat32, size_bytes(fp32) / base_size, accuracy(teacher, xte, yte), ""))
+        rows.append(("mlp onnx fp32 (ORT)", lat32 * 1e3, base_lat / lat32, size_bytes(fp32) / base_size,
+                     accuracy(teacher, xte, yte), ""))
         rows.append(("mlp onnx_int8 dynamic (ORT)", lat8 * 1e3, base_lat / lat8, size_bytes(int8) / base_size, acc8,
                      f"vs ORT fp32: {lat32 / lat8:.2f}x, size x{size_bytes(int8) / size_bytes(fp32):.3f}"))
 
@@ -110,7 +113,8 @@ def main() -> None:
     q = quantize(cnn, {"method": "static_int8"}, calibration=calib, example_inputs=(xtr_i[:2],)).model
     row("cnn static_int8 (FX)", q, cnn_lat, cnn_size, torch_latency(q, xb_i, args.repeats), accuracy(q, xte_i, yte))
     pc = prune(cnn, {"method": "channel", "amount": 0.5}, example_inputs=(xtr_i[:2],))
-    row("cnn channel 0.5", pc.model, cnn_lat, cnn_size, torch_latency(pc.model, xb_i, args.repeats), accuracy(pc.model, xte_i, yte),
+    row("cnn channel 0.5", pc.model, cnn_lat, cnn_size, torch_latency(pc.model, xb_i, args.repeats),
+        accuracy(pc.model, xte_i, yte),
         f"params x{pc.stats['parameter_ratio']:.3f} (no finetune)")
 
     env = (f"torch {torch.__version__}, onnxruntime {ort.__version__}, threads={args.threads}, batch={args.batch}, "

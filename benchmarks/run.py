@@ -1,6 +1,7 @@
 """Distillery engine vs a hand-written PyTorch KD loop, side by side in one process.
 
-    make bench            # both benchmarks (python -m benchmarks); this one alone: .venv/bin/python -m benchmarks.run [--epochs 20] [--threads 2]
+    make bench            # both benchmarks (python -m benchmarks)
+    .venv/bin/python -m benchmarks.run [--epochs 20] [--threads 2]     # this one alone
 
 For each scenario both sides get the same data, teacher, student architecture, batch size,
 optimizer, epochs, seed and torch thread count. Training time is measured around the training

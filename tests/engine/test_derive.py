@@ -83,7 +83,7 @@ def test_derive_from_a_chain(scripted):
     teacher = _mlp()
     src = torch.jit.script(teacher) if scripted else teacher
     model, arch = _derive(0.5, 1.0, "teacher").create(X64, 10, TeacherInfo(src, None, "torchscript"))
-    assert arch["family"] == "sequential" and [l["out"] for l in arch["layers"] if l["type"] == "linear"] == [128, 128, 10]
+    assert arch["family"] == "sequential" and [layer["out"] for layer in arch["layers"] if layer["type"] == "linear"] == [128, 128, 10]
     assert S.num_parameters(model) == 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10 < S.num_parameters(teacher)
     assert arch["init_from_teacher"] == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
     # the kept first-layer units are the teacher's strongest, in order
@@ -103,8 +103,7 @@ def test_derive_cnn_chain_and_identity_at_full_size():
     x = torch.rand(4, 1, 8, 8)
     assert torch.allclose(full.eval()(x), teacher(x), atol=1e-6)
     shallow, arch = _derive(0.5, 0.5).create(IMG, 10, TeacherInfo(teacher, None, "ts"))
-    assert sum(1 for l in arch["layers"] if l["type"] == "conv2d") + sum(
-        1 for l in arch["layers"] if l["type"] == "linear") == 3
+    assert sum(1 for layer in arch["layers"] if layer["type"] in ("conv2d", "linear")) == 3
     assert shallow(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
 

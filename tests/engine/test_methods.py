@@ -3,13 +3,12 @@ augmentation, baseline, regimes, coreset, data-free."""
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
 import torch
 
-from worker.engine import DatasetSource, EngineError, run
+from worker.engine import EngineError, run
 from worker.engine.optim import ScheduleConfig, lr_factor
 
 from .helpers import RecordingReporter, make_spec

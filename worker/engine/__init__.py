@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .checkpoint import has_checkpoint
     from .inspect import inspect_model
     from .pipeline import run
-    from .registry import Registry, registries
+    from .registry import registries
 
 __all__ = [
     "run",

@@ -101,7 +101,6 @@ def write_model_card(report: Mapping[str, Any], spec: Mapping[str, Any], source:
     teacher = report["teacher"]
     rows = report["steps"]
     task = v.task
-    metric = _headline(task, teacher)
     repro = report["reproducibility"]
     data = report["data"]
     lines = ["# Model card", ""]
@@ -151,8 +150,8 @@ def write_model_card(report: Mapping[str, Any], spec: Mapping[str, Any], source:
               f"- Metrics come from {data.get('val_rows')} held-out rows ({data.get('val_source')}); small held-out "
               "sets give coarse estimates (one row is "
               f"{100.0 / max(1, int(data.get('val_rows') or 1)):.2f} points).",
-              f"- The student imitates the teacher: it inherits the teacher's errors and biases; `agreement` "
-              f"measures how often it predicts what the teacher predicts."]
+              "- The student imitates the teacher: it inherits the teacher's errors and biases; `agreement` "
+              "measures how often it predicts what the teacher predicts."]
     for r in rows:
         q = r.get("quantization")
         if q:

@@ -64,7 +64,8 @@ SUPPORTED = (
     "AdaptiveAvgPool2d",
     "Identity",
 )
-_SUPPORTED_TEXT = "Linear, Conv1d, Conv2d, BatchNorm, LayerNorm, ReLU/GELU/Tanh/Sigmoid/SiLU/LeakyReLU, Flatten, Dropout, MaxPool, AvgPool, AdaptiveAvgPool in a single chain"
+_SUPPORTED_TEXT = ("Linear, Conv1d, Conv2d, BatchNorm, LayerNorm, ReLU/GELU/Tanh/Sigmoid/SiLU/LeakyReLU, Flatten, Dropout, "
+                   "MaxPool, AvgPool, AdaptiveAvgPool in a single chain")
 _CONTAINERS = ("Sequential",)
 
 
@@ -168,7 +169,8 @@ def _from_script(module: torch.jit.ScriptModule) -> list[nn.Module]:
             if len(args) != 2 or args[0] not in attr_of:
                 raise _unsupported("TorchScript", f"a call with {len(args) - 1} arguments in {name}.forward")
             if args[1] is not current:
-                raise _unsupported("TorchScript", f"a branch (submodule {attr_of[args[0]]!r} does not take the previous layer's output) in {name}.forward")
+                raise _unsupported("TorchScript", f"a branch (submodule {attr_of[args[0]]!r} does not take the previous "
+                                                  f"layer's output) in {name}.forward")
             layers.extend(_from_script(children[attr_of[args[0]]]))
             current = node.output()
         else:
@@ -248,7 +250,8 @@ def _script_leaf(m: torch.jit.ScriptModule) -> nn.Module:
         t = _aten_node(m, ("aten::batch_norm",))
         features = buffers["running_mean"].shape[0]
         cls = nn.BatchNorm1d if name == "BatchNorm1d" else nn.BatchNorm2d
-        layer = cls(features, eps=float(_attr(m, "eps", t, 7, 1e-5)), momentum=_attr(m, "momentum", t, 6, 0.1), affine="weight" in params)
+        layer = cls(features, eps=float(_attr(m, "eps", t, 7, 1e-5)), momentum=_attr(m, "momentum", t, 6, 0.1),
+                    affine="weight" in params)
     elif name == "LayerNorm":
         t = _aten_node(m, ("aten::layer_norm",))
         shape = tuple(_attr(m, "normalized_shape", t, 1))
@@ -437,7 +440,8 @@ def _fx_layer(op: str, v: list[Any], kw: dict[str, Any], target: Any, rank: int 
         return layer
     if op == "layer_norm":
         shape, w, b = v[1], _arg(v, kw, 2, "weight", None), _arg(v, kw, 3, "bias", None)
-        layer = nn.LayerNorm(tuple(shape), eps=float(_arg(v, kw, 4, "eps", 1e-5)), elementwise_affine=w is not None, bias=b is not None)
+        layer = nn.LayerNorm(tuple(shape), eps=float(_arg(v, kw, 4, "eps", 1e-5)), elementwise_affine=w is not None,
+                             bias=b is not None)
         _set(layer, weight=w, bias=b)
         return layer
     simple = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
@@ -513,7 +517,8 @@ def _infer_example(module: nn.Module) -> tuple[torch.Tensor, ...] | None:
     return None
 
 
-def _verify(reference: Callable, result: nn.Sequential, example_inputs: Sequence[torch.Tensor] | None, kind: str, atol: float) -> None:
+def _verify(reference: Callable, result: nn.Sequential, example_inputs: Sequence[torch.Tensor] | None, kind: str,
+            atol: float) -> None:
     candidates: list[tuple[torch.Tensor, ...]] = []
     if example_inputs is not None:
         candidates.append(tuple(example_inputs))
@@ -539,9 +544,11 @@ def _verify(reference: Callable, result: nn.Sequential, example_inputs: Sequence
             want = want[0]
         if not isinstance(want, torch.Tensor) or want.shape != got.shape or not torch.allclose(want, got, atol=atol, rtol=1e-4):
             diff = (want - got).abs().max().item() if isinstance(want, torch.Tensor) and want.shape == got.shape else "shape"
-            raise EngineError("unsupported", f"this {kind} model could not be rebuilt as an editable chain: outputs differ ({diff})")
+            raise EngineError("unsupported",
+                              f"this {kind} model could not be rebuilt as an editable chain: outputs differ ({diff})")
         return
     if example_inputs is not None:
         raise EngineError("unsupported", f"this {kind} model could not be checked after rebuilding: {errors[0]}")
     # No guessed input fits (e.g. a CNN with a fixed flatten size): the caller should pass example_inputs.
-    raise EngineError("unsupported", f"this {kind} model could not be checked after rebuilding (pass example_inputs): {errors[-1]}")
+    raise EngineError("unsupported",
+                      f"this {kind} model could not be checked after rebuilding (pass example_inputs): {errors[-1]}")

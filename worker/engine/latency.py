@@ -20,7 +20,7 @@ def median_latency_ms(
     deadline = time.perf_counter() + budget_s
     # Warm-up gets at most a quarter of the budget; one call always happens.
     warm_deadline = time.perf_counter() + budget_s / 4
-    for i in range(warmup):
+    for _ in range(warmup):
         fn()
         if time.perf_counter() > warm_deadline:
             break

@@ -420,11 +420,8 @@ def prune(
     importance_data: tuple[torch.Tensor, ...] | None = None,
 ) -> PruneResult:
     """All rounds, without fine-tuning in between; returns the last round's result."""
-    result = None
-    for result in prune_steps(model, config, example_inputs=example_inputs, importance_data=importance_data):
-        pass
-    assert result is not None
-    return result
+    rounds = list(prune_steps(model, config, example_inputs=example_inputs, importance_data=importance_data))
+    return rounds[-1]
 
 
 # ------------------------------------------------------------ keeping sparsity

@@ -190,7 +190,8 @@ class StaticInt8:
                     copy.deepcopy(model).eval(), get_default_qconfig_mapping(self.config.backend), tuple(example_inputs)
                 )
             except Exception as exc:  # noqa: BLE001
-                raise EngineError("unsupported", f"static_int8: FX cannot trace this model ({type(exc).__name__}: {exc})") from None
+                raise EngineError("unsupported",
+                                  f"static_int8: FX cannot trace this model ({type(exc).__name__}: {exc})") from None
             with torch.no_grad():
                 n = 0
                 for batch in _batches(calibration, self.config.calibration_batches):

@@ -30,15 +30,9 @@ from .validation import Validated
 
 
 def student_size_bytes(model: nn.Module, example: list[torch.Tensor]) -> int:
-    """Size of the student as a TorchScript archive (what a user would ship)."""
-    try:
-        buffer = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.jit.save(export_mod.script_student(model, example), buffer)
-        return buffer.tell()
-    except Exception:
-        return _students.state_dict_bytes(model)
+    """Size of the student as shipped (see :func:`_serialized`); raw tensor bytes if it cannot be serialized."""
+    data = _serialized(model, example)
+    return len(data) if data is not None else _students.state_dict_bytes(model)
 
 
 def cpu_eval_copy(model: nn.Module) -> nn.Module:

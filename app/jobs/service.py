@@ -66,8 +66,10 @@ def _inputs(spec: JobSpec) -> list[tuple[str, str]]:
     return list(roles.items())
 
 
+# Which teacher tasks each loss applies to; the engine's loss classes declare the same
+# (tests/worker/test_component_contract.py keeps them equal).
 LOSS_TASKS = {"kd": {"classification"}, "soft_ce": {"classification"}, "hard": {"classification"},
-              "mse": {"classification", "regression", "embedding"}, "cosine": {"regression", "embedding"}}
+              "mse": {"classification", "regression", "embedding"}, "cosine": {"embedding"}}
 
 
 GATE_METRICS = {"classification": {"accuracy", "agreement", "f1_macro"}, "regression": {"r2"},

@@ -30,3 +30,11 @@ def test_engine_accepts_the_defaults_the_api_fills_in():
     registries["losses"].build(step["loss"], where="steps[0].loss")
     opt = dict(step["optimizer"])
     registries["optimizers"].build(opt, where="steps[0].optimizer")
+
+
+def test_loss_task_rules_agree_so_the_api_refuses_what_the_engine_would():
+    from app.jobs.service import LOSS_TASKS
+    from worker.engine import registries
+
+    engine_tasks = {name: set(registries["losses"].get(name).tasks) for name in registries["losses"].names()}
+    assert engine_tasks == LOSS_TASKS

@@ -198,7 +198,7 @@ class CosineLoss:
     pins the scale, which the cosine alone leaves free. Labels are not used.
     """
 
-    tasks = frozenset({"embedding", "classification"})
+    tasks = frozenset({"embedding"})  # vector directions; logits and scalar outputs use kd/mse
 
     @dataclass(frozen=True)
     class Config:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,42 +92,48 @@ def detect_format(path: Path) -> str:
     raise ModelFileError(f"not a recognised model file (first bytes {head[:8].hex()}). {HOW_TO_EXPORT}")
 
 
+def _refuse_unsafe(streams: Iterable[tuple[str, bytes]], scan: Callable[[bytes], list[str]], problem: str) -> None:
+    """Scan each ``(where, pickle bytes)`` with ``scan``; refuse the file at the first damaged or unsafe stream."""
+    for where, stream in streams:
+        try:
+            bad = scan(stream)
+        except ValueError as exc:
+            raise ModelFileError(f"{where} in the archive is damaged: {exc}. {HOW_TO_EXPORT}") from exc
+        if bad:
+            raise ModelFileError(f"{where} {problem} ({', '.join(bad[:3])}); such a file could run code when "
+                                 f"loaded and is refused. {HOW_TO_EXPORT}")
+
+
+def _archive_pickles(path: Path, nested: bool) -> list[tuple[str, bytes]]:
+    """The pickle streams of a zip archive, reading it once: ``*.pkl`` members (not TorchScript's
+    ``.debug_pkl``); with ``nested``, also raw pickle members and the pickles of zips stored inside."""
+    streams: list[tuple[str, bytes]] = []
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if name.endswith(".pkl") and not name.endswith(".debug_pkl"):
+                    streams.append((name, zf.read(name)))
+                elif nested:
+                    data = zf.read(name)
+                    if data[:1] == b"\x80":
+                        streams.append((name, data))
+                    elif data[:4] == b"PK\x03\x04":
+                        with zipfile.ZipFile(io.BytesIO(data)) as inner:
+                            streams += [(f"{name}:{n}", inner.read(n)) for n in inner.namelist() if n.endswith(".pkl")]
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ModelFileError(f"the archive is truncated or damaged ({exc}). {HOW_TO_EXPORT}") from exc
+    return streams
+
+
 def check_torchscript_pickles(path: Path) -> None:
     """Refuse a TorchScript-looking archive whose pickles import anything but TorchScript/tensor helpers."""
-    for name in _zip_names(path) or []:
-        if name.endswith(".pkl") and not name.endswith(".debug_pkl"):
-            try:
-                bad = unsafe_globals(_read_member(path, name))
-            except ValueError as exc:
-                raise ModelFileError(f"{name} in the archive is damaged: {exc}. {HOW_TO_EXPORT}") from exc
-            if bad:
-                raise ModelFileError(f"{name} references Python objects outside TorchScript ({', '.join(bad[:3])}); "
-                                     f"such a file could run code when loaded and is refused. {HOW_TO_EXPORT}")
+    _refuse_unsafe(_archive_pickles(path, nested=False), unsafe_globals, "references Python objects outside TorchScript")
 
 
 def check_torch_export_pickles(path: Path) -> None:
     """A .pt2 archive may carry pickled weights/constants/sample inputs that ``torch.export.load`` unpickles
     with ``weights_only=False``. Allow only streams holding plain tensors; refuse anything else."""
-    with zipfile.ZipFile(path) as zf:
-        for name in zf.namelist():
-            data = _read_member(path, name)
-            streams: list[tuple[str, bytes]] = []
-            if data[:1] == b"\x80":
-                streams.append((name, data))
-            elif data[:4] == b"PK\x03\x04":
-                try:
-                    with zipfile.ZipFile(io.BytesIO(data)) as inner:
-                        streams += [(f"{name}:{n}", inner.read(n)) for n in inner.namelist() if n.endswith(".pkl")]
-                except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                    raise ModelFileError(f"{name} in the archive is damaged: {exc}") from exc
-            for where, stream in streams:
-                try:
-                    bad = non_tensor_globals(stream)
-                except ValueError as exc:
-                    raise ModelFileError(f"{where} in the archive is damaged: {exc}") from exc
-                if bad:
-                    raise ModelFileError(f"{where} pickles Python objects other than tensors ({', '.join(bad[:3])}); "
-                                         f"loading it could run code, so the archive is refused. {HOW_TO_EXPORT}")
+    _refuse_unsafe(_archive_pickles(path, nested=True), non_tensor_globals, "pickles Python objects other than tensors")
 
 
 def safetensors_parameters(path: Path) -> int:

@@ -163,51 +163,51 @@ def _store_blobs(job_id: str, artifacts: list[engine.ArtifactFile]) -> list[Arti
     return rows
 
 
-def _fail_with_artifacts(job_id: str, exc: engine.EngineError) -> str:
-    """Fail the job with ``exc``'s code but keep the artifacts its ``result`` carries (quality gate)."""
-    result = exc.result
+def _finish_with_artifacts(job_id: str, result: engine.EngineResult, to: str, message: str, *, level: str,
+                           event_data: dict, **values) -> bool:
+    """Move the job to ``to`` and attach ``result``'s artifacts in the same transaction (blobs written first).
+
+    Returns False, keeping nothing, when the job had already moved on (a cancel arrived, or the reaper took it).
+    """
     rows = _store_blobs(job_id, result.artifacts)
     with session_scope() as s:
         job = s.get(Job, job_id)
         assert job is not None
+        if to == state.SUCCEEDED:
+            values["progress"] = dict(job.progress or {}, fraction=1.0, eta_seconds=0.0)
         try:
-            state.transition(s, job_id, state.FAILED, allowed_from={state.RUNNING, state.CANCELLING},
-                             error_code=exc.code, error_message=exc.message, metrics=_jsonable(result.metrics))
+            # The state table narrows this further (only a running job can succeed).
+            state.transition(s, job_id, to, allowed_from={state.RUNNING, state.CANCELLING},
+                             metrics=_jsonable(result.metrics), **values)
         except state.InvalidTransition:
-            ended = False  # cancelled or reaped meanwhile: keep nothing
+            finished = False
         else:
-            ended = True
+            finished = True
             for row in rows:
                 row.tenant_id = job.tenant_id
                 s.add(row)
-            append_event(s, job_id, state.FAILED, exc.message, level="error",
-                         data={"code": exc.code, "kept_artifacts": len(rows)})
-    if not ended:
+            append_event(s, job_id, to, message, level=level, data=event_data)
+    if not finished:
         for row in rows:
             get_storage().delete(row.storage_key)
-    return state.FAILED if ended else "skipped"
+    return finished
+
+
+def _fail_with_artifacts(job_id: str, exc: engine.EngineError) -> str:
+    """Fail the job with ``exc``'s code but keep the artifacts its ``result`` carries (quality gate)."""
+    kept = len(exc.result.artifacts)
+    if _finish_with_artifacts(job_id, exc.result, state.FAILED, exc.message, level="error",
+                              event_data={"code": exc.code, "kept_artifacts": kept},
+                              error_code=exc.code, error_message=exc.message):
+        return state.FAILED
+    return "skipped"  # cancelled or reaped meanwhile
 
 
 def _succeed(job_id: str, result: engine.EngineResult) -> str:
-    storage = get_storage()
-    rows = _store_blobs(job_id, result.artifacts)  # blobs first, rows in the same transaction as the status change
-    with session_scope() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        progress = dict(job.progress or {}, fraction=1.0, eta_seconds=0.0)
-        try:
-            state.transition(s, job_id, state.SUCCEEDED, metrics=_jsonable(result.metrics), progress=progress)
-        except state.InvalidTransition:
-            pass  # a cancel arrived during the final phase: honour it below, keep nothing
-        else:
-            for row in rows:
-                row.tenant_id = job.tenant_id
-                s.add(row)
-            append_event(s, job_id, "succeeded", f"job succeeded with {len(rows)} artifacts",
-                         data={"metrics": _jsonable(result.metrics)})
-            return state.SUCCEEDED
-    for row in rows:
-        storage.delete(row.storage_key)
+    if _finish_with_artifacts(job_id, result, state.SUCCEEDED, f"job succeeded with {len(result.artifacts)} artifacts",
+                              level="info", event_data={"metrics": _jsonable(result.metrics)}):
+        return state.SUCCEEDED
+    # A cancel arrived during the final phase: honour it, keep nothing.
     return _end(job_id, state.CANCELLED, "cancelled", "cancelled by the client")
 
 

@@ -143,28 +143,34 @@ def _magnitude_masks(layers: list[tuple[str, nn.Module]], amounts: list[float]) 
 # ----------------------------------------------------------------------- plugins
 
 
-def _check_common(amount: float, iterations: int) -> None:
-    check(0 < amount < 1, "amount must be in (0, 1)")
-    check(iterations >= 1, "iterations must be >= 1")
+@dataclass(frozen=True)
+class PruneConfig:
+    """What every pruner accepts; ``finetune`` is run by the job pipeline, not here."""
+
+    amount: float
+    iterations: int = 1
+    finetune: Any = None
+
+    def __post_init__(self):
+        check(0 < self.amount < 1, "amount must be in (0, 1)")
+        check(self.iterations >= 1, "iterations must be >= 1")
+
+
+class _Pruner:
+    Config = PruneConfig
+
+    def __init__(self, config: PruneConfig):
+        self.config = config
 
 
 @pruners.register("magnitude")
-class MagnitudePruner:
+class MagnitudePruner(_Pruner):
     """L1 unstructured. ``scope: global`` = one threshold over all Linear/Conv weights
     (``torch.nn.utils.prune.global_unstructured``); ``layer`` = ``amount`` in every layer."""
 
     @dataclass(frozen=True)
-    class Config:
-        amount: float
+    class Config(PruneConfig):
         scope: Literal["global", "layer"] = "global"
-        iterations: int = 1
-        finetune: Any = None
-
-        def __post_init__(self):
-            _check_common(self.amount, self.iterations)
-
-    def __init__(self, config: Config):
-        self.config = config
 
     def apply(self, model: nn.Module, cumulative: float, previous: float, **_: Any) -> None:
         layers = prunable_layers(model)
@@ -181,21 +187,9 @@ class MagnitudePruner:
 
 
 @pruners.register("random")
-class RandomPruner:
+class RandomPruner(_Pruner):
     """Random unstructured, ``amount`` per layer, drawn from torch's global RNG
     (seed it with ``torch.manual_seed``). Later rounds only pick among surviving weights."""
-
-    @dataclass(frozen=True)
-    class Config:
-        amount: float
-        iterations: int = 1
-        finetune: Any = None
-
-        def __post_init__(self):
-            _check_common(self.amount, self.iterations)
-
-    def __init__(self, config: Config):
-        self.config = config
 
     def apply(self, model: nn.Module, cumulative: float, previous: float, **_: Any) -> None:
         for _, m in prunable_layers(model):
@@ -213,7 +207,7 @@ class RandomPruner:
 
 
 @pruners.register("layer")
-class LayerPruner:
+class LayerPruner(_Pruner):
     """Layer-wise amounts from layer importance, then L1 magnitude inside each layer.
 
     Rule: each prunable layer ``l`` gets an importance score ``s_l`` --
@@ -226,17 +220,8 @@ class LayerPruner:
     Less important layers therefore get higher sparsity, the mean is exact.
     """
 
-    @dataclass(frozen=True)
-    class Config:
-        amount: float
-        iterations: int = 1
-        finetune: Any = None
-
-        def __post_init__(self):
-            _check_common(self.amount, self.iterations)
-
-    def __init__(self, config: Config):
-        self.config = config
+    def __init__(self, config: PruneConfig):
+        super().__init__(config)
         self.layer_amounts: dict[str, float] = {}
 
     def scores(self, model: nn.Module, amount: float, importance_data: tuple[torch.Tensor, ...] | None) -> list[float]:
@@ -292,7 +277,7 @@ class LayerPruner:
 
 
 @pruners.register("channel")
-class ChannelPruner:
+class ChannelPruner(_Pruner):
     """Structured: removes whole neurons / conv output channels (and the matching
     inputs of the next layer, BatchNorm entries, flattened features) with
     torch-pruning's ``MetaPruner`` + ``MagnitudeImportance`` (group L``p`` norm).
@@ -301,18 +286,12 @@ class ChannelPruner:
     hidden-to-hidden weights shrink to about ``(1 - amount)**2``."""
 
     @dataclass(frozen=True)
-    class Config:
-        amount: float
-        iterations: int = 1
+    class Config(PruneConfig):
         norm: int = 2
-        finetune: Any = None
 
         def __post_init__(self):
-            _check_common(self.amount, self.iterations)
+            super().__post_init__()
             check(self.norm in (1, 2), "norm must be 1 or 2")
-
-    def __init__(self, config: Config):
-        self.config = config
 
     def apply(self, model: nn.Module, cumulative: float, previous: float, example_inputs=None, **_: Any) -> None:
         import torch_pruning as tp

@@ -44,8 +44,19 @@ def _worker_queues() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def check_sandbox() -> str:
+    """Resolve DISTILLERY_SANDBOX once at start: ``bwrap`` refuses to start without bubblewrap, ``auto``
+    falls back to plain child processes with a loud warning (app.sandbox). Returns the mode in use."""
+    from app import sandbox
+
+    mode = sandbox.resolve_mode(get_settings().sandbox)
+    print(f"distillery: uploads and jobs run in the '{mode}' sandbox", file=sys.stderr)
+    return mode
+
+
 def worker() -> None:
     """Replace this process with a Celery worker: one process, solo pool (one job at a time per GPU)."""
+    check_sandbox()
     queues = _worker_queues()
     args = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
             "--queues", queues, "--loglevel", "INFO", "--hostname", f"distillery-{queues}-{os.getpid()}@%h",
@@ -57,6 +68,7 @@ def serve() -> None:
     import uvicorn
 
     settings = get_settings()
+    check_sandbox()
     uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level="info")
 
 
@@ -139,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from app.errors import DomainError
+    from app.sandbox import SandboxUnavailable
 
     try:
         if args.command == "run":
@@ -156,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             keys_revoke(args.key_id)
     except DomainError as exc:
         print(f"error: {exc.detail}", file=sys.stderr)
+        return 1
+    except SandboxUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -32,6 +32,41 @@ class Settings(BaseSettings):
     inspect_timeout_seconds: float = Field(60.0, gt=0)
     allowed_file_roots: list[Path] = Field(default_factory=list)
 
+    # ---- the sandboxed executor (docs/security.md) ------------------------------------------
+    sandbox: Literal["auto", "bwrap", "process"] = Field(
+        "auto", description="How untrusted work (upload inspection, job runs) is isolated: bwrap (bubblewrap "
+                            "namespaces, refuse to start without it), process (a scrubbed child with rlimits only) "
+                            "or auto (bwrap when installed, else process with a warning).")
+    inspect_memory_bytes: int = Field(4 * 1024**3, gt=0, description="Memory limit of one upload inspection.")
+    executor_max_open_files: int = Field(1024, ge=64, description="RLIMIT_NOFILE of an executor.")
+    executor_max_file_bytes: int = Field(16 * 1024**3, gt=0, description="RLIMIT_FSIZE: largest file an executor "
+                                                                          "may write.")
+    executor_scratch_bytes: int = Field(32 * 1024**3, gt=0, description="Most bytes a job's scratch directory "
+                                                                        "may hold.")
+    executor_message_bytes: int = Field(1024 * 1024, ge=4096, description="Longest line the supervisor accepts "
+                                                                          "from an executor.")
+
+    # ---- job budgets, checked before 202 (app/jobs/budget.py) and enforced by the executor ------
+    max_job_parameters: int = Field(1_000_000_000, gt=0, description="Most parameters a job's teacher or "
+                                                                      "student may have.")
+    max_job_memory_bytes: int = Field(16 * 1024**3, gt=0, description="Most resident memory a job may need "
+                                                                       "(estimate before 202; executor limit).")
+    max_job_seconds: int = Field(6 * 3600, gt=0, description="Most wall time a job may take (estimate before "
+                                                             "202; executor limit per attempt).")
+    budget_flops_per_second: float = Field(2e10, gt=0, description="Sustained FLOP/s assumed when turning a "
+                                                                   "job's compute into seconds.")
+
+    # ---- request hardening ---------------------------------------------------------------------
+    max_json_body_bytes: int = Field(1024 * 1024, gt=0, description="Larger JSON bodies get 413.")
+    max_json_depth: int = Field(32, ge=4, description="Deeper JSON bodies get 422.")
+    max_archive_bytes: int = Field(8 * 1024**3, gt=0, description="Most bytes an uploaded archive (npz, zip, "
+                                                                  "TorchScript, .pt2) may inflate to.")
+    max_archive_ratio: float = Field(100.0, gt=1, description="Highest compression ratio accepted for an "
+                                                              "archive that inflates past 64 MiB.")
+    max_archive_members: int = Field(200_000, gt=0, description="Most members an uploaded archive may hold.")
+    metrics_token: str | None = Field(None, description="When set, GET /metrics requires "
+                                                        "'Authorization: Bearer <token>'.")
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, v: Path) -> Path:

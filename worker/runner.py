@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import traceback
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from app.jobs import state
 from app.jobs.events import append_event
 from app.settings import Settings, get_settings
 from app.storage import get_storage
-from worker import engine
+from worker import engine, supervisor
 from worker.reporter import DbReporter, _jsonable
 
 log = logging.getLogger("distillery.worker")
@@ -52,23 +51,13 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
 
 
 def _execute(job_id: str, settings: Settings, work: Path, checkpoints: Path) -> str:
-    """Run the engine for a claimed job and end it in a known state; returns that state."""
+    """Run the engine for a claimed job in a sandboxed executor and end the job in a known state."""
     reporter = DbReporter(job_id, settings.lease_seconds)
     try:
         inputs = _inputs(job_id)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        result = engine.run(inputs.spec, inputs.teacher, inputs.datasets, work, reporter, device=settings.device,
-                            threads=settings.worker_threads, models=inputs.models, checkpoint_dir=checkpoints,
-                            checkpoint_every_seconds=settings.checkpoint_seconds)
-        return _succeed(job_id, result)
-    except engine.Cancelled:
-        return _end(job_id, state.CANCELLED, "cancelled", "cancelled by the client")
-    except engine.QualityGateFailed as exc:
-        # Keep what the last step that met its budget produced, and the report that says which step broke it.
-        return _fail_with_artifacts(job_id, exc)
-    except engine.EngineError as exc:
-        return _end(job_id, state.FAILED, exc.code, exc.message)
+        ending = supervisor.supervise(inputs, work, checkpoints, settings, reporter, reporter.should_stop)
     except _MissingInput as exc:
         return _end(job_id, state.FAILED, "input_missing", str(exc))
     except OperationalError:
@@ -80,6 +69,16 @@ def _execute(job_id: str, settings: Settings, work: Path, checkpoints: Path) -> 
         log.exception("job %s crashed", job_id)
         return _end(job_id, state.FAILED, "internal_error", f"{exc.__class__.__name__}: {exc}",
                     data={"traceback": traceback.format_exc()[-4000:]})
+    if isinstance(ending, supervisor.Stopped):
+        # Cancelled (or taken away by the reaper, in which case the transition below does nothing).
+        return _end(job_id, state.CANCELLED, "cancelled", "cancelled by the client")
+    if isinstance(ending, supervisor.Failed):
+        return _end(job_id, state.FAILED, ending.code, ending.message, data=ending.data or None)
+    result = engine.EngineResult(artifacts=ending.artifacts, metrics=ending.metrics)
+    if ending.status == "quality_gate":
+        # Keep what the last step that met its budget produced, and the report that says which step broke it.
+        return _fail_with_artifacts(job_id, engine.QualityGateFailed(ending.message, result))
+    return _succeed(job_id, result)
 
 
 class _MissingInput(Exception):
@@ -105,15 +104,7 @@ def _claim(job_id: str, settings: Settings) -> bool:
     return True
 
 
-@dataclass
-class _JobInputs:
-    spec: dict
-    teacher: engine.TeacherSource
-    datasets: dict[str, engine.DatasetSource]
-    models: dict[str, engine.ModelSource]
-
-
-def _inputs(job_id: str) -> _JobInputs:
+def _inputs(job_id: str) -> supervisor.JobFiles:
     """Resolve every model and dataset the spec names to local files (storage keeps them by id)."""
     storage = get_storage()
     with session_scope() as s:
@@ -141,7 +132,7 @@ def _inputs(job_id: str) -> _JobInputs:
                 raise _MissingInput(f"student model {student_model} was deleted before the job ran")
             models[m.id] = engine.ModelSource(path=storage.local_path(m.storage_key), format=m.format,
                                               architecture=m.architecture, sha256=m.sha256)
-        return _JobInputs(spec, teacher, datasets, models)
+        return supervisor.JobFiles(spec, teacher, datasets, models)
 
 
 def _dataset_ids(spec: dict) -> list[str]:

@@ -323,3 +323,7 @@ class JobCheckpoints:
             self._write_failed(exc)
             return
         self.last_write = time.monotonic()
+        # Said out loud: the supervisor copies the checkpoint to storage when it hears this (the engine's
+        # sandbox cannot reach storage), so a lost worker's successor resumes from exactly here.
+        self.reporter.event("checkpoint_saved", f"checkpoint saved at step {step}, epoch {epoch}", level="debug",
+                            data={"step": step, "epoch": epoch})

@@ -1,0 +1,142 @@
+"""The untrusted side of a job: ``python -m worker.executor job.json``, run inside the sandbox.
+
+It reads the job file the supervisor staged in its scratch directory (paths relative to it), runs
+:func:`worker.engine.run`, and tells the supervisor everything as JSON lines on its original stdout:
+
+``{"type": "event", "event": str, "message": str, "level": str, "data": dict | null}``
+``{"type": "progress", "progress": dict}``
+``{"type": "metric", "step": int, "epoch": int, "name": str, "value": float}``
+``{"type": "result", "status": "succeeded" | "quality_gate", "message": str, "metrics": dict,
+   "artifacts": [{"kind", "format", "path" (relative to the out dir), "step_index"}]}``
+``{"type": "failed", "code": str, "message": str, "data": dict}``
+
+Anything else the engine or a library prints goes to stderr (fd 1 is re-pointed there at start), so it can
+never be mistaken for a message. The supervisor trusts none of this: it validates every line.
+Imports only the standard library and the engine (no database, broker or settings: it has no credentials).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, TextIO
+
+
+class PipeReporter:
+    """The engine's Reporter, writing JSON lines to the supervisor. Stopping is the supervisor's job (it kills
+    this process), so :meth:`should_stop` never asks to stop."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.out.write(json.dumps(_plain(message), allow_nan=False) + "\n")
+        self.out.flush()
+
+    def event(self, type: str, message: str, *, level: str = "info", data: dict | None = None) -> None:
+        self.send({"type": "event", "event": type, "message": message, "level": level, "data": data})
+
+    def progress(self, progress: dict) -> None:
+        self.send({"type": "progress", "progress": progress})
+
+    def metric(self, *, step: int, epoch: int, name: str, value: float) -> None:
+        self.send({"type": "metric", "step": step, "epoch": epoch, "name": name, "value": value})
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars → Python; NaN/inf → None (JSON has neither)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except (TypeError, ValueError):
+            return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _artifacts(result: Any, out_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for art in result.artifacts:
+        # Paths are sent relative to the out dir (the supervisor sees this scratch at another path).
+        rel = Path(art.path).resolve().relative_to(out_dir.resolve())
+        rows.append({"kind": art.kind, "format": art.format, "path": str(rel), "step_index": art.step_index})
+    return rows
+
+
+def _resource_error(exc: BaseException) -> str | None:
+    """The limit an exception means we ran into, if any (the rlimits surface as these errors)."""
+    if isinstance(exc, MemoryError):
+        return "memory"
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        return "file_size"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "disk"
+    text = str(exc)
+    if "can't allocate memory" in text or "Cannot allocate memory" in text or "std::bad_alloc" in text:
+        return "memory"
+    return None
+
+
+def main(argv: list[str]) -> int:
+    # Keep the real stdout for messages; everything else that writes to fd 1 now lands on stderr.
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    reporter = PipeReporter(out)
+    job = json.loads(Path(argv[0]).read_text())
+    out_dir = Path(job["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        from worker import engine
+
+        teacher = engine.TeacherSource(**{**job["teacher"], "path": Path(job["teacher"]["path"])})
+        datasets = {k: engine.DatasetSource(**{**v, "path": Path(v["path"]), "inputs": tuple(v["inputs"])})
+                    for k, v in job["datasets"].items()}
+        models = {k: engine.ModelSource(**{**v, "path": Path(v["path"])}) for k, v in job["models"].items()}
+        result = engine.run(job["spec"], teacher, datasets, out_dir, reporter, device=job["device"],
+                            threads=job["threads"], models=models, checkpoint_dir=Path(job["checkpoint_dir"]),
+                            checkpoint_every_seconds=job["checkpoint_every_seconds"])
+        reporter.send({"type": "result", "status": "succeeded", "message": "", "metrics": result.metrics,
+                       "artifacts": _artifacts(result, out_dir)})
+    except BaseException as exc:  # noqa: BLE001 - every ending is reported to the supervisor
+        return _report_failure(reporter, exc, out_dir)
+    return 0
+
+
+def _report_failure(reporter: PipeReporter, exc: BaseException, out_dir: Path) -> int:
+    from worker import engine
+
+    if isinstance(exc, engine.QualityGateFailed):
+        reporter.send({"type": "result", "status": "quality_gate", "message": exc.message,
+                       "metrics": exc.result.metrics, "artifacts": _artifacts(exc.result, out_dir)})
+        return 0
+    if isinstance(exc, engine.EngineError):
+        reporter.send({"type": "failed", "code": exc.code, "message": exc.message, "data": {}})
+        return 1
+    limit = _resource_error(exc)
+    if limit is not None:
+        reporter.send({"type": "failed", "code": "resource_limit", "message": f"{exc.__class__.__name__}: {exc}"[:2000],
+                       "data": {"limit": limit}})
+        return 1
+    reporter.send({"type": "failed", "code": "internal_error", "message": f"{exc.__class__.__name__}: {exc}"[:2000],
+                   "data": {"traceback": traceback.format_exc()[-4000:]}})
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

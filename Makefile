@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_WHEEL_DIR ?= /opt/wheels
 
-.PHONY: run test install install-dev lint clean bench
+.PHONY: run test install install-dev lint clean bench sandbox
 
 # Reinstall only when the project's install files change (stamp files), so re-running is fast.
 $(VENV)/.stamp-install: pyproject.toml
@@ -20,10 +20,16 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-install
 install: $(VENV)/.stamp-install
 install-dev: $(VENV)/.stamp-dev
 
-run: install
+run: install sandbox
 	$(VENV)/bin/distillery run
 
-test: install-dev
+# Uploads and jobs run under bubblewrap (docs/security.md); install it when missing and we can (root + apt).
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null) ; } || \
+	  echo "warning: bubblewrap is not installed; the sandbox falls back to plain child processes"
+
+test: install-dev sandbox
 	$(VENV)/bin/ruff check app worker tests benchmarks migrations
 	$(PY) -m pytest -q
 

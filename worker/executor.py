@@ -21,6 +21,7 @@ import errno
 import json
 import math
 import os
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -78,6 +79,16 @@ def _artifacts(result: Any, out_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _surroundings() -> dict[str, Any]:
+    """What this process can see of the world, for the job's events (operators and tests check it): the
+    names of its environment variables, its user and its network interfaces (only ``lo`` in a sandbox)."""
+    try:
+        interfaces = sorted(name for _i, name in socket.if_nameindex())
+    except OSError:
+        interfaces = []
+    return {"env": sorted(os.environ), "uid": os.getuid(), "network_interfaces": interfaces}
+
+
 def _resource_error(exc: BaseException) -> str | None:
     """The limit an exception means we ran into, if any (the rlimits surface as these errors)."""
     if isinstance(exc, MemoryError):
@@ -98,6 +109,7 @@ def main(argv: list[str]) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     reporter = PipeReporter(out)
+    reporter.event("executor_started", "the engine runs in a sandboxed executor", level="debug", data=_surroundings())
     job = json.loads(Path(argv[0]).read_text())
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -108,13 +108,24 @@ def test_an_executor_that_breaks_the_protocol_cannot_end_the_job_its_way(queued_
     assert reason in job.error_message
 
 
-def test_a_memory_hog_is_stopped_with_the_limit_named(queued_job, executor):
+def test_a_memory_hog_is_stopped_and_the_next_job_runs(queued_job, executor, monkeypatch, client, make_key,
+                                                        uploaded):
     # Touch 600 MiB page by page: resident memory, which the supervisor watches, grows past 256 MiB.
     executor("b = bytearray(600 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nimport time; time.sleep(30)")
     assert _run(queued_job, max_job_memory_bytes=256 << 20) == "failed"
     job = _job(queued_job)
     assert job.error_code == "resource_limit"
     assert "memory limit" in job.error_message and "DISTILLERY_MAX_JOB_MEMORY_BYTES" in job.error_message
+    # The same worker process then runs a real job (the real executor and engine) to the end.
+    monkeypatch.undo()
+    h = make_key("runner-next")
+    m, d = uploaded(h)
+    from app.settings import get_settings
+    from tests.support.fixtures import PARKED_QUEUE
+
+    monkeypatch.setattr(get_settings(), "job_queue", PARKED_QUEUE)  # undone above with the rest
+    nxt = client.post("/v1/jobs", headers=h, json=job_body(m, d)).json()["id"]
+    assert _run(nxt) == "succeeded", _job(nxt).error_message
 
 
 def test_a_job_past_its_time_limit_is_stopped(queued_job, executor):

@@ -19,6 +19,7 @@ when it works and warns loudly otherwise. Standard library only: the API process
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import json
 import logging
@@ -33,7 +34,6 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 log = logging.getLogger("distillery.sandbox")
@@ -85,7 +85,7 @@ class Outcome:
             return f"signal {self.signal}"
 
 
-@lru_cache
+@functools.lru_cache
 def bwrap_works() -> bool:
     """True when ``bwrap`` is installed and can create the namespaces we ask for on this host."""
     exe = shutil.which("bwrap")
@@ -143,9 +143,13 @@ def _code_dirs() -> list[Path]:
     return sorted(d for d in dirs if not any(o != d and o in d.parents for o in dirs))
 
 
+def _gpu_nodes() -> list[str]:
+    return sorted(str(p) for p in Path("/dev").glob("nvidia*"))
+
+
 def _device_binds() -> list[str]:
     """GPUs: the NVIDIA device nodes and the driver's /proc and /sys entries, when the host has them."""
-    nodes = sorted(str(p) for p in Path("/dev").glob("nvidia*"))
+    nodes = _gpu_nodes()
     if not nodes:
         return []
     args: list[str] = []
@@ -214,13 +218,22 @@ def _die_with_parent() -> None:
         pass
 
 
-def _set_limits(limits: Limits) -> None:
-    """Runs in the child between fork and exec (so it applies to bwrap and everything it starts)."""
-    _die_with_parent()
+def _rlimits(limits: Limits) -> list[tuple[int, int]]:
+    """The rlimits of an executor. No address-space limit where GPUs are present: the CUDA driver reserves
+    far more virtual memory than any budget (the resident-memory watch still applies)."""
     cpu = limits.cpu_seconds or int(limits.wall_seconds * (os.cpu_count() or 1)) + 60
-    for res, value in ((resource.RLIMIT_AS, limits.memory_bytes + ADDRESS_SPACE_HEADROOM),
-                       (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_NOFILE, limits.open_files),
-                       (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_CORE, 0)):
+    values = [(resource.RLIMIT_CPU, cpu), (resource.RLIMIT_NOFILE, limits.open_files),
+              (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_CORE, 0)]
+    if not _gpu_nodes():
+        values.append((resource.RLIMIT_AS, limits.memory_bytes + ADDRESS_SPACE_HEADROOM))
+    return values
+
+
+def _set_limits(rlimits: list[tuple[int, int]]) -> None:
+    """Runs in the child between fork and exec (so it applies to bwrap and everything it starts); computed
+    before the fork, because little is safe to do between fork and exec."""
+    _die_with_parent()
+    for res, value in rlimits:
         resource.setrlimit(res, (value, value))
 
 
@@ -254,7 +267,7 @@ class Executor:
         self._stderr_size = 0
         self.proc = subprocess.Popen(full, cwd=scratch, env=executor_env(scratch, env), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                     preexec_fn=lambda: _set_limits(limits), close_fds=True)
+                                     preexec_fn=functools.partial(_set_limits, _rlimits(limits)), close_fds=True)
         self._threads = [threading.Thread(target=self._drain_stderr, daemon=True),
                          threading.Thread(target=self._watch, daemon=True)]
         for t in self._threads:

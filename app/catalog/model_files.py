@@ -15,10 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.catalog.archives import UnsafeArchive, check_zip
 from app.catalog.inspector import run_inspector
 from app.catalog.pickle_scan import looks_like_module_pickle, non_tensor_globals, unsafe_globals
 from app.errors import Unprocessable
 from app.jobs.spec import MODEL_FORMATS
+from app.settings import get_settings
 
 SUPPORTED_MODEL_FORMATS = MODEL_FORMATS
 ALL_MODEL_FORMATS = MODEL_FORMATS
@@ -29,6 +31,8 @@ HOW_TO_EXPORT = (
     "or safetensors weights with an 'architecture'."
 )
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+#: Most bytes the stored inspection schema (``io_schema`` / a dataset's ``schema_``) may take as JSON.
+MAX_SCHEMA_BYTES = 64 * 1024
 
 
 class ModelFileError(Unprocessable):
@@ -42,14 +46,31 @@ class Inspection:
     io_schema: dict
 
 
+def check_archive(source: Path | io.BytesIO, error: type[Unprocessable], what: str = "the archive") -> list[zipfile.ZipInfo]:
+    """:func:`app.catalog.archives.check_zip` under this deployment's DISTILLERY_MAX_ARCHIVE_* settings, before
+    anything reads a member. Returns the members; raises ``error`` (code ``unsafe_archive``) saying why not."""
+    settings = get_settings()
+    try:
+        return check_zip(source, max_total_bytes=settings.max_archive_bytes, max_ratio=settings.max_archive_ratio,
+                         max_members=settings.max_archive_members)
+    except UnsafeArchive as exc:
+        raise error(f"{what} is refused: {exc}", code="unsafe_archive") from None
+
+
+def refuse_oversized_schema(schema: dict, error: type[Unprocessable]) -> dict:
+    """Return ``schema`` when its JSON fits in MAX_SCHEMA_BYTES; the inspector's output is untrusted and is
+    stored with the row, so a file describing a million arrays or inputs is refused (``error``)."""
+    size = len(json.dumps(schema, separators=(",", ":")).encode())
+    if size > MAX_SCHEMA_BYTES:
+        raise error(f"the file's schema is too large to store ({size} bytes, at most {MAX_SCHEMA_BYTES})",
+                    code="schema_too_large")
+    return schema
+
+
 def _zip_names(path: Path) -> list[str] | None:
     if not zipfile.is_zipfile(path):
         return None
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return zf.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ModelFileError(f"the file is a damaged zip archive ({exc}); re-export it. {HOW_TO_EXPORT}") from exc
+    return [i.filename for i in check_archive(path, ModelFileError)]
 
 
 def _read_member(path: Path, name: str) -> bytes:
@@ -114,11 +135,14 @@ def _archive_pickles(path: Path, nested: bool) -> list[tuple[str, bytes]]:
                 if name.endswith(".pkl") and not name.endswith(".debug_pkl"):
                     streams.append((name, zf.read(name)))
                 elif nested:
-                    data = zf.read(name)
-                    if data[:1] == b"\x80":
-                        streams.append((name, data))
-                    elif data[:4] == b"PK\x03\x04":
-                        with zipfile.ZipFile(io.BytesIO(data)) as inner:
+                    with zf.open(name) as member:  # look at the first bytes before reading a member whole
+                        head = member.read(4)
+                    if head[:1] == b"\x80":
+                        streams.append((name, zf.read(name)))
+                    elif head == b"PK\x03\x04":
+                        inner_bytes = io.BytesIO(zf.read(name))
+                        check_archive(inner_bytes, ModelFileError, f"the archive {name!r} stored inside")
+                        with zipfile.ZipFile(inner_bytes) as inner:
                             streams += [(f"{name}:{n}", inner.read(n)) for n in inner.namelist() if n.endswith(".pkl")]
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise ModelFileError(f"the archive is truncated or damaged ({exc}). {HOW_TO_EXPORT}") from exc
@@ -183,5 +207,6 @@ def inspect_model_file(path: Path, claimed: str | None, timeout: float, architec
     args = ["--format", detected] + (["--architecture", json.dumps(architecture)] if architecture is not None else [])
     result = run_inspector("worker.engine.inspect", args, path, timeout, error=ModelFileError,
                            what=f"the {detected} file")
-    return Inspection(format=detected, num_parameters=int(result["num_parameters"]),
-                      io_schema={"inputs": result.get("inputs", []), "outputs": result.get("outputs", [])})
+    io_schema = refuse_oversized_schema({"inputs": result.get("inputs", []), "outputs": result.get("outputs", [])},
+                                        ModelFileError)
+    return Inspection(format=detected, num_parameters=int(result["num_parameters"]), io_schema=io_schema)

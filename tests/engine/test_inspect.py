@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -125,3 +126,143 @@ def test_inspect_torch_export_and_safetensors(teacher_module, tmp_path):
     assert proc.returncode == 0 and out["ok"] and out["num_parameters"] == info["num_parameters"]
     bad = inspect_model(st, "safetensors", {**arch, "hidden": [128]})
     assert not bad["ok"] and "do not match" in bad["error"]
+
+
+# --- hostile files, refused by the engine too (defence in depth behind the API's checks) -------------------------
+
+def _with_duplicate(path: Path, suffix: str, payload: bytes) -> bytes:
+    """The archive at ``path`` with a second member of the same name as the first one ending in ``suffix``."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO(path.read_bytes())
+    with zipfile.ZipFile(buf) as zf:
+        name = next(n for n in zf.namelist() if n.endswith(suffix))
+    with zipfile.ZipFile(buf, "a") as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zf.writestr(name, payload)
+    return buf.getvalue()
+
+
+def test_archives_with_duplicate_members_are_refused_before_torch_reads_them(teacher_ts, teacher_module, tmp_path):
+    from worker.engine.pt2_safety import check_pt2_archive
+    from worker.engine.teachers_torch import load_module
+    from worker.engine.types import EngineError
+
+    ts = tmp_path / "dup.pt"
+    ts.write_bytes(_with_duplicate(teacher_ts.path, "/data.pkl", b"\x80\x04."))
+    info = inspect_model(ts, "torchscript")
+    assert info["ok"] is False and info["error"].startswith("refusing TorchScript archive: member ")
+    assert "appears more than once" in info["error"]
+    with pytest.raises(EngineError, match="appears more than once") as err:
+        load_module(ts, "torchscript")
+    assert err.value.code == "invalid_model"
+
+    pt2 = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(teacher_module, (torch.zeros(2, 64),)), str(pt2))
+    pt2.write_bytes(_with_duplicate(pt2, "data/sample_inputs/model.pt", b"\x80\x04."))
+    with pytest.raises(EngineError, match=r"refusing torch.export archive: member '.*' appears more than once"):
+        check_pt2_archive(pt2)
+    assert "appears more than once" in inspect_model(pt2, "torch_export")["error"]
+
+
+def _external_data_onnx(path: Path) -> Path:
+    from onnx import TensorProto, helper
+
+    weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
+    weight.external_data.add(key="location", value="/etc/passwd")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])], initializer=[weight])
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    return path
+
+
+def test_onnx_with_external_data_is_refused_by_the_inspector_and_the_teacher(tmp_path):
+    from worker.engine.teachers_onnx import OnnxTeacher
+    from worker.engine.types import EngineError
+
+    path = _external_data_onnx(tmp_path / "ext.onnx")
+    expected = ("ONNX initializer 'w' keeps its data in an external file ('/etc/passwd'); external data could name "
+                "any file on the machine, so only self-contained models are accepted "
+                "(save with onnx.save_model(model, path, save_as_external_data=False))")
+    assert inspect_model(path, "onnx") == {"ok": False, "error": expected}
+    with pytest.raises(EngineError) as err:
+        OnnxTeacher(path, torch.device("cpu"))
+    assert err.value.code == "invalid_model" and err.value.message == expected
+
+
+def test_onnx_external_data_inside_a_subgraph_is_found():
+    from onnx import TensorProto, helper
+
+    from worker.engine.inspect import external_data_error
+
+    inner = TensorProto(name="k", data_type=TensorProto.FLOAT, dims=[1], data_location=TensorProto.EXTERNAL)
+    branch = helper.make_graph([helper.make_node("Constant", [], ["c"], value=inner)], "then", [],
+                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1])])
+    plain = helper.make_graph([helper.make_node("Constant", [], ["c"], value=helper.make_tensor("k", 1, [1], [0.0]))],
+                              "else", [], [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1])])
+    node = helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=plain)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])])
+    message = external_data_error(helper.make_model(graph))
+    assert message is not None and message.startswith("ONNX attribute 'then_branch' of node 'If': attribute 'value'")
+
+
+def test_engine_refuses_unsafe_input_names_and_lying_npy_headers(tmp_path):
+    import io
+    import zipfile
+
+    import numpy as np
+
+    from worker.engine.data import _cache_file, load_dataset
+    from worker.engine.inspect_data import inspect_dataset
+    from worker.engine.types import DatasetSource, EngineError
+
+    good = tmp_path / "d.npz"
+    np.savez(good, x=np.zeros((4, 2), np.float32))
+    for name in ("../../etc", "a/b", "x\n"):
+        with pytest.raises(EngineError, match="is not allowed: input names are 1 to 64 letters") as err:
+            load_dataset(DatasetSource(good, "npz", inputs=(name,)), tmp_path / "cache")
+        assert err.value.code == "invalid_dataset"
+        assert "is not allowed" in inspect_dataset(good, "npz", inputs=[name])["error"]
+    with pytest.raises(EngineError, match="cannot be unpacked"):
+        _cache_file(tmp_path, "../outside")
+
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy, {"descr": "<f8", "fortran_order": False, "shape": (2**28, 1)})
+    npy.write(bytes(16))
+    lying = tmp_path / "lying.npz"
+    with zipfile.ZipFile(lying, "w") as zf:
+        zf.writestr("x.npy", npy.getvalue())
+    expected = ("array 'x' declares shape [268435456, 1] of float64 (2147483648 bytes) but its member holds 16 bytes "
+                "after the header; the file is damaged or crafted")
+    assert inspect_dataset(lying, "npz") == {"ok": False, "error": expected}
+    with pytest.raises(EngineError, match=re.escape(expected)):
+        load_dataset(DatasetSource(lying, "npz"), tmp_path / "cache")
+
+
+def test_engine_refuses_an_image_whose_header_declares_too_many_pixels(tmp_path):
+    import struct
+    import zipfile
+    import zlib
+
+    from worker.engine.data import load_dataset
+    from worker.engine.inspect_data import inspect_dataset
+    from worker.engine.types import DatasetSource, EngineError
+
+    def png(width: int, height: int) -> bytes:
+        def chunk(kind: bytes, body: bytes) -> bytes:
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+    path = tmp_path / "imgs.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("a/big.png", png(12_000, 12_000))  # under PIL's own bomb limit, over ours
+        zf.writestr("b/small.png", png(4, 4))
+    expected = "image 'a/big.png' declares 12000×12000 pixels, more than the limit of 100000000 pixels per image"
+    assert inspect_dataset(path, "image_folder") == {"ok": False, "error": expected}
+    with pytest.raises(EngineError, match=expected):
+        load_dataset(DatasetSource(path, "image_folder"))

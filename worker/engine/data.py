@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -42,10 +43,19 @@ import numpy as np
 
 from .registry import EmptyConfig, dataset_formats
 from .types import DatasetSource, EngineError
+from .zipcheck import ENGINE_MAX_TOTAL_BYTES, refuse_unsafe_zip
 
 #: npz files larger than this are memory-mapped (members extracted to .npy in a cache dir).
 NPZ_MMAP_THRESHOLD = 512 * 1024 * 1024
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+#: Input names (array names, and file names in the npz cache): the API accepts nothing else either.
+INPUT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_CACHE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+#: A .npy header longer than this is refused (numpy's own default bound).
+MAX_NPY_HEADER = 10_000
+#: image_folder: the largest image member and the most pixels one image may have (checked before decoding).
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+MAX_IMAGE_PIXELS = 100_000_000
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -255,20 +265,75 @@ class _Format(ABC):
         """Read the file into a :class:`Dataset` (inputs N×…, labels, held-out split when present)."""
 
 
-def _npz_members(archive_path: Path) -> dict[str, zipfile.ZipInfo]:
-    with zipfile.ZipFile(archive_path) as zf:
-        return {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy")}
+def check_input_name(name: str) -> str:
+    """``name`` when it matches INPUT_NAME; else ``EngineError("invalid_dataset")``. Input names become
+    array lookups and cache file names, so nothing that could name a path gets through."""
+    if not isinstance(name, str) or not INPUT_NAME.fullmatch(name):
+        raise _bad(f"input name {str(name)[:80]!r} is not allowed: input names are 1 to 64 letters, digits or "
+                   f"underscores, not starting with a digit")
+    return name
+
+
+def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{array name: (shape, dtype)}`` of an npz's ``.npy`` members, from their headers (no array data).
+
+    The archive is checked first (:func:`.zipcheck.refuse_unsafe_zip`); object dtypes, and headers whose
+    shape × itemsize disagrees with the member's declared size (what numpy would allocate from), are
+    refused with ``EngineError("invalid_dataset")``.
+    """
+    infos = refuse_unsafe_zip(path, "invalid_dataset", "the .npz dataset")
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in infos:
+                if info.filename.endswith(".npy"):
+                    out[info.filename[:-4]] = _npy_header(zf, info)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise _bad(f"cannot read dataset as .npz: {_first_line(exc)}") from None
+    return out
+
+
+def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype]:
+    name = info.filename[:-4]
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with zf.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version not in readers:
+                raise ValueError(f"unsupported .npy format version {version}")
+            shape, _fortran, dtype = readers[version](f, max_header_size=MAX_NPY_HEADER)
+        except ValueError as exc:
+            raise _bad(f"array {name!r} has no valid .npy header: {_first_line(exc)}") from None
+        header_bytes = f.tell()
+    if dtype.hasobject:
+        raise _bad(f"array {name!r} holds Python objects (needs pickle); save numeric arrays only")
+    data_bytes = math.prod(shape) * dtype.itemsize
+    if any(d < 0 for d in shape) or data_bytes > ENGINE_MAX_TOTAL_BYTES or data_bytes != info.file_size - header_bytes:
+        raise _bad(f"array {name!r} declares shape {list(shape)} of {dtype} ({data_bytes} bytes) but its member "
+                   f"holds {info.file_size - header_bytes} bytes after the header; the file is damaged or crafted")
+    return tuple(int(d) for d in shape), dtype
+
+
+def _cache_file(target: Path, key: str) -> Path:
+    """``target/<key>.npy`` for a validated array name, resolved and checked to lie inside ``target``."""
+    if not _CACHE_NAME.fullmatch(key):  # an input name, or one with "_val" appended
+        raise _bad(f"array {key[:80]!r} cannot be unpacked: only letters, digits and underscores are allowed")
+    root = target.resolve()
+    dest = (root / f"{key}.npy").resolve()
+    if dest.parent != root:
+        raise _bad(f"array {key!r} would be unpacked outside the dataset cache")
+    return dest
 
 
 def _mmap_npz(path: Path, keys: list[str], cache_dir: Path) -> dict[str, np.ndarray]:
-    """Extract the members ``keys`` of a (large) npz to .npy files and memory-map them."""
+    """Extract the members ``keys`` of a (large, already checked) npz to .npy files and memory-map them."""
     digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()
     target = Path(cache_dir) / f"npz-{digest[:16]}"
     target.mkdir(parents=True, exist_ok=True)
     out = {}
     with zipfile.ZipFile(path) as zf:
         for key in keys:
-            dest = target / f"{key}.npy"
+            dest = _cache_file(target, key)
             if not dest.exists():
                 tmp = dest.with_suffix(".tmp")
                 with zf.open(f"{key}.npy") as src, open(tmp, "wb") as dst:
@@ -291,11 +356,9 @@ class NpzDataset(_Format):
             raise _bad(f"dataset file not found: {path}")
         names = list(inputs)
         wanted = names + [_val_name(n) for n in names] + ["y", "y_val"]
+        # Check the archive and every array header before numpy reads anything.
+        present = set(npz_headers(path)) if zipfile.is_zipfile(path) else set()
         if cache_dir is not None and path.stat().st_size > NPZ_MMAP_THRESHOLD:
-            try:
-                present = set(_npz_members(path))
-            except (zipfile.BadZipFile, OSError) as exc:
-                raise _bad(f"cannot read dataset as .npz: {_first_line(exc)}") from None
             _require(names, present)
             arrays = _mmap_npz(path, [k for k in wanted if k in present], cache_dir)
             # labels are small: read them whole
@@ -350,6 +413,8 @@ def _load_pt_dict(path: Path) -> dict[str, Any]:
 
     if not path.is_file():
         raise _bad(f"dataset file not found: {path}")
+    if zipfile.is_zipfile(path):
+        refuse_unsafe_zip(path, "invalid_dataset", "the .pt dataset")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -501,13 +566,16 @@ def list_image_zip(path: Path) -> tuple[dict[str, list[tuple[str, str]]], list[s
     """``({"train"|"val": [(member, class_name)]}, classes)`` of an image-folder zip."""
     if not path.is_file():
         raise _bad(f"dataset file not found: {path}")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = [i.filename for i in zf.infolist() if not i.is_dir()]
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise _bad(f"cannot read image folder as a zip archive: {_first_line(exc)}") from None
-    files = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES) and "__MACOSX" not in n
-             and not Path(n).name.startswith(".")]
+    if not zipfile.is_zipfile(path):
+        raise _bad("cannot read image folder as a zip archive: File is not a zip file")
+    infos = refuse_unsafe_zip(path, "invalid_dataset", "the image folder")
+    images = [i for i in infos if not i.is_dir() and i.filename.lower().endswith(IMAGE_SUFFIXES)
+              and "__MACOSX" not in i.filename and not Path(i.filename).name.startswith(".")]
+    for info in images:
+        if info.file_size > MAX_IMAGE_BYTES:
+            raise _bad(f"image {info.filename!r} is {info.file_size} bytes, more than the limit of "
+                       f"{MAX_IMAGE_BYTES} bytes per image")
+    files = [i.filename for i in images]
     if not files:
         raise _bad("the zip holds no images (expected <class>/<image>.png|jpg)")
     parts = [n.split("/") for n in files]
@@ -532,6 +600,14 @@ def list_image_zip(path: Path) -> tuple[dict[str, list[tuple[str, str]]], list[s
     return splits, classes
 
 
+def check_image_pixels(img: Any, member: str) -> None:
+    """Refuse an opened (not yet decoded) PIL image with more than MAX_IMAGE_PIXELS pixels."""
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _bad(f"image {member!r} declares {width}×{height} pixels, more than the limit of "
+                   f"{MAX_IMAGE_PIXELS} pixels per image")
+
+
 @dataset_formats.register("image_folder")
 class ImageFolderDataset(_Format):
     """A zip of ``<class>/<image>``; labels are the sorted class names; images float32 N×C×H×W."""
@@ -550,10 +626,13 @@ class ImageFolderDataset(_Format):
             for i, (member, cls) in enumerate(items):
                 try:
                     with Image.open(io.BytesIO(zf.read(member))) as img:
+                        check_image_pixels(img, member)  # before decoding: the header alone gives the size
                         img = img.convert("L" if gray else "RGB")
                         if img.size != (size[1], size[0]):
                             img = img.resize((size[1], size[0]), Image.BILINEAR)
                         a = np.asarray(img, dtype=np.float32) / 255.0
+                except EngineError:
+                    raise
                 except Exception as exc:
                     raise _bad(f"cannot decode image {member!r}: {_first_line(exc)}") from None
                 x[i] = a[None] if gray else a.transpose(2, 0, 1)
@@ -588,7 +667,7 @@ def load_dataset(source: DatasetSource, cache_dir: Path | None = None) -> Datase
         raise EngineError(
             "unsupported", f"dataset format {source.format!r} is not supported ({', '.join(dataset_formats.names())})"
         )
-    inputs = tuple(source.inputs) or ("x",)
+    inputs = tuple(check_input_name(n) for n in source.inputs) or ("x",)
     if len(set(inputs)) != len(inputs):
         raise _bad(f"dataset inputs name an array twice: {list(inputs)}")
     options = dict(getattr(source, "options", None) or {})

@@ -30,6 +30,8 @@ import json
 import math
 import sys
 import warnings
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,47 @@ def _onnx_value_info(value: Any) -> dict[str, Any]:
     return {"name": value.name, "shape": shape, "dtype": dtype}
 
 
+def _graph_tensors(graph: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """Every tensor a graph holds (initializers, sparse initializers, node attributes), subgraphs
+    included, as ``(description, TensorProto)``."""
+    for t in getattr(graph, "initializer", ()):  # a FunctionProto has nodes only
+        yield f"{where}initializer {t.name!r}", t
+    for sp in getattr(graph, "sparse_initializer", ()):
+        yield f"{where}sparse initializer {sp.values.name!r}", sp.values
+        yield f"{where}sparse initializer {sp.values.name!r} (indices)", sp.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            here = f"{where}attribute {attr.name!r} of node {node.name or node.op_type!r}"
+            if attr.HasField("t"):
+                yield here, attr.t
+            for t in attr.tensors:
+                yield here, t
+            if attr.HasField("sparse_tensor"):
+                yield here, attr.sparse_tensor.values
+            for sp in attr.sparse_tensors:
+                yield here, sp.values
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g, f"{here}: ")
+            for g in attr.graphs:
+                yield from _graph_tensors(g, f"{here}: ")
+
+
+def external_data_error(model: Any) -> str | None:
+    """Why an ONNX model is refused for keeping tensor data outside the file (``data_location: EXTERNAL``,
+    a path onnx/onnxruntime would open, anywhere on disk), or None when every tensor is inline."""
+    import onnx
+
+    graphs = [("", model.graph)] + [(f"function {f.name!r}: ", f) for f in model.functions]
+    for prefix, graph in graphs:
+        for where, tensor in _graph_tensors(graph, prefix):
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+                location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+                return (f"ONNX {where} keeps its data in an external file ({location[:200]!r}); external data "
+                        f"could name any file on the machine, so only self-contained models are accepted "
+                        f"(save with onnx.save_model(model, path, save_as_external_data=False))")
+    return None
+
+
 def _inspect_onnx(path: Path) -> dict[str, Any]:
     import onnx
 
@@ -130,6 +173,8 @@ def _inspect_onnx(path: Path) -> dict[str, Any]:
         return {"ok": False, "error": f"not a valid ONNX model: {error_summary(exc)}"}
     if not model.HasField("graph") or not model.graph.node:
         return {"ok": False, "error": "not a valid ONNX model: the file has no graph nodes"}
+    if (refused := external_data_error(model)) is not None:
+        return {"ok": False, "error": refused}
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
@@ -147,6 +192,14 @@ def _inspect_onnx(path: Path) -> dict[str, Any]:
 def _inspect_torchscript(path: Path) -> dict[str, Any]:
     import torch
 
+    from .types import EngineError
+    from .zipcheck import refuse_unsafe_zip
+
+    if zipfile.is_zipfile(path):  # torch's reader and zipfile must see the same members
+        try:
+            refuse_unsafe_zip(path, "invalid_model", "TorchScript archive")
+        except EngineError as exc:
+            return {"ok": False, "error": exc.message}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

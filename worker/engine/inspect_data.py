@@ -24,33 +24,19 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .types import EngineError
 
 FORMATS = ("npz", "pt", "csv", "parquet", "image_folder")
 
 
 def _npz_headers(path: Path) -> dict[str, dict[str, Any]]:
-    out = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                with zf.open(info) as f:
-                    version = np.lib.format.read_magic(f)
-                    if version == (1, 0):
-                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                    else:
-                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                if dtype.hasobject:
-                    raise EngineError("invalid_dataset", f"array {info.filename[:-4]!r} holds Python objects "
-                                      "(needs pickle); save numeric arrays only")
-                out[info.filename[:-4]] = {"shape": [int(d) for d in shape], "dtype": str(dtype)}
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise EngineError("invalid_dataset", f"cannot read dataset as .npz: {str(exc).splitlines()[0][:300]}") from None
-    return out
+    """``{name: {"shape", "dtype"}}`` from the array headers, after the archive and header checks of
+    :func:`.data.npz_headers` (the same ones the job's loader applies)."""
+    from .data import npz_headers
+
+    if not zipfile.is_zipfile(path):
+        raise EngineError("invalid_dataset", "cannot read dataset as .npz: File is not a zip file")
+    return {name: {"shape": list(shape), "dtype": str(dtype)} for name, (shape, dtype) in npz_headers(path).items()}
 
 
 def _check_arrays(arrays: dict[str, dict[str, Any]], inputs: list[str]) -> dict[str, Any]:
@@ -80,6 +66,13 @@ def inspect_dataset(path: Path, format: str, options: dict | None = None,
     path = Path(path)
     options = options or {}
     inputs = list(inputs or ["x"])
+    from .data import check_input_name
+
+    try:
+        for name in inputs:
+            check_input_name(name)
+    except EngineError as exc:
+        return {"ok": False, "error": exc.message}
     if format not in FORMATS:
         return {"ok": False, "error": f"unsupported dataset format {format!r} (expected one of: {', '.join(FORMATS)})"}
     if not path.is_file():
@@ -143,7 +136,7 @@ def _inspect(path: Path, format: str, options: dict, inputs: list[str]) -> dict[
     # image_folder
     from PIL import Image
 
-    from .data import image_options, list_image_zip
+    from .data import check_image_pixels, image_options, list_image_zip
 
     size, gray, _ = image_options(options)
     splits, classes = list_image_zip(path)
@@ -151,7 +144,10 @@ def _inspect(path: Path, format: str, options: dict, inputs: list[str]) -> dict[
         member = splits["train"][0][0]
         try:
             with Image.open(zf.open(member)) as img:
+                check_image_pixels(img, member)
                 img.verify()
+        except EngineError:
+            raise
         except Exception as exc:
             raise EngineError("invalid_dataset", f"cannot decode image {member!r}: {str(exc)[:200]}") from None
     c = 1 if gray else 3

@@ -19,6 +19,7 @@ import torch
 
 from .inspect import error_summary
 from .types import EngineError
+from .zipcheck import refuse_unsafe_zip
 
 # torch.export.load() unpickles in several places (weights/constants flagged use_pickle are read with
 # torch.load(weights_only=False), custom/opaque objects with pickle, sample inputs fall back to
@@ -89,6 +90,11 @@ def check_pt2_archive(path: Path) -> None:
     def bad(reason: str) -> EngineError:
         return EngineError("invalid_model", f"refusing torch.export archive: {reason}")
 
+    if not zipfile.is_zipfile(path):
+        raise EngineError("invalid_model", "not a torch.export archive: the file is not a zip archive "
+                          "(save it with torch.export.save(exported_program, 'model.pt2'))")
+    # Duplicate names first of all: zipfile (this check) and torch's reader could otherwise read different copies.
+    refuse_unsafe_zip(path, "invalid_model", "torch.export archive")
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):

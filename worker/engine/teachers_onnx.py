@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .inspect import count_onnx_parameters, error_summary
+from .inspect import count_onnx_parameters, error_summary, external_data_error
 from .registry import EmptyConfig, teacher_formats
 from .teacher_base import Batch, Teacher
 from .types import EngineError
@@ -49,6 +49,7 @@ class OnnxTeacher(Teacher):
             if "CUDAExecutionProvider" in ort.get_available_providers():
                 providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         self.providers_wanted = providers
+        refuse_external_data(self.path)
         self.session = _ort_session(self.path, providers, threads)
         self._cpu_session = self.session if providers == ["CPUExecutionProvider"] else None
         self.session_inputs = self.session.get_inputs()
@@ -201,6 +202,21 @@ class OnnxTeacher(Teacher):
         session, tensors = self._feature_sessions[key]
         outs = self._run(session, tensors, self._feeds(batch))
         return {name: torch.from_numpy(np.ascontiguousarray(o)) for name, o in zip(names, outs)}
+
+
+def refuse_external_data(path: Path) -> None:
+    """Raise ``EngineError("invalid_model")`` when the ONNX model at ``path`` keeps tensors in external
+    files: onnxruntime would open whatever path the model names. Only the protobuf is parsed."""
+    import onnx
+
+    if not Path(path).is_file():
+        raise EngineError("invalid_model", f"teacher file not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise EngineError("invalid_model", f"cannot load teacher as ONNX: {error_summary(exc)}") from None
+    if (refused := external_data_error(model)) is not None:
+        raise EngineError("invalid_model", refused)
 
 
 def _ort_session(path: Path, providers: list[str], threads: int | None) -> Any:

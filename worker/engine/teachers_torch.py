@@ -9,6 +9,7 @@ through :func:`.pt2_safety.safe_load_exported`.
 from __future__ import annotations
 
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .pt2_safety import safe_load_exported
 from .registry import EmptyConfig, teacher_formats
 from .teacher_base import Batch, Teacher
 from .types import EngineError
+from .zipcheck import refuse_unsafe_zip
 
 
 def last_linear_name(module: nn.Module) -> str | None:
@@ -230,6 +232,8 @@ def _run_chain(chain: list[tuple[str, Any, str]], x: torch.Tensor, names: Sequen
 def _load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModule:
     if not path.is_file():
         raise EngineError("invalid_model", f"teacher file not found: {path}")
+    if zipfile.is_zipfile(path):  # torch's reader and zipfile must see the same members
+        refuse_unsafe_zip(path, "invalid_model", "TorchScript archive")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -11,6 +11,7 @@ ENV DISTILLERY_SANDBOX=bwrap
 COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY worker ./worker
+COPY safezip ./safezip
 COPY migrations ./migrations
 RUN pip install --extra-index-url "$TORCH_INDEX" "torch==2.13.0" && pip install .
 VOLUME ["/data"]

@@ -22,3 +22,10 @@ def test_engine_knows_nothing_of_http_sql_or_celery():
     mods = _modules_after("import worker.engine")
     for forbidden in ("app", "fastapi", "sqlalchemy", "celery", "kombu", "pydantic", "starlette"):
         assert forbidden not in mods, forbidden
+
+
+def test_safezip_is_a_standard_library_leaf():
+    """Both layers import it, so it may import nothing but the standard library."""
+    before = {m.split(".")[0] for m in _modules_after("pass")}  # the interpreter's own (site, editable finders)
+    after = {m.split(".")[0] for m in _modules_after("import safezip")}
+    assert not after - before - set(sys.stdlib_module_names) - {"safezip"}

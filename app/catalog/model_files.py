@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.catalog.archives import UnsafeArchive, check_zip
 from app.catalog.inspector import run_inspector
 from app.catalog.pickle_scan import looks_like_module_pickle, non_tensor_globals, unsafe_globals
 from app.errors import Unprocessable
 from app.jobs.spec import MODEL_FORMATS
 from app.settings import get_settings
+from safezip import UnsafeArchive, check_zip
 
 SUPPORTED_MODEL_FORMATS = MODEL_FORMATS
 ALL_MODEL_FORMATS = MODEL_FORMATS
@@ -46,13 +46,17 @@ class Inspection:
     io_schema: dict
 
 
+ARCHIVE_SETTINGS = {"members": "DISTILLERY_MAX_ARCHIVE_MEMBERS", "bytes": "DISTILLERY_MAX_ARCHIVE_BYTES",
+                    "ratio": "DISTILLERY_MAX_ARCHIVE_RATIO"}
+
+
 def check_archive(source: Path | io.BytesIO, error: type[Unprocessable], what: str = "the archive") -> list[zipfile.ZipInfo]:
-    """:func:`app.catalog.archives.check_zip` under this deployment's DISTILLERY_MAX_ARCHIVE_* settings, before
+    """:func:`safezip.check_zip` under this deployment's DISTILLERY_MAX_ARCHIVE_* settings, before
     anything reads a member. Returns the members; raises ``error`` (code ``unsafe_archive``) saying why not."""
     settings = get_settings()
     try:
         return check_zip(source, max_total_bytes=settings.max_archive_bytes, max_ratio=settings.max_archive_ratio,
-                         max_members=settings.max_archive_members)
+                         max_members=settings.max_archive_members, limit_names=ARCHIVE_SETTINGS)
     except UnsafeArchive as exc:
         raise error(f"{what} is refused: {exc}", code="unsafe_archive") from None
 

@@ -7,9 +7,10 @@ missing one (both ``NotFound``).
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
-from sqlalchemy import exists, select
+from sqlalchemy import event, exists, select
 from sqlalchemy.orm import Session
 
 from app import idempotency
@@ -22,8 +23,33 @@ from app.ids import new_id
 from app.jobs.spec import STUDENT_FAMILIES, TASKS
 from app.jobs.state import ACTIVE
 from app.settings import Settings
-from app.storage import Storage
+from app.storage import Storage, StoredBlob
 
+log = logging.getLogger("distillery.catalog")
+_UNCOMMITTED_BLOBS = "distillery.uncommitted_blobs"
+
+
+def _put_blob(session: Session, storage: Storage, key: str, upload: Received) -> StoredBlob:
+    """Store the upload under ``key``; the blob is deleted again unless ``session`` commits (a failed
+    flush or commit, a rollback, a session closed without commit), so no blob outlives its row."""
+    session.info.setdefault(_UNCOMMITTED_BLOBS, []).append((storage, key))
+    return storage.put_file(key, upload.path)
+
+
+@event.listens_for(Session, "after_commit")
+def _keep_blobs(session: Session) -> None:
+    session.info.pop(_UNCOMMITTED_BLOBS, None)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _discard_blobs(session: Session, transaction) -> None:
+    if transaction.parent is not None or transaction.nested:
+        return  # a savepoint or subtransaction ending decides nothing about the outer one
+    for storage, key in session.info.pop(_UNCOMMITTED_BLOBS, []):
+        try:
+            storage.delete(key)
+        except Exception:  # an orphan blob is worth a log line, not the request's real error
+            log.exception("could not delete blob %s of a transaction that did not commit", key)
 
 
 def get_model(session: Session, tenant_id: str, model_id: str) -> Model:
@@ -68,14 +94,17 @@ def create_model(session: Session, storage: Storage, settings: Settings, tenant_
                                     "sha256": upload.sha256})
     if (prior := idempotency.lookup(session, tenant_id, "models", idempotency_key, req)) is not None:
         return get_model(session, tenant_id, prior), False
-    found = inspect_model_file(upload.path, format, settings.inspect_timeout_seconds, arch)
     model_id = new_id("model")
-    blob = storage.put_file(f"models/{model_id}", upload.path)  # blob first, then the row
+    # Claimed before the inspection and the blob: concurrent identical uploads wait here and replay the
+    # winner's model rather than each inspecting and storing a copy.
+    if (prior := idempotency.claim(session, tenant_id, "models", idempotency_key, req, model_id)) is not None:
+        return get_model(session, tenant_id, prior), False
+    found = inspect_model_file(upload.path, format, settings.inspect_timeout_seconds, arch)
+    blob = _put_blob(session, storage, f"models/{model_id}", upload)  # blob first, then the row
     row = Model(id=model_id, tenant_id=tenant_id, name=name, format=found.format, task=task, architecture=arch,
                 io_schema=found.io_schema, size_bytes=blob.size_bytes, sha256=upload.sha256,
                 num_parameters=found.num_parameters, storage_key=blob.key)
     session.add(row)
-    idempotency.remember(session, tenant_id, "models", idempotency_key, req, model_id)
     session.flush()
     return row, True
 
@@ -90,14 +119,15 @@ def create_dataset(session: Session, storage: Storage, settings: Settings, tenan
                                     "options": options.model_dump(mode="json")})
     if (prior := idempotency.lookup(session, tenant_id, "datasets", idempotency_key, req)) is not None:
         return get_dataset(session, tenant_id, prior), False
-    schema = dataset_schema(upload.path, format, inputs, options, settings.inspect_timeout_seconds)
     dataset_id = new_id("dataset")
-    blob = storage.put_file(f"datasets/{dataset_id}", upload.path)
+    if (prior := idempotency.claim(session, tenant_id, "datasets", idempotency_key, req, dataset_id)) is not None:
+        return get_dataset(session, tenant_id, prior), False
+    schema = dataset_schema(upload.path, format, inputs, options, settings.inspect_timeout_seconds)
+    blob = _put_blob(session, storage, f"datasets/{dataset_id}", upload)
     row = Dataset(id=dataset_id, tenant_id=tenant_id, name=name, format=format, num_rows=schema["num_rows"],
                   size_bytes=blob.size_bytes, sha256=upload.sha256, has_labels=schema["has_labels"],
                   schema_=schema, storage_key=blob.key)
     session.add(row)
-    idempotency.remember(session, tenant_id, "datasets", idempotency_key, req, dataset_id)
     session.flush()
     return row, True
 

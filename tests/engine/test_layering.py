@@ -1,5 +1,6 @@
-"""worker/engine may only import torch, numpy, onnx, onnxruntime, safetensors, pyarrow, PIL and the
-standard library, and must never unpickle."""
+"""worker/engine may only import torch, numpy, onnx, onnxruntime, safetensors, pyarrow, PIL, the
+standard library and ``safezip`` (the stdlib-only archive check it shares with the API), and must never
+unpickle."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parents[2] / "worker" / "engine"
-ALLOWED = {"torch_pruning", "matplotlib", "torch", "numpy", "onnx", "onnxruntime", "safetensors", "pyarrow", "PIL"}
+ALLOWED = {"torch_pruning", "matplotlib", "torch", "numpy", "onnx", "onnxruntime", "safetensors", "pyarrow", "PIL",
+           "safezip"}
 
 
 def _modules():

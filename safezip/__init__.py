@@ -1,15 +1,16 @@
-"""Refuse hostile zip archives before any member is read (stdlib only: the API never imports torch).
+"""Refuse hostile zip archives before any member is read. Standard library only.
 
-Every zip-based upload (TorchScript, torch.export ``.pt2``, torch.save checkpoints, ``.npz``, image zips)
-passes :func:`check_zip` first. Readers disagree on ambiguous archives: Python's :mod:`zipfile` keeps the
-*last* central-directory entry of a duplicated name while torch's miniz-based ``PyTorchStreamReader`` may
-read another, and a reader may trust a local header whose name differs from the central directory's. A
-safety check that reads one copy while the loader reads another is no check at all, so anything a second
-reader could understand differently is refused, as are members that escape a directory when extracted and
-archives that inflate far beyond their size.
+A leaf package both layers import: the API (which never imports torch or the worker) checks every
+zip-based upload — TorchScript, torch.export ``.pt2``, torch.save checkpoints, ``.npz``, image zips — with
+:func:`check_zip` under the deployment's limits, and the engine (which never imports the service) checks
+again, right before ``torch.jit.load`` / ``torch.export.load`` / ``torch.load`` / ``np.load`` see the file.
 
-The engine holds the same check in ``worker/engine/zipcheck.py`` (it may not import ``app``); the two are
-tested against the same crafted archives in ``tests/catalog/test_archives.py``.
+Readers disagree on ambiguous archives: Python's :mod:`zipfile` keeps the *last* central-directory entry
+of a duplicated name while torch's miniz-based ``PyTorchStreamReader`` may read another, and a reader may
+trust a local header whose name differs from the central directory's. A safety check that reads one copy
+while the loader reads another is no check at all, so anything a second reader could understand
+differently is refused, as are members that escape a directory when extracted and archives that inflate
+far beyond their size.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import re
 import stat
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -38,10 +39,8 @@ _ZIP64_LOCATOR = struct.Struct("<4sIQI")  # 20 bytes, just before the end record
 _ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")  # 56 bytes
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")  # local file header, 30 bytes
 _DRIVE = re.compile(r"^[A-Za-z]:")
-#: What the messages name as the source of each limit.
-_MEMBERS_SETTING = "DISTILLERY_MAX_ARCHIVE_MEMBERS"
-_BYTES_SETTING = "DISTILLERY_MAX_ARCHIVE_BYTES"
-_RATIO_SETTING = "DISTILLERY_MAX_ARCHIVE_RATIO"
+#: What the messages name as the source of each limit, unless the caller names its settings.
+DEFAULT_LIMIT_NAMES = {"members": "the member limit", "bytes": "the size limit", "ratio": "the ratio limit"}
 
 
 class UnsafeArchive(ValueError):
@@ -49,7 +48,8 @@ class UnsafeArchive(ValueError):
 
 
 def check_zip(source: str | os.PathLike[str] | BinaryIO, *, max_total_bytes: int, max_ratio: float,
-              max_members: int, ratio_after_bytes: int = RATIO_AFTER_BYTES) -> list[zipfile.ZipInfo]:
+              max_members: int, ratio_after_bytes: int = RATIO_AFTER_BYTES,
+              limit_names: Mapping[str, str] | None = None) -> list[zipfile.ZipInfo]:
     """Check a zip archive's structure, reading only its directory and local headers (no member data).
 
     ``source`` is a path or a seekable binary file (its position is restored). Returns the members'
@@ -58,15 +58,17 @@ def check_zip(source: str | os.PathLike[str] | BinaryIO, *, max_total_bytes: int
     names (absolute, drive letter, backslash, ``..``, NUL), symlinks, encrypted members, unknown
     compression, more than ``max_total_bytes`` declared uncompressed bytes, a compression ratio above
     ``max_ratio`` once the total passes ``ratio_after_bytes``, a local header naming another file, or
-    members whose bytes overlap.
+    members whose bytes overlap. ``limit_names`` (keys ``members``, ``bytes``, ``ratio``) names where each
+    limit comes from in the messages, e.g. the setting that raises it.
     """
+    names = {**DEFAULT_LIMIT_NAMES, **(limit_names or {})}
     with _binary(source) as f:
         entries, cd_start, cd_size = _end_record(f)
-        _check_count(entries, max_members)
+        _check_count(entries, max_members, names)
         if cd_size > max_members * MAX_DIRECTORY_BYTES_PER_MEMBER:  # bound what zipfile parses into memory
             raise UnsafeArchive(f"the zip archive's central directory is {cd_size} bytes, more than "
                                 f"{MAX_DIRECTORY_BYTES_PER_MEMBER} per member of the limit of {max_members} members "
-                                f"({_MEMBERS_SETTING})")
+                                f"({names['members']})")
         try:
             infos = zipfile.ZipFile(f).infolist()
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error) as exc:
@@ -74,9 +76,9 @@ def check_zip(source: str | os.PathLike[str] | BinaryIO, *, max_total_bytes: int
         if len(infos) != entries:
             raise UnsafeArchive(f"the zip archive's central directory lists {len(infos)} members but its end "
                                 f"record declares {entries}; an ambiguous archive is refused")
-        _check_count(len(infos), max_members)
+        _check_count(len(infos), max_members, names)
         _check_names(infos)
-        _check_sizes(infos, max_total_bytes, max_ratio, ratio_after_bytes)
+        _check_sizes(infos, max_total_bytes, max_ratio, ratio_after_bytes, names)
         _check_local_headers(f, infos, cd_start)
         return infos
 
@@ -154,10 +156,10 @@ def _zip64_end_record(f: BinaryIO, eocd_at: int) -> tuple[int, int, int, int]:
     return entries, cd_size, cd_offset, record_at
 
 
-def _check_count(count: int, max_members: int) -> None:
+def _check_count(count: int, max_members: int, names: Mapping[str, str]) -> None:
     if count > max_members:
         raise UnsafeArchive(f"the zip archive holds {count} members, more than the limit of {max_members} "
-                            f"({_MEMBERS_SETTING})")
+                            f"({names['members']})")
 
 
 def unsafe_name_reason(name: str) -> str | None:
@@ -203,7 +205,7 @@ def _check_names(infos: list[zipfile.ZipInfo]) -> None:
 
 
 def _check_sizes(infos: list[zipfile.ZipInfo], max_total_bytes: int, max_ratio: float,
-                 ratio_after_bytes: int) -> None:
+                 ratio_after_bytes: int, names: Mapping[str, str]) -> None:
     """Refuse by declared sizes (what zipfile and miniz inflate at most), before anything is inflated."""
     total = sum(i.file_size for i in infos)
     packed = sum(i.compress_size for i in infos)
@@ -211,12 +213,12 @@ def _check_sizes(infos: list[zipfile.ZipInfo], max_total_bytes: int, max_ratio: 
         biggest = max(infos, key=lambda i: i.file_size)
         raise UnsafeArchive(f"the zip archive inflates to {total} bytes (largest member {biggest.orig_filename!r}: "
                             f"{biggest.file_size} bytes), more than the limit of {max_total_bytes} bytes "
-                            f"({_BYTES_SETTING})")
+                            f"({names['bytes']})")
     if total > ratio_after_bytes and total > max_ratio * max(packed, 1):
         biggest = max(infos, key=lambda i: i.file_size / max(i.compress_size, 1))
         raise UnsafeArchive(f"the zip archive inflates {total / max(packed, 1):.0f}-fold ({packed} bytes to {total}; "
                             f"member {biggest.orig_filename!r}: {biggest.compress_size} to {biggest.file_size}), "
-                            f"more than the limit of {max_ratio:g} ({_RATIO_SETTING}) for archives "
+                            f"more than the limit of {max_ratio:g} ({names['ratio']}) for archives "
                             f"over {ratio_after_bytes} bytes")
 
 

@@ -45,6 +45,13 @@ class Conflict(DomainError):
     status, code, title = 409, "conflict", "Conflict"
 
 
+class IdempotencyInFlight(Conflict):
+    """Another request with the same Idempotency-Key has not finished; retrying soon replays its response."""
+
+    code = "idempotency_in_flight"
+    retry_after = 1
+
+
 class PayloadTooLarge(DomainError):
     status, code, title = 413, "payload_too_large", "Payload too large"
 
@@ -84,8 +91,10 @@ _HTTP_CODES = {
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return problem(exc.status, exc.title, exc.detail, exc.code, exc.errors, headers)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if (retry_after := getattr(exc, "retry_after", None)) is not None:
+            headers["Retry-After"] = str(retry_after)
+        return problem(exc.status, exc.title, exc.detail, exc.code, exc.errors, headers or None)
 
     @app.exception_handler(RequestValidationError)
     @app.exception_handler(ValidationError)
@@ -107,3 +116,17 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error", exc_info=exc)
         return problem(500, "Internal server error", "An unexpected error occurred; it has been logged.",
                        "internal_error")
+
+
+class BudgetExceeded(Unprocessable):
+    """A job whose estimated size, memory or time is over this deployment's limits (app/jobs/budget.py).
+
+    ``exceeded`` (also rendered as the problem's ``errors``) has one entry per limit crossed:
+    ``{"loc", "msg", "type": "budget_exceeded", "resource", "estimate", "limit", "setting"}``.
+    """
+
+    code, title = "budget_exceeded", "Budget exceeded"
+
+    def __init__(self, detail: str, *, exceeded: list[dict[str, Any]] | None = None):
+        super().__init__(detail, errors=exceeded or None)
+        self.exceeded = exceeded or []

@@ -26,8 +26,9 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     for module in (models, datasets, jobs, artifacts, ops):
         app.include_router(module.router)
-    # Multipart overhead on top of the file itself is small; allow 1 MiB of slack.
-    app.add_middleware(Telemetry, max_body_bytes=settings.max_upload_bytes + 1024 * 1024)
+    # Multipart overhead on top of the file itself is small; allow 1 MiB of slack. Any other body is JSON.
+    app.add_middleware(Telemetry, max_body_bytes=settings.max_upload_bytes + 1024 * 1024,
+                       max_json_bytes=settings.max_json_body_bytes)
 
     original_openapi = app.openapi
 

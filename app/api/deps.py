@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Query, Request
 from sqlalchemy.orm import Session
 
+from app.api.uploads import check_text, parse_json
 from app.auth import Principal, authenticate
 from app.db.session import get_sessionmaker
+from app.errors import Unprocessable
+from app.pagination import decode_cursor
 from app.settings import Settings, get_settings
 from app.storage import Storage, get_storage
 
@@ -41,7 +44,32 @@ def _idempotency_key(
     key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200,
                                       description="Replays the original response for the same key and body")] = None,
 ) -> str | None:
+    if key is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        raise Unprocessable("Idempotency-Key must not contain control characters", code="invalid_idempotency_key")
     return key
 
 
 IdempotencyKey = Annotated[str | None, Depends(_idempotency_key)]
+
+
+async def _json_object(request: Request, settings: SettingsDep) -> dict[str, Any]:
+    """The raw body parsed with a depth bound (``json.loads`` recursion is never reachable from a client)
+    and every string checked; the size was already bounded by the middleware while it streamed in."""
+    value = parse_json(await request.body(), settings.max_json_depth)
+    if not isinstance(value, dict):
+        raise Unprocessable("the body must be a JSON object", code="invalid_json")
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], Depends(_json_object)]
+
+
+def _cursor(after: Annotated[str | None, Query(max_length=200, description="A next_cursor from an earlier page")]
+            = None) -> str | None:
+    # The id inside a cursor reaches SQL as a value; a forged one must not carry a NUL byte there.
+    if after:
+        check_text(decode_cursor(after)[1], ["query", "after"], 200)
+    return after
+
+
+Cursor = Annotated[str | None, Depends(_cursor)]

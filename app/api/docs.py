@@ -7,8 +7,11 @@ from app.api.schemas import Problem
 _DESCRIPTIONS = {
     401: "Missing or invalid API key",
     404: "No such resource for this tenant",
-    409: "Conflicts with the resource's state, or an Idempotency-Key reused with another body",
-    413: "Upload larger than DISTILLERY_MAX_UPLOAD_BYTES",
+    409: "Conflicts with the resource's state, an Idempotency-Key reused with another body "
+         "(`idempotency_key_reused`), or one whose first request is still in flight (`idempotency_in_flight`, "
+         "with `Retry-After`)",
+    413: "Body larger than its limit: DISTILLERY_MAX_UPLOAD_BYTES for uploads, DISTILLERY_MAX_JSON_BODY_BYTES "
+         "for JSON",
     416: "Range not satisfiable",
     422: "Invalid input (problem details, with `errors` for field validation)",
     503: "A dependency (database, broker) is unreachable",

@@ -13,6 +13,7 @@ from app.db.models import Artifact, Dataset, Job, JobEvent, JobInput, JobMetric,
 from app.errors import Conflict, NotFound, Unprocessable
 from app.ids import new_id
 from app.jobs import state
+from app.jobs.budget import check_job
 from app.jobs.events import append_event
 from app.jobs.spec import JobSpec, UploadedStudent
 from app.pagination import paginate
@@ -39,10 +40,16 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
     spec = JobSpec.model_validate(body)
     teacher = get_model(session, tenant_id, spec.teacher_model_id)
     datasets = {ds_id: get_dataset(session, tenant_id, ds_id) for ds_id in spec.dataset_ids()}
-    if isinstance(spec.student, UploadedStudent):
-        get_model(session, tenant_id, spec.student.model_id)
+    student_model = (get_model(session, tenant_id, spec.student.model_id)
+                     if isinstance(spec.student, UploadedStudent) else None)
     check_compatible(spec, teacher, datasets)
-    job = Job(id=new_id("job"), tenant_id=tenant_id, status=state.QUEUED, kind=spec.kind,
+    # Parameters, memory and time from metadata alone: 422 budget_exceeded before 202 (docs/budgets.md).
+    check_job(spec, teacher, datasets, student_model, settings)
+    job_id = new_id("job")
+    # The key is claimed before the job exists: of concurrent identical requests exactly one goes on.
+    if (prior := idempotency.claim(session, tenant_id, "jobs", idempotency_key, req, job_id)) is not None:
+        return get_job(session, tenant_id, prior), False
+    job = Job(id=job_id, tenant_id=tenant_id, status=state.QUEUED, kind=spec.kind,
               teacher_model_id=teacher.id, dataset_id=spec.dataset_id, spec=spec.model_dump(mode="json"),
               queue=settings.job_queue, attempts=0, max_attempts=settings.max_attempts,
               progress={"step_index": 0, "step_kind": spec.steps[0].kind, "epoch": 0,
@@ -51,7 +58,6 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
     session.flush()
     for resource_id, role in _inputs(spec):
         session.add(JobInput(job_id=job.id, resource_id=resource_id, role=role))
-    idempotency.remember(session, tenant_id, "jobs", idempotency_key, req, job.id)
     append_event(session, job.id, "queued", f"job queued on '{job.queue}'")
     enqueue_after_commit(session, job.id, job.queue)
     return job, True

@@ -15,7 +15,8 @@ from app.jobs import service
 from app.storage import iter_range
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# At most 18 digits: larger offsets exceed any artifact, and int() of a huge digit string is slow or refused.
+_RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")
 
 
 class RangeNotSatisfiable(DomainError):
@@ -58,6 +59,7 @@ def artifact_content(artifact_id: str, request: Request, principal: CurrentPrinc
     rng = request.headers.get("range")
     if_range = request.headers.get("if-range")
     span = _parse_range(rng, size) if rng and (if_range is None or if_range == etag) else None
+    db.close()  # the stream may take minutes; it needs the blob, not a pooled connection held idle meanwhile
     if span is None:
         return StreamingResponse(iter_range(storage.open(art.storage_key), 0, size), media_type=art.media_type,
                                  headers={**headers, "Content-Length": str(size)})

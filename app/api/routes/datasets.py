@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import unquote, urlparse
@@ -12,10 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import CurrentPrincipal, DbSession, IdempotencyKey, SettingsDep, StorageDep
+from app.api.deps import CurrentPrincipal, Cursor, DbSession, IdempotencyKey, SettingsDep, StorageDep
 from app.api.docs import problems
 from app.api.schemas import DatasetOut, Page, dataset_out
-from app.api.uploads import reject_unknown_fields
+from app.api.uploads import check_form, parse_json
 from app.catalog import service
 from app.catalog.dataset_files import SUPPORTED_DATASET_FORMATS, DatasetOptions
 from app.catalog.uploads import receive
@@ -26,6 +25,8 @@ from app.settings import Settings
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 FIELDS = {"file", "name", "format", "inputs", "label_column", "options"}
+# Longest accepted value of each multipart text field (those not listed: uploads.DEFAULT_FIELD_LENGTH).
+FIELD_LENGTHS = {"inputs": 4096, "options": 4096}
 
 
 class DatasetByUri(BaseModel):
@@ -56,30 +57,58 @@ _UPLOAD_DOC = {
 }
 
 
+def _file_path(parsed_path: str) -> Path:
+    """The local path a file:// URI names. A NUL byte (``%00``) can name no file; an unresolvable path is 422."""
+    raw = unquote(parsed_path)
+    if "\x00" in raw:
+        raise Unprocessable("the uri contains a NUL byte (%00); no file can be named by it", code="invalid_uri",
+                            errors=[{"loc": ["body", "uri"], "msg": "NUL bytes are not allowed"}])
+    try:
+        return Path(raw).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise Unprocessable(f"the uri's path cannot be resolved: {exc}", code="invalid_uri") from exc
+
+
 def _resolve_file_uri(uri: str, settings: Settings) -> Path:
-    parsed = urlparse(uri)
+    try:
+        parsed = urlparse(uri)
+    except ValueError as exc:  # e.g. an unbalanced '[' in the host
+        raise Unprocessable(f"the uri is malformed: {exc}", code="invalid_uri") from exc
     if parsed.scheme in ("s3", "https", "http"):
         raise Unprocessable(f"{parsed.scheme}:// datasets are not enabled on this deployment; upload the file or "
                             f"use file:// under an allowed root", code="uri_not_enabled")
     if parsed.scheme != "file":
         raise Unprocessable("uri must be file://, s3:// or https://", code="invalid_uri")
-    path = Path(unquote(parsed.path)).resolve()
+    path = _file_path(parsed.path)
     roots = [r.resolve() for r in settings.allowed_file_roots]
     if not any(path == r or r in path.parents for r in roots):
         raise Unprocessable(f"{path} is outside the allowed roots (DISTILLERY_ALLOWED_FILE_ROOTS: "
                             f"{', '.join(map(str, roots)) or 'none configured'})", code="uri_not_allowed")
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # a component too long, a permission denied: no file we may read either way
+        is_file = False
+    if not is_file:
         raise Unprocessable(f"{path} does not exist or is not a file", code="uri_not_found")
     return path
 
 
-def _json_field(raw: str | None, field: str) -> dict | None:
+def _open_uri_file(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as exc:  # removed or made unreadable since it was checked
+        raise Unprocessable(f"{path} cannot be read: {exc.strerror}", code="uri_not_found") from exc
+
+
+def _json_field(raw: str | None, field: str, max_depth: int) -> dict | None:
     if not raw:
         return None
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise Unprocessable(f"'{field}' is not valid JSON: {exc}", code="validation_error") from exc
+        value = parse_json(raw, max_depth, f"'{field}'", ["body", field])
+    except Unprocessable as exc:
+        if exc.code == "invalid_json":
+            exc.code = "validation_error"  # a bad form field is a validation error, as it always was
+        raise
     if not isinstance(value, dict):
         raise Unprocessable(f"'{field}' must be a JSON object", code="validation_error")
     return value
@@ -92,13 +121,15 @@ def _options(raw: dict | None, label_column: str | None) -> DatasetOptions:
     return DatasetOptions.model_validate(merged)
 
 
-def _inputs_field(raw: str | None) -> list[str] | None:
+def _inputs_field(raw: str | None, max_depth: int) -> list[str] | None:
     if not raw:
         return None
     try:
-        value = json.loads(raw) if raw.strip().startswith("[") else [s.strip() for s in raw.split(",") if s.strip()]
-    except json.JSONDecodeError as exc:
-        raise Unprocessable(f"'inputs' must be a JSON list of array names: {exc}", code="validation_error") from exc
+        value = (parse_json(raw, max_depth, "'inputs'", ["body", "inputs"]) if raw.strip().startswith("[")
+                 else [s.strip() for s in raw.split(",") if s.strip()])
+    except Unprocessable as exc:
+        raise Unprocessable(f"'inputs' must be a JSON list of array names: {exc.detail}",
+                            code="validation_error") from exc
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise Unprocessable("'inputs' must be a list of array names", code="validation_error")
     return value
@@ -111,23 +142,23 @@ async def create_dataset(request: Request, response: Response, principal: Curren
     """Register a dataset: ``multipart/form-data`` with ``file``, ``name``, ``format``, or JSON with a ``uri``."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("application/json"):
-        try:
-            body = DatasetByUri.model_validate(json.loads(await request.body()))
-        except json.JSONDecodeError as exc:
-            raise Unprocessable(f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+        body = DatasetByUri.model_validate(parse_json(await request.body(), settings.max_json_depth))
         path = _resolve_file_uri(body.uri, settings)
-        name, fmt, inputs, src = body.name, body.format, body.inputs, open(path, "rb")
         options = _options(body.options.model_dump() if body.options else None, body.label_column)
+        name, fmt, inputs, src = body.name, body.format, body.inputs, _open_uri_file(path)
     elif ctype.startswith("multipart/form-data"):
-        await reject_unknown_fields(request, FIELDS)
+        await check_form(request, FIELDS, FIELD_LENGTHS)
         form = await request.form()
         upload, name, fmt = form.get("file"), form.get("name"), form.get("format")
         missing = [k for k, v in (("file", upload), ("name", name), ("format", fmt)) if not v]
         if missing or isinstance(upload, str):
             raise Unprocessable(f"missing form field(s): {', '.join(missing) or 'file'}", code="validation_error",
                                 errors=[{"loc": ["body", k], "msg": "Field required"} for k in missing or ["file"]])
-        inputs, src = _inputs_field(form.get("inputs")), upload.file  # type: ignore[union-attr]
-        options = _options(_json_field(form.get("options"), "options"), form.get("label_column") or None)
+        if not isinstance(name, str) or not isinstance(fmt, str):
+            raise Unprocessable("'name' and 'format' must be text fields, not files", code="validation_error")
+        inputs, src = _inputs_field(form.get("inputs"), settings.max_json_depth), upload.file  # type: ignore
+        options = _options(_json_field(form.get("options"), "options", settings.max_json_depth),
+                           form.get("label_column") or None)
     else:
         raise Unprocessable("send multipart/form-data (file upload) or application/json (uri)",
                             code="unsupported_media_type")
@@ -146,7 +177,7 @@ async def create_dataset(request: Request, response: Response, principal: Curren
 
 @router.get("", response_model=Page[DatasetOut], responses=problems(401, 422))
 def list_datasets(principal: CurrentPrincipal, db: DbSession, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                  after: str | None = None) -> Page[DatasetOut]:
+                  after: Cursor = None) -> Page[DatasetOut]:
     rows, has_more, cursor = paginate(db, select(Dataset).where(Dataset.tenant_id == principal.tenant_id), Dataset,
                                       limit, after)
     return Page[DatasetOut](data=[dataset_out(r) for r in rows], has_more=has_more, next_cursor=cursor)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import CurrentPrincipal, DbSession, IdempotencyKey, SettingsDep
+from app.api.deps import CurrentPrincipal, Cursor, DbSession, IdempotencyKey, JsonObject, SettingsDep
 from app.api.docs import problems
 from app.api.schemas import (
     ArtifactsOut, EventsOut, JobOut, MetricsOut, Page, artifact_out, event_out, job_out, metric_out,
@@ -22,18 +23,22 @@ from app.jobs.spec import JobSpec
 from app.jobs.state import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+MAX_SEQ = 2**62  # event seqs are 64-bit at most; a larger 'after' is a client error, not a database one
+POLL_SECONDS = 0.5
 
 _SPEC_EXAMPLE = JobSpec.model_config["json_schema_extra"]["examples"][0]  # type: ignore[index]
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
-             responses=problems(401, 404, 409, 422),
+             responses=problems(401, 404, 409, 413, 422),
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"$ref": "#/components/schemas/JobSpec"}, "example": _SPEC_EXAMPLE}}}})
 def create_job(response: Response, principal: CurrentPrincipal, db: DbSession, settings: SettingsDep,
-               idempotency_key: IdempotencyKey,
-               body: Annotated[dict[str, Any], Body(description="A JobSpec (see its schema)")]) -> JobOut:
-    """Validate and queue a job. 202 with the job; it runs on a worker. Ids must belong to the caller's tenant."""
+               idempotency_key: IdempotencyKey, body: JsonObject) -> JobOut:
+    """Validate and queue a job. 202 with the job; it runs on a worker. Ids must belong to the caller's tenant.
+
+    The body (a JobSpec) is read raw: parsed with a depth bound, so no client can make the parser recurse.
+    """
     job, created = service.create_job(db, settings, principal.tenant_id, body, idempotency_key)
     db.commit()  # the message to the worker is sent by the after-commit hook
     if not created:
@@ -43,7 +48,8 @@ def create_job(response: Response, principal: CurrentPrincipal, db: DbSession, s
 
 @router.get("", response_model=Page[JobOut], responses=problems(401, 422))
 def list_jobs(principal: CurrentPrincipal, db: DbSession, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-              after: str | None = None, status: str | None = None, kind: str | None = None) -> Page[JobOut]:
+              after: Cursor = None, status: Annotated[str | None, Query(max_length=32)] = None,
+              kind: Annotated[str | None, Query(max_length=200)] = None) -> Page[JobOut]:
     rows, has_more, cursor = service.list_jobs(db, principal.tenant_id, limit=limit, after=after, status=status,
                                                kind=kind)
     return Page[JobOut](data=[job_out(r) for r in rows], has_more=has_more, next_cursor=cursor)
@@ -63,14 +69,23 @@ def cancel_job(job_id: str, principal: CurrentPrincipal, db: DbSession) -> JobOu
     return job_out(job)
 
 
-def _follow(job_id: str, after: int) -> Iterator[str]:
-    """Server-sent events: poll the table, emit new events, stop once the job is terminal."""
-    last, sessions = after, get_sessionmaker()
+def _poll(job_id: str, after: int) -> tuple[list, bool]:
+    """One short session per poll: the connection goes back to the pool before the follower waits."""
+    with get_sessionmaker()() as db:
+        events = service.events_after(db, job_id, after)
+        job = db.get(Job, job_id)
+        return events, job is None or job.status in TERMINAL
+
+
+async def _follow(job_id: str, after: int) -> AsyncIterator[str]:
+    """Server-sent events: poll the table, emit new events, stop once the job is terminal.
+
+    Async, so a waiting follower holds neither a worker thread nor a database connection: many
+    followers must not starve the pool the rest of the API needs.
+    """
+    last = after
     while True:
-        with sessions() as db:
-            events = service.events_after(db, job_id, last)
-            job = db.get(Job, job_id)
-            done = job is None or job.status in TERMINAL
+        events, done = await run_in_threadpool(_poll, job_id, last)
         for e in events:
             last = e.seq
             yield f"id: {e.seq}\nevent: {e.type}\ndata: {json.dumps(event_out(e).model_dump())}\n\n"
@@ -79,17 +94,20 @@ def _follow(job_id: str, after: int) -> Iterator[str]:
             return
         if not events:
             yield ": keep-alive\n\n"
-            time.sleep(0.5)
+            await asyncio.sleep(POLL_SECONDS)
 
 
 @router.get("/{job_id}/events", response_model=EventsOut, responses=problems(401, 404),
             description="JSON page of events after `after` (a seq). With `Accept: text/event-stream` it follows "
                         "live until the job ends.")
 def job_events(job_id: str, request: Request, principal: CurrentPrincipal, db: DbSession,
-               after: Annotated[int, Query(ge=0)] = 0,
+               after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
                limit: Annotated[int, Query(ge=1, le=1000)] = 1000) -> Any:
     service.get_job(db, principal.tenant_id, job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
+        # The request's session would otherwise stay checked out, idle in transaction, until the stream
+        # ends (yield dependencies exit after the response); the follower polls with its own short ones.
+        db.close()
         return StreamingResponse(_follow(job_id, after), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return EventsOut(data=[event_out(e) for e in service.events_after(db, job_id, after, limit)])

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import hmac
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import func, select, text
 
-from app.api.deps import DbSession
+from app.api.deps import DbSession, SettingsDep
 from app.api.docs import problems
 from app.db.models import Job
-from app.errors import ServiceUnavailable
+from app.errors import ServiceUnavailable, Unauthorized
 from app.jobs.spec import capabilities
 from app.jobs.state import STATUSES
 from app.queue import get_celery
@@ -40,7 +41,19 @@ def readyz(db: DbSession) -> dict[str, Any]:
     return {"status": "ready", "database": "ok", "broker": "ok"}
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+def _metrics_auth(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    """With ``DISTILLERY_METRICS_TOKEN`` set, only a scraper holding it may read /metrics (compared in
+    constant time). The series never carry tenant or job ids either way: labels are statuses and route
+    templates only."""
+    if not settings.metrics_token:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.metrics_token.encode()):
+        raise Unauthorized("/metrics requires 'Authorization: Bearer <metrics token>' (DISTILLERY_METRICS_TOKEN)")
+
+
+@router.get("/metrics", response_class=PlainTextResponse, responses=problems(401),
+            dependencies=[Depends(_metrics_auth)])
 def metrics(db: DbSession) -> Response:
     """Prometheus text format: jobs by status, plus this process's HTTP request counters."""
     from app.api.telemetry import REQUESTS

@@ -198,12 +198,13 @@ def bwrap_argv(argv: list[str], scratch: Path, inputs: dict[str, Path], secret_d
     bound read-only at ``scratch/inputs/<name>``, and nothing else."""
     code = _code_dirs()
     args = ["bwrap", "--unshare-all", "--die-with-parent", "--cap-drop", "ALL", "--uid", "65534", "--gid", "65534",
-            "--hostname", "executor", *_system_binds()]
+            "--hostname", "executor", *_system_binds(),
+            "--proc", "/proc", "--dev", "/dev", *_device_binds(), "--tmpfs", "/tmp", "--tmpfs", "/run"]
+    # Code after the tmpfs mounts (bwrap applies them in order): an installation under /tmp stays visible.
     for d in code:
         args += ["--ro-bind", str(d), str(d)]
     args += _hidden_paths(code, secret_dirs)
-    args += ["--proc", "/proc", "--dev", "/dev", *_device_binds(), "--tmpfs", "/tmp", "--tmpfs", "/run",
-             "--bind", str(scratch), str(scratch)]
+    args += ["--bind", str(scratch), str(scratch)]
     for name, src in inputs.items():
         args += ["--ro-bind", str(Path(src).resolve()), str(scratch / "inputs" / name)]
     return [*args, "--chdir", str(scratch), "--", *argv]

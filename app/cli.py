@@ -1,4 +1,4 @@
-"""The ``distillery`` command: run, serve, worker, migrate, keys.
+"""The ``distillery`` command: run, serve, worker, migrate, sweep, keys.
 
 ``distillery run`` is what ``make run`` calls: it migrates, then starts the API and one worker as
 child processes and stops both cleanly on Ctrl-C / SIGTERM.
@@ -101,7 +101,7 @@ def run() -> int:
     for c in children:
         if c.poll() is None:
             c.send_signal(signal.SIGTERM)  # uvicorn and celery both shut down gracefully on TERM
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + settings.shutdown_grace_seconds + 5  # workers checkpoint and release first
     for c in children:
         try:
             c.wait(timeout=max(deadline - time.monotonic(), 0.1))
@@ -115,6 +115,13 @@ def _redact(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+def sweep() -> None:
+    """One sweep now: what the API does at start and every DISTILLERY_SWEEP_INTERVAL_SECONDS (app.sweep)."""
+    from app.sweep import run_once
+
+    print(run_once(get_settings()).summary())
 
 
 def keys_create(tenant: str) -> None:
@@ -143,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="run the HTTP API")
     sub.add_parser("worker", help="run one worker process (queue 'gpu' when CUDA is present, else 'cpu')")
     sub.add_parser("migrate", help="apply database migrations")
+    sub.add_parser("sweep", help="remove stale temp uploads, .partial files, orphan blobs and checkpoints once")
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="create a key (and the tenant if new); prints the key last")
     create.add_argument("--tenant", required=True)
@@ -162,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             worker()
         elif args.command == "migrate":
             migrate()
+        elif args.command == "sweep":
+            sweep()
         elif args.command == "keys" and args.keys_command == "create":
             migrate()
             keys_create(args.tenant)

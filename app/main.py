@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -13,16 +14,27 @@ from app.errors import install_error_handlers
 from app.api.routes.datasets import DatasetByUri
 from app.jobs.spec import JobSpec
 from app.settings import get_settings
+from app.sweep import start_sweeper
 
 DESCRIPTION = """Distillation as a service: upload a teacher and data, queue a job, download a smaller,
 faster student with a report of what it kept. Authenticate with `Authorization: Bearer <api key>`
 (`distillery keys create --tenant NAME`). Errors are `application/problem+json`."""
 
 
+@asynccontextmanager
+async def lifespan(_app: FastAPI):
+    sweeper = start_sweeper(get_settings())  # a daemon thread: start-up does not wait for the first sweep
+    try:
+        yield
+    finally:
+        if sweeper is not None:
+            sweeper.stop()
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = FastAPI(title="Distillery", version=__version__, description=DESCRIPTION)
+    app = FastAPI(title="Distillery", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
     for module in (models, datasets, jobs, artifacts, ops):
         app.include_router(module.router)

@@ -29,6 +29,15 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(120, ge=5, description="A running job whose lease expires is requeued.")
     checkpoint_seconds: float = Field(60.0, ge=0, description="A training checkpoint at most this often "
                                                                 "(0: every epoch); a retried job resumes from it.")
+    # ---- reliability (docs/operations.md) --------------------------------------------------------
+    db_retry_seconds: float = Field(120.0, ge=0, description="How long a worker retries database writes through an "
+                                                             "outage before giving the attempt up to the reaper.")
+    shutdown_grace_seconds: float = Field(30.0, gt=0, description="SIGTERM: a worker checkpoints and releases its "
+                                                                  "job, the API drains requests, within this long.")
+    dispatch_interval_seconds: float = Field(0.5, gt=0, description="How often the dispatcher publishes new "
+                                                                    "dispatches (the outbox).")
+    resend_after_seconds: float = Field(5.0, gt=0, description="A queued job whose message the broker lost is "
+                                                               "re-sent once its last send is this old.")
     inspect_timeout_seconds: float = Field(60.0, gt=0)
     allowed_file_roots: list[Path] = Field(default_factory=list)
 
@@ -66,6 +75,16 @@ class Settings(BaseSettings):
     max_archive_members: int = Field(200_000, gt=0, description="Most members an uploaded archive may hold.")
     metrics_token: str | None = Field(None, description="When set, GET /metrics requires "
                                                         "'Authorization: Bearer <token>'.")
+
+    # ---- sweeps: what a killed process left in the data dir (app/sweep.py, docs/operations.md) --------
+    sweep_temp_age_seconds: float = Field(600.0, gt=0, description="Temp uploads, .partial blobs and work dirs "
+                                          "of ended jobs unwritten this long are removed (upload temp files are "
+                                          "kept at least DISTILLERY_INSPECT_TIMEOUT_SECONDS + 60 s).")
+    sweep_orphan_age_seconds: float = Field(3600.0, gt=0, description="Blobs no row references, and checkpoints "
+                                            "of ended jobs, are removed once this old (blobs are written before "
+                                            "their rows).")
+    sweep_interval_seconds: float = Field(300.0, ge=0, description="The API sweeps at start and then this often "
+                                          "(0: never; run 'distillery sweep' instead).")
 
     @field_validator("data_dir")
     @classmethod

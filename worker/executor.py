@@ -23,17 +23,26 @@ import math
 import os
 import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
 
-class PipeReporter:
-    """The engine's Reporter, writing JSON lines to the supervisor. Stopping is the supervisor's job (it kills
-    this process), so :meth:`should_stop` never asks to stop."""
+#: Written into the scratch dir (our cwd) by the supervisor when the worker shuts down
+#: (``worker.supervisor.RELEASE_FILE``).
+RELEASE_FILE = "release-requested"
 
-    def __init__(self, out: TextIO):
+
+class PipeReporter:
+    """The engine's Reporter, writing JSON lines to the supervisor. Cancelling is the supervisor's job (it kills
+    this process); :meth:`should_stop` only answers a graceful release: once the supervisor asks for one, the
+    next epoch end writes a checkpoint and the engine stops after it."""
+
+    def __init__(self, out: TextIO, release_file: Path = Path(RELEASE_FILE)):
         self.out = out
+        self.release_file = release_file
+        self._next_look = 0.0
 
     def send(self, message: dict[str, Any]) -> None:
         self.out.write(json.dumps(_plain(message), allow_nan=False) + "\n")
@@ -49,6 +58,15 @@ class PipeReporter:
         self.send({"type": "metric", "step": step, "epoch": epoch, "name": name, "value": value})
 
     def should_stop(self) -> bool:
+        from worker.engine.checkpoint import URGENT, request_checkpoint
+
+        if URGENT.written:
+            return True
+        now = time.monotonic()
+        if not URGENT.requested and now >= self._next_look:  # a stat at most every 0.2 s, per batch otherwise
+            self._next_look = now + 0.2
+            if self.release_file.exists():
+                request_checkpoint()
         return False
 
 

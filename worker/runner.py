@@ -1,7 +1,13 @@
 """Run one job: claim it, hand it to the engine, store what comes out, end it in a known state.
 
-Idempotent by job id: the claim is a conditional ``queued → running`` update, so a duplicate
-delivery (or a job cancelled before it started) does nothing.
+Idempotent by job id: the claim is a conditional ``queued → running`` update that writes a fresh lease token,
+so a duplicate delivery (or a job cancelled before it started) does nothing. Every later write is fenced by
+that token (:mod:`worker.attempt`): after a requeue, a stale attempt changes nothing in the database or the
+artifacts. Each attempt works in its own directory and mirrors checkpoints to its own storage prefix;
+checkpoints are deleted only after this attempt's own guarded terminal transition.
+
+On worker shutdown (:data:`RELEASE`, set by SIGTERM) the attempt asks its executor to checkpoint, then puts
+the job back in the queue without using up an attempt, for another worker to resume.
 """
 
 from __future__ import annotations
@@ -10,98 +16,158 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy.exc import OperationalError
 
-from app.clock import utcnow
 from app.db.models import Artifact, Dataset, Job, Model
 from app.db.session import session_scope
 from app.ids import new_id
 from app.jobs import state
 from app.jobs.events import append_event
+from app.queue import dispatch
 from app.settings import Settings, get_settings
 from app.storage import get_storage
 from worker import engine, supervisor
+from worker.attempt import Attempt, Heartbeat, is_transient, new_token, retrying
 from worker.reporter import DbReporter, _jsonable
 
 log = logging.getLogger("distillery.worker")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+#: Set when the worker is asked to stop (SIGTERM, Ctrl-C): the running attempt releases its job.
+RELEASE = threading.Event()
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def run_job(job_id: str, settings: Settings | None = None) -> str:
-    """Execute ``job_id`` if it is still queued. Returns the status the job ended in (or 'skipped')."""
+    """Execute ``job_id`` if it is still queued. Returns the status the job ended in ('skipped' when this
+    delivery did nothing, 'released' when it went back to the queue)."""
     settings = settings or get_settings()
-    if not _claim(job_id, settings):
+    if RELEASE.is_set():
+        return "skipped"  # shutting down: leave the job queued (its message is acked; the dispatcher re-sends)
+    attempt = retrying(lambda: _claim(job_id, settings), budget_seconds=settings.db_retry_seconds,
+                       what="claiming a job")
+    if attempt is None:
         return "skipped"
-    work = settings.data_dir / "work" / job_id
-    # Checkpoints live in blob storage under the job id, so a retry on any worker that shares it resumes
-    # where the lost attempt stopped. (Local storage: a shared volume; an S3 backend would sync this dir.)
-    checkpoints = get_storage().local_path(f"checkpoints/{job_id}")
+    work = settings.data_dir / "work" / job_id / attempt.token
+    # Checkpoints live in blob storage under the job id, one prefix per attempt, so a retry on any worker that
+    # shares it resumes where the newest attempt stopped and two attempts never write the same files.
+    root = get_storage().local_path(f"checkpoints/{job_id}")
     ended = "skipped"
     try:
-        ended = _execute(job_id, settings, work, checkpoints)
+        with Heartbeat(attempt):
+            ended = _execute(attempt, settings, work, root)
         return ended
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if ended in state.TERMINAL:  # a finished job needs no resume point; an unfinished one keeps it
-            shutil.rmtree(checkpoints, ignore_errors=True)
+        _rmdir_if_empty(work.parent)
+        if ended in state.TERMINAL:  # this attempt's guarded transition ended the job: no resume point needed
+            shutil.rmtree(root, ignore_errors=True)
 
 
-def _execute(job_id: str, settings: Settings, work: Path, checkpoints: Path) -> str:
-    """Run the engine for a claimed job in a sandboxed executor and end the job in a known state."""
-    reporter = DbReporter(job_id, settings.lease_seconds)
+def latest_checkpoint(root: Path) -> Path | None:
+    """The attempt directory under ``root`` holding the newest checkpoint file, if any."""
+    best: tuple[int, Path] | None = None
+    if root.is_dir():
+        for d in root.iterdir():
+            f = d / CHECKPOINT_FILE
+            if d.is_dir() and not d.is_symlink() and f.is_file() and not f.is_symlink():
+                stamp = f.stat().st_mtime_ns
+                if best is None or stamp > best[0]:
+                    best = (stamp, d)
+    return best[1] if best else None
+
+
+def _rmdir_if_empty(path: Path) -> None:
     try:
-        inputs = _inputs(job_id)
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def _execute(attempt: Attempt, settings: Settings, work: Path, root: Path) -> str:
+    """Run the engine for a claimed job in a sandboxed executor and end the job in a known state."""
+    job_id = attempt.job_id
+    reporter = DbReporter(attempt)
+    try:
+        inputs = retrying(lambda: _inputs(job_id), budget_seconds=settings.db_retry_seconds, what="reading inputs")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        ending = supervisor.supervise(inputs, work, checkpoints, settings, reporter, reporter.should_stop)
+        ending = supervisor.supervise(inputs, work, root / attempt.token, settings, reporter, reporter.should_stop,
+                                      resume_from=latest_checkpoint(root), should_release=RELEASE.is_set,
+                                      release_seconds=max(settings.shutdown_grace_seconds - 10.0, 1.0))
     except _MissingInput as exc:
-        return _end(job_id, state.FAILED, "input_missing", str(exc))
-    except OperationalError:
-        # The database went away mid-job: a transient failure, not the job's fault. Leave it running;
-        # its lease expires, the reaper requeues it and the next attempt resumes from the checkpoint.
-        log.exception("job %s lost its database connection; it will be retried", job_id)
-        raise
-    except Exception as exc:  # a bug or an environment failure: record it, never leave the job running
-        log.exception("job %s crashed", job_id)
-        return _end(job_id, state.FAILED, "internal_error", f"{exc.__class__.__name__}: {exc}",
+        return _end(attempt, state.FAILED, "input_missing", str(exc))
+    except Exception as exc:
+        if attempt.lost.is_set():
+            return "skipped"  # fenced out meanwhile: whatever failed, this attempt may write nothing
+        if is_transient(exc):
+            # The database stayed away past the retry budget: not the job's fault. Leave it running; its lease
+            # expires, the reaper requeues it and the next attempt resumes from the checkpoint.
+            log.exception("job %s lost its database connection; it will be retried", job_id)
+            raise
+        log.exception("job %s crashed", job_id)  # a bug or an environment failure: never leave the job running
+        return _end(attempt, state.FAILED, "internal_error", f"{exc.__class__.__name__}: {exc}",
                     data={"traceback": traceback.format_exc()[-4000:]})
+    if attempt.lost.is_set():
+        return "skipped"
+    if isinstance(ending, supervisor.Released):
+        return _release(attempt)
     if isinstance(ending, supervisor.Stopped):
-        # Cancelled (or taken away by the reaper, in which case the transition below does nothing).
-        return _end(job_id, state.CANCELLED, "cancelled", "cancelled by the client")
+        return _end(attempt, state.CANCELLED, "cancelled", "cancelled by the client")
     if isinstance(ending, supervisor.Failed):
-        return _end(job_id, state.FAILED, ending.code, ending.message, data=ending.data or None)
+        return _end(attempt, state.FAILED, ending.code, ending.message, data=ending.data or None)
     result = engine.EngineResult(artifacts=ending.artifacts, metrics=ending.metrics)
     if ending.status == "quality_gate":
         # Keep what the last step that met its budget produced, and the report that says which step broke it.
-        return _fail_with_artifacts(job_id, engine.QualityGateFailed(ending.message, result))
-    return _succeed(job_id, result)
+        return _fail_with_artifacts(attempt, engine.QualityGateFailed(ending.message, result))
+    return _succeed(attempt, result)
 
 
 class _MissingInput(Exception):
     pass
 
 
-def _claim(job_id: str, settings: Settings) -> bool:
+def _claim(job_id: str, settings: Settings) -> Attempt | None:
     with session_scope() as s:
         job = s.get(Job, job_id)
         if job is None:
             log.warning("job %s does not exist; message dropped", job_id)
-            return False
-        now = utcnow()
+            return None
+        attempt = Attempt(job_id, new_token(), job.attempts + 1, WORKER_ID, settings.lease_seconds,
+                          db_retry_seconds=settings.db_retry_seconds)
         try:
-            state.transition(s, job_id, state.RUNNING, allowed_from={state.QUEUED}, now=now,
-                             attempts=Job.attempts + 1, worker_id=WORKER_ID, heartbeat_at=now,
-                             lease_expires_at=now + timedelta(seconds=settings.lease_seconds))
+            state.transition(s, job_id, state.RUNNING, allowed_from={state.QUEUED}, attempts=Job.attempts + 1,
+                             worker_id=WORKER_ID, lease_token=attempt.token, **attempt.lease_values())
         except state.InvalidTransition:
             log.info("job %s is %s, not queued; duplicate delivery ignored", job_id, job.status)
-            return False
-        append_event(s, job_id, "started", f"attempt {job.attempts + 1} started on {WORKER_ID}",
-                     data={"attempt": job.attempts + 1, "worker": WORKER_ID, "device": settings.device})
-    return True
+            return None
+        append_event(s, job_id, "started", f"attempt {attempt.number} started on {WORKER_ID}",
+                     data={"attempt": attempt.number, "worker": WORKER_ID, "device": settings.device})
+    return attempt
+
+
+def _release(attempt: Attempt) -> str:
+    """Back to ``queued`` without using up an attempt, with a dispatch for the next worker (fenced)."""
+    def once() -> str:
+        with session_scope() as s:
+            try:
+                state.transition(s, attempt.job_id, state.QUEUED, allowed_from={state.RUNNING}, fence=attempt.token,
+                                 attempts=Job.attempts - 1, worker_id=None)
+            except state.InvalidTransition:
+                return ""
+            append_event(s, attempt.job_id, "released", f"attempt {attempt.number} released by {WORKER_ID} (worker "
+                         "shutting down); the job resumes from its last checkpoint on the next worker",
+                         level="warning")
+            job = s.get(Job, attempt.job_id)
+            dispatch(s, attempt.job_id, job.queue if job else "cpu", reason="released")
+            return "released"
+    if retrying(once, budget_seconds=attempt.db_retry_seconds, what="releasing a job"):
+        log.info("job %s released for another worker", attempt.job_id)
+        return "released"
+    # Cancelled meanwhile (status cancelling): honour the cancel.
+    return _end(attempt, state.CANCELLED, "cancelled", "cancelled by the client")
 
 
 def _inputs(job_id: str) -> supervisor.JobFiles:
@@ -154,13 +220,26 @@ def _store_blobs(job_id: str, artifacts: list[engine.ArtifactFile]) -> list[Arti
     return rows
 
 
-def _finish_with_artifacts(job_id: str, result: engine.EngineResult, to: str, message: str, *, level: str,
+def _finish_with_artifacts(attempt: Attempt, result: engine.EngineResult, to: str, message: str, *, level: str,
                            event_data: dict, **values) -> bool:
     """Move the job to ``to`` and attach ``result``'s artifacts in the same transaction (blobs written first).
 
     Returns False, keeping nothing, when the job had already moved on (a cancel arrived, or the reaper took it).
     """
+    job_id = attempt.job_id
     rows = _store_blobs(job_id, result.artifacts)
+    try:
+        return retrying(lambda: _commit_finish(attempt, rows, result, to, message, level, event_data, values),
+                        budget_seconds=attempt.db_retry_seconds, what="storing the result")
+    finally:
+        if not any(r.tenant_id for r in rows):  # not attached (moved on, fenced out, or the database stayed away)
+            for row in rows:
+                get_storage().delete(row.storage_key)
+
+
+def _commit_finish(attempt: Attempt, rows: list[Artifact], result: engine.EngineResult, to: str, message: str,
+                   level: str, event_data: dict, values: dict) -> bool:
+    job_id = attempt.job_id
     with session_scope() as s:
         job = s.get(Job, job_id)
         assert job is not None
@@ -168,48 +247,54 @@ def _finish_with_artifacts(job_id: str, result: engine.EngineResult, to: str, me
             values["progress"] = dict(job.progress or {}, fraction=1.0, eta_seconds=0.0)
         try:
             # The state table narrows this further (only a running job can succeed).
-            state.transition(s, job_id, to, allowed_from={state.RUNNING, state.CANCELLING},
+            state.transition(s, job_id, to, allowed_from={state.RUNNING, state.CANCELLING}, fence=attempt.token,
                              metrics=_jsonable(result.metrics), **values)
         except state.InvalidTransition:
-            finished = False
-        else:
-            finished = True
-            for row in rows:
-                row.tenant_id = job.tenant_id
-                s.add(row)
-            append_event(s, job_id, to, message, level=level, data=event_data)
-    if not finished:
+            return False
         for row in rows:
-            get_storage().delete(row.storage_key)
-    return finished
+            s.add(Artifact(**{c: getattr(row, c) for c in _ARTIFACT_COLUMNS}, tenant_id=job.tenant_id))
+        append_event(s, job_id, to, message, level=level, data=event_data)
+    for row in rows:
+        row.tenant_id = job.tenant_id  # committed: the blobs are referenced now
+    return True
 
 
-def _fail_with_artifacts(job_id: str, exc: engine.EngineError) -> str:
+_ARTIFACT_COLUMNS = ("id", "job_id", "kind", "format", "step_index", "filename", "media_type", "size_bytes", "sha256",
+                     "storage_key")
+
+
+def _fail_with_artifacts(attempt: Attempt, exc: engine.EngineError) -> str:
     """Fail the job with ``exc``'s code but keep the artifacts its ``result`` carries (quality gate)."""
     kept = len(exc.result.artifacts)
-    if _finish_with_artifacts(job_id, exc.result, state.FAILED, exc.message, level="error",
+    if _finish_with_artifacts(attempt, exc.result, state.FAILED, exc.message, level="error",
                               event_data={"code": exc.code, "kept_artifacts": kept},
                               error_code=exc.code, error_message=exc.message):
         return state.FAILED
     return "skipped"  # cancelled or reaped meanwhile
 
 
-def _succeed(job_id: str, result: engine.EngineResult) -> str:
-    if _finish_with_artifacts(job_id, result, state.SUCCEEDED, f"job succeeded with {len(result.artifacts)} artifacts",
+def _succeed(attempt: Attempt, result: engine.EngineResult) -> str:
+    if _finish_with_artifacts(attempt, result, state.SUCCEEDED, f"job succeeded with {len(result.artifacts)} artifacts",
                               level="info", event_data={"metrics": _jsonable(result.metrics)}):
         return state.SUCCEEDED
     # A cancel arrived during the final phase: honour it, keep nothing.
-    return _end(job_id, state.CANCELLED, "cancelled", "cancelled by the client")
+    return _end(attempt, state.CANCELLED, "cancelled", "cancelled by the client")
 
 
-def _end(job_id: str, to: str, code: str, message: str, data: dict | None = None) -> str:
-    with session_scope() as s:
-        try:
-            state.transition(s, job_id, to, allowed_from={state.RUNNING, state.CANCELLING},
-                             error_code=code, error_message=message)
-        except state.InvalidTransition:
-            log.warning("job %s could not move to %s (already moved on)", job_id, to)
-            return "skipped"
-        append_event(s, job_id, to, message, level="info" if to == state.CANCELLED else "error",
-                     data={"code": code, **(data or {})})
-    return to
+def _end(attempt: Attempt, to: str, code: str, message: str, data: dict | None = None) -> str:
+    """The attempt's guarded terminal transition (fenced by its token); 'skipped' when it no longer owns the job."""
+    def once() -> str:
+        with session_scope() as s:
+            try:
+                state.transition(s, attempt.job_id, to, allowed_from={state.RUNNING, state.CANCELLING},
+                                 fence=attempt.token, error_code=code, error_message=message)
+            except state.InvalidTransition:
+                log.warning("job %s could not move to %s (moved on, or this attempt was fenced out)",
+                            attempt.job_id, to)
+                return "skipped"
+            append_event(s, attempt.job_id, to, message, level="info" if to == state.CANCELLED else "error",
+                         data={"code": code, **(data or {})})
+        return to
+    if attempt.lost.is_set():
+        return "skipped"
+    return retrying(once, budget_seconds=attempt.db_retry_seconds, what="ending a job")

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,10 @@ MAX_ARTIFACTS = 256
 EXECUTOR_CODES = frozenset(ERROR_CODES) | {"resource_limit", "internal_error"}
 MAX_EVENTS = 20_000
 MAX_METRICS = 200_000
-CHECK_EVERY = 0.5  # seconds between cancel checks (each also renews the lease)
+CHECK_EVERY = 0.5  # seconds between cancel checks
+#: The file (in the executor's scratch dir) whose existence asks the engine to checkpoint and stop: the
+#: executor's only way in from the supervisor besides signals (a signal to bwrap would kill the sandbox).
+RELEASE_FILE = "release-requested"
 #: How long an executor may take to exit after its final message before it is killed (and the job failed:
 #: an executor that lingers after reporting may still be writing what it just reported).
 FINAL_GRACE_SECONDS = 30.0
@@ -119,7 +123,34 @@ class Stopped:
     """The supervisor stopped the executor because the job is no longer running (cancel, or reaped)."""
 
 
-Ending = Union[Finished, Failed, Stopped]
+@dataclass
+class Released:
+    """The worker is shutting down: the executor checkpointed (or was stopped at the deadline); the job goes
+    back to the queue for another worker."""
+
+
+Ending = Union[Finished, Failed, Stopped, Released]
+
+
+class Release:
+    """A graceful release asked by the worker's shutdown: write :data:`RELEASE_FILE` once, kill the executor
+    if it has not exited ``seconds`` later."""
+
+    def __init__(self, requested: Callable[[], bool], seconds: float):
+        self.requested, self.seconds = requested, seconds
+        self.deadline: float | None = None
+
+    def check(self, ex: sandbox.Executor, scratch: Path) -> None:
+        if self.deadline is None and self.requested():
+            self.deadline = time.monotonic() + self.seconds
+            (scratch / RELEASE_FILE).touch()
+            log.info("release requested: the executor checkpoints and stops within %.0f s", self.seconds)
+        elif self.deadline is not None and time.monotonic() > self.deadline:
+            ex.kill("released")
+
+    @property
+    def active(self) -> bool:
+        return self.deadline is not None
 
 
 class Relay:
@@ -250,20 +281,23 @@ def job_limits(settings: Settings) -> sandbox.Limits:
 
 
 def supervise(files: JobFiles, scratch: Path, checkpoints: Path, settings: Settings, reporter: Any,
-              should_stop: Callable[[], bool]) -> Ending:
+              should_stop: Callable[[], bool], *, resume_from: Path | None = None,
+              should_release: Callable[[], bool] = lambda: False, release_seconds: float = 20.0) -> Ending:
     """Run the job's engine in an executor under ``settings``' sandbox and limits; return how it ended.
 
     ``reporter`` receives the executor's events/progress/metrics; ``should_stop`` (polled every
     :data:`CHECK_EVERY` seconds, from a thread, so a silent executor is still stopped) says the job was
-    cancelled or taken away."""
+    cancelled or taken away; ``should_release`` (polled the same way) that the worker is shutting down.
+    Checkpoints are staged in from ``resume_from`` (default ``checkpoints``) and mirrored out to ``checkpoints``."""
     scratch.mkdir(parents=True, exist_ok=True)
-    job_file, inputs = stage(files, scratch, checkpoints, settings)
+    job_file, inputs = stage(files, scratch, checkpoints if resume_from is None else resume_from, settings)
     mode = sandbox.resolve_mode(settings.sandbox)
     ex = sandbox.spawn(executor_argv(job_file), scratch=scratch, inputs=inputs, limits=job_limits(settings),
                        mode=mode, secret_dirs=[settings.data_dir], max_line=settings.executor_message_bytes)
     sync = CheckpointSync(scratch / "checkpoints", checkpoints)
     relay, final = Relay(reporter), None
-    stopped = _watch_cancel(ex, should_stop, sync)
+    release = Release(should_release, release_seconds)
+    stopped = _watch_cancel(ex, should_stop, sync, lambda: release.check(ex, scratch))
     try:
         for line in ex.lines():
             try:
@@ -289,6 +323,8 @@ def supervise(files: JobFiles, scratch: Path, checkpoints: Path, settings: Setti
         outcome = ex.wait()
         stopped.set()
         sync.poll()
+    if release.active and not (isinstance(final, ResultMsg) and outcome.returncode == 0):
+        return Released()
     return _ending(outcome, final, scratch / "out", settings)
 
 
@@ -300,7 +336,8 @@ def _await_exit(ex: sandbox.Executor) -> None:
         ex.kill("lingered")
 
 
-def _watch_cancel(ex: sandbox.Executor, should_stop: Callable[[], bool], sync: CheckpointSync) -> threading.Event:
+def _watch_cancel(ex: sandbox.Executor, should_stop: Callable[[], bool], sync: CheckpointSync,
+                  on_tick: Callable[[], None] = lambda: None) -> threading.Event:
     """A thread that mirrors checkpoints and kills the executor once ``should_stop`` says so; set the returned
     event to end it."""
     done = threading.Event()
@@ -311,6 +348,7 @@ def _watch_cancel(ex: sandbox.Executor, should_stop: Callable[[], bool], sync: C
                 return
             try:
                 sync.poll()
+                on_tick()
                 if should_stop():
                     ex.kill("stopped")
                     return

@@ -1,22 +1,19 @@
-"""Celery tasks. Thin: the work is in :mod:`worker.runner`; the reaper runs beside the consumer."""
+"""Celery tasks. Thin: the work is in :mod:`worker.runner`; the dispatcher and reaper run beside the consumer."""
 
 from __future__ import annotations
 
 import logging
-import threading
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from app.clock import utcnow
-from app.db.session import session_scope
-from app.jobs.reaper import reap
 from app.queue import RUN_JOB
 from app.settings import get_settings
 from worker import runner
 from worker.celery_app import celery_app
+from worker.dispatcher import Dispatcher
 
 log = logging.getLogger("distillery.worker")
-_stop = threading.Event()
+_dispatcher: Dispatcher | None = None
 
 
 @celery_app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -25,29 +22,34 @@ def run_job(job_id: str) -> str:
 
 
 def queue_depth(queue: str) -> int | None:
-    """Messages waiting in ``queue`` on the broker, or None when the transport cannot say."""
+    """Messages waiting in ``queue`` on the broker (bounded by the transport's socket timeouts), or None when
+    the transport cannot say or does not answer."""
     try:
         with celery_app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
             return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
     except Exception:
         return None
 
 
-def reaper_loop(interval: float) -> None:
-    while not _stop.wait(interval):
-        try:
-            with session_scope() as s:
-                reap(s, utcnow(), resend_after=max(4 * interval, 60.0), queue_depth=queue_depth)
-        except Exception:  # the database may be briefly away; try again next tick
-            log.exception("reaper pass failed")
-
-
 @worker_ready.connect
-def _start_reaper(**_kwargs) -> None:
-    interval = max(get_settings().lease_seconds / 4, 2.0)
-    threading.Thread(target=reaper_loop, args=(interval,), name="distillery-reaper", daemon=True).start()
+def _start_dispatcher(**_kwargs) -> None:
+    global _dispatcher
+    s = get_settings()
+    _dispatcher = Dispatcher(interval=s.dispatch_interval_seconds, resend_after=s.resend_after_seconds,
+                             reap_every=min(max(s.lease_seconds / 10, 0.5), 2.0), queue_depth=queue_depth)
+    _dispatcher.start()
+
+
+@worker_shutting_down.connect
+def _release_on_shutdown(sig=None, **_kwargs) -> None:
+    # SIGTERM/SIGINT: the running attempt checkpoints and hands its job back instead of draining to the end.
+    log.info("worker shutting down (%s): releasing the running job, if any", sig)
+    runner.RELEASE.set()
 
 
 @worker_shutdown.connect
-def _stop_reaper(**_kwargs) -> None:
-    _stop.set()
+def _stop_dispatcher(**_kwargs) -> None:
+    if _dispatcher is not None:
+        _dispatcher.stop.set()
+        _dispatcher.leader.release()

@@ -17,7 +17,7 @@ from app.jobs.budget import check_job
 from app.jobs.events import append_event
 from app.jobs.spec import JobSpec, UploadedStudent
 from app.pagination import paginate
-from app.queue import enqueue_after_commit
+from app.queue import dispatch
 from app.settings import Settings
 
 
@@ -59,7 +59,7 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
     for resource_id, role in _inputs(spec):
         session.add(JobInput(job_id=job.id, resource_id=resource_id, role=role))
     append_event(session, job.id, "queued", f"job queued on '{job.queue}'")
-    enqueue_after_commit(session, job.id, job.queue)
+    dispatch(session, job.id, job.queue)
     return job, True
 
 

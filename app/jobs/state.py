@@ -8,6 +8,10 @@
 The change is one conditional UPDATE (``WHERE status IN allowed_from``): if another process moved
 the job first, no row changes and :class:`InvalidTransition` is raised. That makes duplicate
 deliveries, racing cancels and reaper retries safe without locks.
+
+**Fencing.** A worker's claim writes a fresh ``lease_token``; every later write of that attempt passes
+``fence=token`` and so matches only while the attempt still owns the job. Once the reaper (or a release)
+takes the job back, the token is cleared and a stale attempt can change nothing.
 """
 
 from __future__ import annotations
@@ -44,10 +48,11 @@ class InvalidTransition(Exception):
 
 
 def transition(session: Session, job_id: str, to: str, *, allowed_from: frozenset[str] | set[str] | None = None,
-               now: datetime | None = None, **values: Any) -> None:
+               now: datetime | None = None, fence: str | None = None, **values: Any) -> None:
     """Move ``job_id`` to status ``to`` if its current status allows it; set ``values`` in the same UPDATE.
 
-    ``allowed_from`` may only narrow the table's rule. Raises :class:`InvalidTransition` when no row
+    ``allowed_from`` may only narrow the table's rule; ``fence`` (an attempt's lease token) makes the
+    change apply only while that attempt owns the job. Raises :class:`InvalidTransition` when no row
     changed (the job is elsewhere, or gone). Does not commit: the caller's unit of work does.
     """
     allowed = ALLOWED_FROM[to] if allowed_from is None else frozenset(allowed_from) & ALLOWED_FROM[to]
@@ -55,11 +60,16 @@ def transition(session: Session, job_id: str, to: str, *, allowed_from: frozense
     values = {"status": to, "updated_at": now, **values}
     if to == RUNNING:
         values.setdefault("started_at", now)
+    if to in TERMINAL or to == QUEUED:
+        values.setdefault("lease_expires_at", None)
+        values.setdefault("lease_token", None)
     if to in TERMINAL:
         values.setdefault("finished_at", now)
-        values.setdefault("lease_expires_at", None)
+    where = [Job.id == job_id, Job.status.in_(allowed)]
+    if fence is not None:
+        where.append(Job.lease_token == fence)
     result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(allowed)).values(**values)
+        update(Job).where(*where).values(**values)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:

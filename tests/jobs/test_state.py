@@ -57,28 +57,12 @@ def test_reaper_requeues_expired_lease_then_fails_after_max_attempts(job_id):
     with session_scope() as s:
         state.transition(s, job_id, state.RUNNING, attempts=1, lease_expires_at=now - timedelta(seconds=1))
     with session_scope() as s:
-        assert reap(s, now, resend_after=3600)["requeued"] == 1
+        assert reap(s, now)["requeued"] == 1
     assert _status(job_id) == state.QUEUED
     with session_scope() as s:
         max_attempts = s.get(Job, job_id).max_attempts
         state.transition(s, job_id, state.RUNNING, attempts=max_attempts, lease_expires_at=now - timedelta(seconds=1))
     with session_scope() as s:
-        assert reap(s, now, resend_after=3600)["failed"] == 1
+        assert reap(s, now)["failed"] == 1
         job = s.get(Job, job_id)
         assert job.status == state.FAILED and job.error_code == "worker_lost"
-
-
-def test_reaper_resends_stale_queued_only_when_queue_is_empty(job_id):
-    from app.clock import utcnow
-    from app.db.session import session_scope
-    from app.jobs.reaper import reap
-
-    later = utcnow() + timedelta(hours=1)
-    with session_scope() as s:
-        assert reap(s, later, resend_after=60, queue_depth=lambda q: 5)["resent"] == 0
-    with session_scope() as s:
-        assert reap(s, later, resend_after=60, queue_depth=lambda q: 0)["resent"] >= 1
-    with session_scope() as s:  # touched: not re-sent again right away
-        from app.db.models import Job
-
-        assert s.get(Job, job_id).updated_at >= later

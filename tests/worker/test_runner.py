@@ -8,32 +8,11 @@ supervisor and sandbox. The real engine run is covered by the integration tests.
 from __future__ import annotations
 
 import json
-import sys
-import textwrap
 
 import pytest
 from sqlalchemy.exc import OperationalError
 
 from tests.support.jobs import job_body
-
-
-@pytest.fixture()
-def queued_job(client, make_key, uploaded) -> str:
-    h = make_key("runner")
-    m, d = uploaded(h)
-    return client.post("/v1/jobs", headers=h, json=job_body(m, d)).json()["id"]
-
-
-@pytest.fixture()
-def executor(monkeypatch):
-    """``executor(code)``: the next job's executor runs ``code`` (cwd: its scratch; ``job.json`` there)."""
-    from worker import supervisor
-
-    def use(code: str) -> None:
-        program = "import json, os, sys\ndef send(m): print(json.dumps(m), flush=True)\n" + textwrap.dedent(code)
-        monkeypatch.setattr(supervisor, "executor_argv", lambda job_file: [sys.executable, "-c", program])
-
-    return use
 
 
 def _job(job_id: str):
@@ -186,8 +165,9 @@ def test_a_cancel_stops_a_silent_executor_within_seconds(queued_job, executor, c
 def test_a_lost_database_leaves_the_job_to_the_reaper(queued_job, executor, monkeypatch):
     from app.storage import get_storage
     from worker.reporter import DbReporter
+    from worker.runner import latest_checkpoint
 
-    checkpoint = get_storage().local_path(f"checkpoints/{queued_job}")
+    root = get_storage().local_path(f"checkpoints/{queued_job}")
     executor("""
         os.makedirs("checkpoints", exist_ok=True)
         open("checkpoints/checkpoint.pt", "wb").write(b"progress so far")
@@ -204,7 +184,8 @@ def test_a_lost_database_leaves_the_job_to_the_reaper(queued_job, executor, monk
         _run(queued_job)
     job = _job(queued_job)
     assert job.status == "running" and job.lease_expires_at is not None  # the reaper will requeue it
-    assert (checkpoint / "checkpoint.pt").read_bytes() == b"progress so far"  # the next attempt resumes here
+    checkpoint = latest_checkpoint(root)  # this attempt's own prefix, where the next attempt resumes
+    assert checkpoint is not None and (checkpoint / "checkpoint.pt").read_bytes() == b"progress so far"
 
 
 def test_messages_are_schema_checked(executor):

@@ -168,6 +168,21 @@ def restore_fit(state: Mapping[str, Any], *, model: nn.Module, hint_modules: Seq
 # the job's checkpoints
 
 
+class _Urgent:
+    """A checkpoint asked for now (the worker is releasing the job): the next epoch end writes one whatever
+    ``every`` says, and :attr:`written` turns True once it is on disk."""
+
+    requested = False
+    written = False
+
+
+URGENT = _Urgent()
+
+
+def request_checkpoint() -> None:
+    URGENT.requested = True
+
+
 class JobCheckpoints:
     """Reads and writes ``checkpoint.pt`` for one job; also the hook :func:`.train.fit` calls.
 
@@ -252,9 +267,10 @@ class JobCheckpoints:
         """After a finished epoch of a distill step: write a checkpoint when one is due."""
         if self.start is None or step_index != self.step:
             return
-        if time.monotonic() - self.last_write < self.every:
+        if not URGENT.requested and time.monotonic() - self.last_write < self.every:
             return
         self._write(step_index, epoch, fit=state())
+        URGENT.written = URGENT.requested
 
     # -- hooks for the pipeline -------------------------------------------------------------------
     def begin_step(self, index: int, start: dict[str, Any] | None) -> None:

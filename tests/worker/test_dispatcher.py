@@ -1,0 +1,95 @@
+"""The outbox and the dispatcher against PostgreSQL: nothing on the request path talks to the broker;
+unsent dispatches go out oldest first; a failed publish stays in the outbox; lost messages are re-sent."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from tests.support.jobs import job_body
+
+
+@pytest.fixture()
+def jobs_on_own_queue(client, make_key, uploaded):
+    """``make(n)``: n queued jobs moved to a queue no other test uses (their dispatches unsent)."""
+    from app.db.models import Dispatch, Job
+    from app.db.session import session_scope
+
+    h = make_key("dispatch")
+    m, d = uploaded(h)
+    queue = "q" + secrets.token_hex(6)
+
+    def make(n: int) -> tuple[str, list[str]]:
+        ids = [client.post("/v1/jobs", headers=h, json=job_body(m, d)).json()["id"] for _ in range(n)]
+        with session_scope() as s:
+            s.execute(update(Job).where(Job.id.in_(ids)).values(queue=queue))
+            s.execute(update(Dispatch).where(Dispatch.job_id.in_(ids)).values(queue=queue))
+        return queue, ids
+
+    return make
+
+
+def test_creating_a_job_writes_a_dispatch_and_publishes_nothing(jobs_on_own_queue, monkeypatch):
+    from app import queue as q
+    from app.db.models import Dispatch
+    from app.db.session import session_scope
+
+    def no_broker(*_a, **_k):
+        raise AssertionError("the request path must not call the broker")
+
+    monkeypatch.setattr(q, "publish", no_broker)
+    monkeypatch.setattr(q, "get_celery", no_broker)
+    _, (job_id,) = jobs_on_own_queue(1)
+    with session_scope() as s:
+        row = s.scalars(select(Dispatch).where(Dispatch.job_id == job_id)).one()
+    assert (row.reason, row.sent_at, row.tries) == ("created", None, 0)
+
+
+def test_publish_due_oldest_first_and_a_failure_stays_unsent(jobs_on_own_queue):
+    from app.db.models import Dispatch
+    from app.db.session import session_scope
+    from worker.dispatcher import publish_due
+
+    while publish_due(send=lambda *_: None):  # what other tests left in the shared outbox
+        pass
+    queue, ids = jobs_on_own_queue(3)
+
+    def broken(job_id, q):
+        raise ConnectionError("broker hung")
+
+    publish_due(send=broken)  # the broker is down: nothing is lost, the error is recorded
+    with session_scope() as s:
+        rows = s.scalars(select(Dispatch).where(Dispatch.job_id.in_(ids)).order_by(Dispatch.id)).all()
+    assert all(r.sent_at is None for r in rows) and "broker hung" in (rows[0].last_error or "")
+    sent = []
+    while publish_due(send=lambda job_id, q: sent.append(job_id)):
+        pass
+    assert [j for j in sent if j in ids] == ids  # oldest first
+    with session_scope() as s:
+        assert all(r.sent_at is not None for r in s.scalars(select(Dispatch).where(Dispatch.job_id.in_(ids))))
+
+
+def test_lost_messages_are_resent_as_many_as_are_missing(jobs_on_own_queue):
+    from app.clock import utcnow
+    from app.db.models import Dispatch
+    from app.db.session import session_scope
+    from worker.dispatcher import publish_due, resend_lost
+
+    queue, ids = jobs_on_own_queue(3)
+    while publish_due(send=lambda *_: None):
+        pass
+    later = utcnow() + timedelta(seconds=10)
+    depth = {queue: 3}
+    assert resend_lost(later, 5.0, lambda q: depth.get(q, 10**6)) == 0  # every message is waiting
+    depth[queue] = 1  # the broker lost two: the two oldest are re-sent
+    assert resend_lost(later, 5.0, lambda q: depth.get(q, 10**6)) == 2
+    with session_scope() as s:
+        resent = list(s.scalars(select(Dispatch.job_id).where(Dispatch.job_id.in_(ids),
+                                                               Dispatch.reason == "resent").order_by(Dispatch.id)))
+    assert resent == ids[:2]
+    # Not sent again while those dispatches wait to be published.
+    depth[queue] = 0
+    assert resend_lost(later, 5.0, lambda q: depth.get(q, 10**6)) == 1

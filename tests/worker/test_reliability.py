@@ -1,0 +1,159 @@
+"""Leases, fencing and release against PostgreSQL, with stand-in executors and the real supervisor.
+
+* a phase longer than the lease (storing results here) keeps the job: the heartbeat renews it throughout;
+* a stale attempt after a requeue changes nothing: no event, no status, no artifact;
+* a release (worker shutdown) checkpoints, puts the job back without using up an attempt, and the next
+  attempt resumes from that checkpoint and finishes with ``attempts == 1``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from sqlalchemy import select
+
+
+def _job(job_id: str):
+    from app.db.models import Job
+    from app.db.session import session_scope
+
+    with session_scope() as s:
+        return s.get(Job, job_id)
+
+
+def _settings(**changes):
+    from app.settings import get_settings
+
+    return get_settings().model_copy(update=changes)
+
+
+def _wait(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _event_types(job_id: str) -> list[str]:
+    from app.db.models import JobEvent
+    from app.db.session import session_scope
+
+    with session_scope() as s:
+        return list(s.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))
+
+
+def test_a_phase_longer_than_the_lease_keeps_the_job(queued_job, executor, monkeypatch):
+    from app.clock import utcnow
+    from app.db.session import session_scope
+    from app.jobs.reaper import reap
+    from worker import runner
+
+    executor('send({"type": "result", "status": "succeeded", "metrics": {"ok": 1}, "artifacts": []})')
+    real_store = runner._store_blobs
+
+    def slow_store(job_id, artifacts):  # a slow upload of the results: 1.5 leases with no executor running
+        time.sleep(7.5)
+        return real_store(job_id, artifacts)
+
+    monkeypatch.setattr(runner, "_store_blobs", slow_store)
+    stop = threading.Event()
+    requeued = []
+
+    def reaper():
+        while not stop.wait(0.25):
+            with session_scope() as s:
+                requeued.append(reap(s, utcnow())["requeued"])
+
+    t = threading.Thread(target=reaper, daemon=True)
+    t.start()
+    try:
+        assert runner.run_job(queued_job, _settings(lease_seconds=5)) == "succeeded"
+    finally:
+        stop.set()
+        t.join()
+    job = _job(queued_job)
+    assert (job.status, job.attempts) == ("succeeded", 1) and sum(requeued) == 0 and len(requeued) > 20
+
+
+def test_a_stale_attempt_changes_nothing(queued_job, executor):
+    from app.db.models import Artifact
+    from app.db.session import session_scope
+    from app.jobs import state
+    from worker import runner
+    from worker.attempt import Attempt
+
+    executor("""
+        import time
+        send({"type": "progress", "progress": {"fraction": 0.1}})
+        time.sleep(3)
+        send({"type": "event", "event": "late", "message": "written after the requeue"})
+        send({"type": "result", "status": "succeeded", "metrics": {}, "artifacts": []})
+    """)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("ended", runner.run_job(queued_job, _settings())))
+    t.start()
+    _wait(lambda: (_job(queued_job).progress or {}).get("fraction") == 0.1, what="the first attempt's progress")
+    stale = _job(queued_job)
+    with session_scope() as s:  # what the reaper does when it believes the worker lost, then a new claim
+        state.transition(s, queued_job, state.QUEUED, allowed_from={state.RUNNING}, fence=stale.lease_token)
+    second = runner._claim(queued_job, _settings())
+    assert second is not None
+    t.join(30)
+    assert result["ended"] == "skipped"
+    job = _job(queued_job)
+    assert (job.status, job.lease_token, job.attempts) == ("running", second.token, 2)
+    assert "late" not in _event_types(queued_job) and not {"succeeded", "failed", "cancelled"} & set(
+        _event_types(queued_job))
+    with session_scope() as s:
+        assert s.scalars(select(Artifact).where(Artifact.job_id == queued_job)).first() is None
+    # The old attempt's own handle is fenced out too.
+    old = Attempt(queued_job, stale.lease_token, 1, "old", 30)
+    assert old.write("a test write", lambda s: None) is False and old.lost.is_set()
+    assert runner._end(old, state.FAILED, "internal_error", "stale") == "skipped"
+    assert _job(queued_job).status == "running"
+
+
+def test_release_checkpoints_requeues_and_the_next_attempt_resumes(queued_job, executor):
+    from app.db.models import Dispatch
+    from app.db.session import session_scope
+    from app.storage import get_storage
+    from worker import runner
+
+    executor("""
+        import time
+        if os.path.exists("checkpoints/checkpoint.pt"):  # the next attempt: resumed, finish
+            send({"type": "event", "event": "resumed", "message": open("checkpoints/checkpoint.pt").read()})
+            send({"type": "result", "status": "succeeded", "metrics": {}, "artifacts": []})
+            sys.exit(0)
+        send({"type": "progress", "progress": {"fraction": 0.3}})
+        while not os.path.exists("release-requested"):
+            time.sleep(0.05)
+        os.makedirs("checkpoints", exist_ok=True)
+        open("checkpoints/checkpoint.pt", "w").write("epoch 7")
+        send({"type": "event", "event": "checkpoint_saved", "message": "saved", "level": "debug"})
+        sys.exit(0)
+    """)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("ended", runner.run_job(queued_job, _settings())))
+    t.start()
+    try:
+        _wait(lambda: (_job(queued_job).progress or {}).get("fraction") == 0.3, what="the job running")
+        began = time.monotonic()
+        runner.RELEASE.set()
+        t.join(30)
+        released_in = time.monotonic() - began
+    finally:
+        runner.RELEASE.clear()
+    assert result["ended"] == "released" and released_in < 10
+    job = _job(queued_job)
+    assert (job.status, job.attempts, job.lease_token) == ("queued", 0, None)
+    with session_scope() as s:
+        reasons = list(s.scalars(select(Dispatch.reason).where(Dispatch.job_id == queued_job)))
+    assert reasons == ["created", "released"]
+    assert runner.latest_checkpoint(get_storage().local_path(f"checkpoints/{queued_job}")) is not None
+    assert runner.run_job(queued_job, _settings()) == "succeeded"
+    job = _job(queued_job)
+    assert (job.status, job.attempts) == ("succeeded", 1)
+    assert "released" in _event_types(queued_job) and "resumed" in _event_types(queued_job)
+    assert not get_storage().local_path(f"checkpoints/{queued_job}").exists()  # deleted after the guarded end

@@ -174,3 +174,36 @@ def test_no_checkpoint_dir_writes_nothing(teacher_ts, digits_npz, tmp_path):
     assert not has_checkpoint(None) and not has_checkpoint(tmp_path)
     _job(_spec([{**DISTILL, "epochs": 1}]), teacher_ts, digits_npz, tmp_path / "out", RecordingReporter(), None)
     assert not any(p.name == CHECKPOINT_FILE for p in tmp_path.rglob("*"))
+
+
+def test_a_release_checkpoints_at_the_next_epoch_end_and_resumes_there(teacher_ts, digits_npz, tmp_path,
+                                                                       monkeypatch):
+    """The worker shutting down writes ``release-requested``: the executor's reporter asks for a checkpoint at
+    the next epoch end (whatever the interval) and stops right after it; the next attempt resumes there."""
+    import io
+
+    from worker.engine import checkpoint
+    from worker.executor import PipeReporter
+
+    monkeypatch.setattr(checkpoint, "URGENT", checkpoint._Urgent())
+    release = tmp_path / "release-requested"
+
+    class Releasing(PipeReporter):
+        def progress(self, progress: dict) -> None:
+            super().progress(progress)
+            if progress.get("epoch") == 2 and not release.exists():
+                release.touch()
+                self._next_look = 0.0  # look at once (the reporter otherwise stats at most every 0.2 s)
+
+    spec = _spec([{**DISTILL, "epochs": 6}])
+    reference = _job(spec, teacher_ts, digits_npz, tmp_path / "ref", RecordingReporter(), None)
+    ckpt_dir = tmp_path / "ckpt"
+    with pytest.raises(Cancelled):
+        _job(spec, teacher_ts, digits_npz, tmp_path / "a1", Releasing(io.StringIO(), release), ckpt_dir, every=3600)
+    assert _meta(ckpt_dir)["epoch"] >= 2  # not the step boundary: the release wrote its own checkpoint
+    monkeypatch.setattr(checkpoint, "URGENT", checkpoint._Urgent())
+    reporter = RecordingReporter()
+    result = _job(spec, teacher_ts, digits_npz, tmp_path / "a2", reporter, ckpt_dir, every=3600)
+    _assert_same(_weights(result), _weights(reference))
+    (resumed,) = [e for e in reporter.events if e[0] == "resumed"]
+    assert resumed[3]["epoch"] >= 2

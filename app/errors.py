@@ -64,6 +64,24 @@ class ServiceUnavailable(DomainError):
     status, code, title = 503, "unavailable", "Service unavailable"
 
 
+#: Seconds a client is told to wait when the database is away.
+DATABASE_RETRY_AFTER = 5
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True for errors that mean the database cannot be reached (refused, reset, restarting, pool exhausted),
+    looking through wrapped causes: these answer 503, not 500."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OperationalError | PoolTimeout) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def problem(status: int, title: str, detail: str, code: str, errors: list[dict] | None = None,
             headers: dict[str, str] | None = None) -> JSONResponse:
     body: dict[str, Any] = {
@@ -113,6 +131,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if database_unavailable(exc):
+            # An outage, not a bug: one line per request, no traceback, and a hint for clients to retry.
+            log.warning("database unavailable: %s", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            return problem(503, "Service unavailable", "the database is unavailable; retry shortly",
+                           "database_unavailable", headers={"Retry-After": str(DATABASE_RETRY_AFTER)})
         log.exception("unhandled error", exc_info=exc)
         return problem(500, "Internal server error", "An unexpected error occurred; it has been logged.",
                        "internal_error")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Query, Request
@@ -17,14 +17,20 @@ from app.settings import Settings, get_settings
 from app.storage import Storage, get_storage
 
 
-def _db() -> Iterator[Session]:
-    # Routes commit explicitly once their work is done (before the response is built), so a
-    # client that reads right after a 201/202 always sees the row. Anything uncommitted is rolled back.
+async def _db() -> AsyncIterator[Session]:
+    """One session per request. Routes commit explicitly once their work is done (before the response is
+    built), so a client that reads right after a 201/202 always sees the row; anything uncommitted is rolled
+    back when the session closes.
+
+    An *async* generator on purpose: FastAPI runs a sync generator's teardown in the thread pool, so under load
+    finished requests held their pooled connections while waiting for a thread, and the threads waited for
+    connections — the API froze at 64 clients. Here the teardown runs on the event loop (closing a session
+    only returns its connection to the pool, which resets it), and the pool is sized to the request threads
+    (:func:`app.db.session.make_engine`), so a thread never waits for a connection another request holds."""
     session = get_sessionmaker()()
     try:
         yield session
     finally:
-        session.rollback()
         session.close()
 
 

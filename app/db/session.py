@@ -12,6 +12,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.settings import get_settings
 
 
+#: Threads the API runs sync routes on (anyio's default limiter, 40): the pool allows as many connections.
+REQUEST_THREADS = 40
+
+
 def make_engine(url: str, **kwargs) -> Engine:
     if url.startswith("sqlite"):
         # The API and the worker are separate processes writing one file: WAL lets readers proceed
@@ -28,7 +32,10 @@ def make_engine(url: str, **kwargs) -> Engine:
 
         return engine
     if kwargs.get("poolclass") is None:
-        kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=10)
+        # As many connections as threads that can hold one (the API's request threads, REQUEST_THREADS, plus
+        # the worker's few), so no thread ever waits on the pool for a connection held by a request that is
+        # itself waiting for a thread; a short timeout turns real exhaustion into 503, never a hang.
+        kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=REQUEST_THREADS, pool_timeout=10)
     return create_engine(url, **kwargs)
 
 

@@ -60,3 +60,39 @@ def test_other_tenant_sees_404_and_lists_nothing(client, owned, make_key, upload
     # The owner still has everything.
     owner_list = client.get("/v1/jobs", headers=make_key("owner")).json()["data"]
     assert owned["job"] in [j["id"] for j in owner_list]
+
+
+def test_a_key_is_checked_once_per_cache_period_and_revocation_applies(client, make_key, monkeypatch):
+    from sqlalchemy import event
+
+    from app import auth
+    from app.db.models import ApiKey
+    from app.db.session import get_engine, session_scope
+
+    h = make_key("cached-key")
+    queries = []
+
+    def count(_conn, _cursor, statement, *_a):
+        if "FROM api_keys" in statement:
+            queries.append(statement)
+
+    event.listen(get_engine(), "before_cursor_execute", count)
+    try:
+        for _ in range(5):
+            assert client.get("/v1/models", headers=h).status_code == 200
+        assert len(queries) == 1  # verified once, then trusted for KEY_CACHE_SECONDS
+        with session_scope() as s:
+            key_id = s.query(ApiKey.id).filter(ApiKey.key_hash == auth.hash_key(h["Authorization"].split()[1])).scalar()
+            auth.revoke_key(s, key_id)
+        assert client.get("/v1/models", headers=h).status_code == 401  # revoked here: forgotten at once
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", count)
+    # Revoked by another process: the cache expires it within KEY_CACHE_SECONDS.
+    h2 = make_key("cached-key-2")
+    assert client.get("/v1/models", headers=h2).status_code == 200
+    with session_scope() as s:
+        row = s.query(ApiKey).filter(ApiKey.key_hash == auth.hash_key(h2["Authorization"].split()[1])).one()
+        row.revoked_at = row.created_at
+    for k, (p, _) in list(auth._cache.items()):  # the cache period has passed
+        monkeypatch.setitem(auth._cache, k, (p, 0.0))
+    assert client.get("/v1/models", headers=h2).status_code == 401

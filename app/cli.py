@@ -69,7 +69,12 @@ def serve() -> None:
 
     settings = get_settings()
     check_sandbox()
-    uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level="info")
+    # SIGTERM: uvicorn stops accepting, lets in-flight requests finish for at most the grace period, then
+    # closes what is left (an SSE follower would otherwise hold shutdown open forever). With several
+    # workers each is its own process with its own pool (sized per process) and key cache.
+    uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level="info",
+                workers=settings.api_workers, timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+                timeout_keep_alive=5)
 
 
 def run() -> int:

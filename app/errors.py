@@ -64,22 +64,48 @@ class ServiceUnavailable(DomainError):
     status, code, title = 503, "unavailable", "Service unavailable"
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    """The database cannot serve this request now: unreachable, restarting, or every connection busy."""
+
+    code, title = "database_unavailable", "Service unavailable"
+    retry_after = 5
+
+    def __init__(self, detail: str = "the database is unavailable; retry shortly", *, retry_after: int = 5):
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
 #: Seconds a client is told to wait when the database is away.
 DATABASE_RETRY_AFTER = 5
 
 
-def database_unavailable(exc: BaseException) -> bool:
-    """True for errors that mean the database cannot be reached (refused, reset, restarting, pool exhausted),
-    looking through wrapped causes: these answer 503, not 500."""
-    from sqlalchemy.exc import DBAPIError, OperationalError
+def _outage_types() -> tuple[type[BaseException], ...]:
+    from sqlalchemy.exc import OperationalError
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    seen = 0
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a dependency; SQLite-only installs may lack it
+        return OperationalError, PoolTimeout
+    return OperationalError, PoolTimeout, psycopg.OperationalError
+
+
+def database_unavailable(exc: BaseException | None) -> bool:
+    """True for errors that mean the database cannot serve us now (refused, reset, restarting, timed out,
+    pool exhausted) rather than a bug, looking through wrapped causes: these answer 503, not 500."""
+    from sqlalchemy.exc import DBAPIError
+
+    outage, seen = _outage_types(), 0
     while exc is not None and seen < 5:
-        if isinstance(exc, OperationalError | PoolTimeout) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        if isinstance(exc, outage) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def problem(status: int, title: str, detail: str, code: str, errors: list[dict] | None = None,
@@ -129,16 +155,32 @@ def install_error_handlers(app: FastAPI) -> None:
         code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
         return problem(exc.status_code, title, str(exc.detail), code, headers=getattr(exc, "headers", None))
 
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        """Registered for the database's own exception classes, so ExceptionMiddleware answers them and nothing
+        re-raises them to the server: an outage costs one warning line per request, not a traceback."""
+        if not database_unavailable(exc):
+            return _internal(exc)
+        log.warning("database unavailable (%s %s): %s", request.method, request.url.path, _first_line(exc))
+        return problem(503, DatabaseUnavailable.title, "the database is unavailable; retry shortly",
+                       DatabaseUnavailable.code, headers={"Retry-After": str(DATABASE_RETRY_AFTER)})
+
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    for kind in (DBAPIError, PoolTimeout, *_outage_types()):
+        app.add_exception_handler(kind, _database)
+
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        if database_unavailable(exc):
-            # An outage, not a bug: one line per request, no traceback, and a hint for clients to retry.
-            log.warning("database unavailable: %s", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-            return problem(503, "Service unavailable", "the database is unavailable; retry shortly",
-                           "database_unavailable", headers={"Retry-After": str(DATABASE_RETRY_AFTER)})
-        log.exception("unhandled error", exc_info=exc)
-        return problem(500, "Internal server error", "An unexpected error occurred; it has been logged.",
-                       "internal_error")
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if database_unavailable(exc):  # e.g. a domain error raised from a database error
+            return await _database(request, exc)
+        return _internal(exc)
+
+
+def _internal(exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return problem(500, "Internal server error", "An unexpected error occurred; it has been logged.",
+                   "internal_error")
 
 
 class BudgetExceeded(Unprocessable):

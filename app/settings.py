@@ -76,6 +76,24 @@ class Settings(BaseSettings):
     metrics_token: str | None = Field(None, description="When set, GET /metrics requires "
                                                         "'Authorization: Bearer <token>'.")
 
+    # ---- the API under load and outages (app/db/session.py, app/auth.py; SIGTERM: shutdown_grace_seconds) ----
+    api_workers: int = Field(1, ge=1, description="'distillery serve' runs this many API processes (uvicorn "
+                                                  "workers); each has its own pool and key cache.")
+    db_pool_size: int = Field(20, ge=1, description="Requests of one API process that may hold a database session "
+                                                    "at once; the pool keeps as many connections.")
+    db_pool_overflow: int = Field(10, ge=0, description="Extra pooled connections for work outside requests "
+                                                        "(event streams, sweeps, readiness checks).")
+    db_pool_timeout_seconds: float = Field(5.0, gt=0, description="Longest a request waits for a database "
+                                                                  "connection before it answers 503.")
+    db_connect_timeout_seconds: int = Field(3, ge=1, description="Opening a PostgreSQL connection gives up after "
+                                                                 "this long.")
+    ready_timeout_seconds: float = Field(2.0, gt=0, description="GET /readyz answers 503 when the database or "
+                                                                "the broker has not answered within this long.")
+    auth_cache_seconds: float = Field(5.0, ge=0, description="A verified API key is trusted this long without a "
+                                                             "query (0: never cached); a key revoked by another "
+                                                             "process stops working within this long.")
+    auth_cache_size: int = Field(10_000, ge=1, description="Most API keys one API process remembers.")
+
     # ---- sweeps: what a killed process left in the data dir (app/sweep.py, docs/operations.md) --------
     sweep_temp_age_seconds: float = Field(600.0, gt=0, description="Temp uploads, .partial blobs and work dirs "
                                           "of ended jobs unwritten this long are removed (upload temp files are "

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, Header, Query, Request
 from sqlalchemy.orm import Session
 
 from app.api.uploads import check_text, parse_json
-from app.auth import Principal, authenticate
-from app.db.session import get_sessionmaker
+from app.auth import Principal, authenticate, cached_principal
+from app.db.session import request_session
 from app.errors import Unprocessable
 from app.pagination import decode_cursor
 from app.settings import Settings, get_settings
@@ -22,25 +23,26 @@ async def _db() -> AsyncIterator[Session]:
     built), so a client that reads right after a 201/202 always sees the row; anything uncommitted is rolled
     back when the session closes.
 
-    An *async* generator on purpose: FastAPI runs a sync generator's teardown in the thread pool, so under load
-    finished requests held their pooled connections while waiting for a thread, and the threads waited for
-    connections — the API froze at 64 clients. Here the teardown runs on the event loop (closing a session
-    only returns its connection to the pool, which resets it), and the pool is sized to the request threads
-    (:func:`app.db.session.make_engine`), so a thread never waits for a connection another request holds."""
-    session = get_sessionmaker()()
-    try:
+    Async on purpose, with :func:`app.db.session.request_session` behind it: admission against the pool and
+    the teardown never take a thread from the pool the routes run on (the deadlock it replaces, and why it
+    cannot come back, is in that module's docstring). Scope "function": the session closes, and its admission
+    is freed, when the route returns, before the response is sent; an event or download stream (which closes
+    its session first) or a slow reader never keeps a place other requests wait for."""
+    async with request_session() as session:
         yield session
-    finally:
-        session.close()
 
 
-DbSession = Annotated[Session, Depends(_db)]
+DbSession = Annotated[Session, Depends(_db, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
-def _principal(db: DbSession, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    return authenticate(db, authorization)
+async def _principal(db: DbSession, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    """A key verified a moment ago is answered from the cache on the event loop (no query, no thread);
+    otherwise one query, in a thread."""
+    if (principal := cached_principal(authorization)) is not None:
+        return principal
+    return await anyio.to_thread.run_sync(authenticate, db, authorization)
 
 
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any
+
+import anyio
+from anyio.lowlevel import RunVar
 
 from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import PlainTextResponse
@@ -12,6 +17,7 @@ from sqlalchemy import func, select, text
 from app.api.deps import DbSession, SettingsDep
 from app.api.docs import problems
 from app.db.models import Job
+from app.db.session import get_engine
 from app.errors import ServiceUnavailable, Unauthorized
 from app.jobs.spec import capabilities
 from app.jobs.state import STATUSES
@@ -26,18 +32,69 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+# Readiness probes run in threads of their own (never the request threads), at most a few at once: a hung
+# database or broker leaves at most this many threads blocked, however often the orchestrator asks.
+_PROBE_THREADS = 4
+_probe_limiter: RunVar[anyio.CapacityLimiter] = RunVar("distillery_probe_threads")
+
+
+def _probe_threads() -> anyio.CapacityLimiter:
+    try:
+        return _probe_limiter.get()
+    except LookupError:
+        _probe_limiter.set(limiter := anyio.CapacityLimiter(_PROBE_THREADS))
+        return limiter
+
+
+def _database_ok() -> None:
+    with get_engine().connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def _broker_ok(url: str, timeout: float) -> None:
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            client.ping()
+        finally:
+            client.close()
+        return
+    with get_celery().connection_for_write() as conn:  # the SQL transport of the embedded mode
+        conn.ensure_connection(max_retries=1, timeout=timeout)
+
+
+async def _probe(name: str, check: Callable[[], None], timeout: float) -> str | None:
+    """None when ``check`` finished within ``timeout``; otherwise why not (a hung server is abandoned, its
+    thread left to its socket timeout)."""
+    try:
+        with anyio.fail_after(timeout):
+            await anyio.to_thread.run_sync(check, limiter=_probe_threads(), abandon_on_cancel=True)
+    except TimeoutError:
+        return f"{name} did not answer within {timeout:g} s"
+    except Exception as exc:
+        return f"{name} unreachable: {type(exc).__name__}"
+    return None
+
+
 @router.get("/readyz", responses=problems(503))
-def readyz(db: DbSession) -> dict[str, Any]:
-    """The database and the broker are reachable."""
-    try:
-        db.execute(text("SELECT 1"))
-    except Exception as exc:
-        raise ServiceUnavailable(f"database unreachable: {exc.__class__.__name__}", code="database_unavailable") from exc
-    try:
-        with get_celery().connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
-    except Exception as exc:
-        raise ServiceUnavailable(f"broker unreachable: {exc.__class__.__name__}", code="broker_unavailable") from exc
+async def readyz(settings: SettingsDep) -> dict[str, Any]:
+    """The database and the broker answer, each within ``DISTILLERY_READY_TIMEOUT_SECONDS`` (probed at the same
+    time, so the whole check is bounded by that): 200 ``ready``, else 503 naming what failed."""
+    timeout = settings.ready_timeout_seconds
+    found: dict[str, str | None] = {}
+
+    async def run(name: str, check: Callable[[], None]) -> None:
+        found[name] = await _probe(name, check, timeout)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "database", _database_ok)
+        tg.start_soon(run, "broker", partial(_broker_ok, settings.resolved_broker_url, timeout))
+    if found["database"]:
+        raise ServiceUnavailable(found["database"], code="database_unavailable")
+    if found["broker"]:
+        raise ServiceUnavailable(found["broker"], code="broker_unavailable")
     return {"status": "ready", "database": "ok", "broker": "ok"}
 
 

@@ -1,0 +1,265 @@
+"""``GET /v1/jobs/{id}`` on the real API vs a bare FastAPI handler, side by side under wrk.
+
+    .venv/bin/python -m benchmarks.api_throughput [--seconds 5] [--connections 1,8,64,256]
+
+Needs ``wrk`` and a PostgreSQL (``--pg``, default the local one, trust auth): the script creates a
+throwaway database, migrates it, creates an API key and one job row, then starts two uvicorn processes
+with the same options (one process each, no access log): the real ``app.main:app`` and a bare app whose
+``async def`` handler, on the same path, returns the exact JSON body the real API answered. Both are
+driven with the same wrk command at each connection count (a 1 s warm-up first); the table goes to the
+``api`` section of ``docs/benchmarks.md``.
+
+The real side does everything a client pays for: the auth check (cached, app/auth.py), a pooled
+session, the ORM read, the response model, the telemetry middleware. Errors are wrk's socket errors
+and timeouts plus non-2xx answers; ``pool timeouts`` counts 503 ``database_unavailable`` lines in the
+API's log, so a passing row really had every request served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from benchmarks.sections import write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+PATH_TEMPLATE = "/v1/jobs/{job_id}"
+
+# wrk's done() hook prints one JSON line: the numbers the table needs without parsing its text report.
+WRK_REPORT = """
+done = function(summary, latency, requests)
+  io.write(string.format(
+    '{"requests": %d, "seconds": %f, "connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d, '
+    .. '"p50_us": %d, "p99_us": %d}\\n',
+    summary.requests, summary.duration / 1e6, summary.errors.connect, summary.errors.read, summary.errors.write,
+    summary.errors.status, summary.errors.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One wrk run: throughput, latency percentiles (ms), and every kind of failure it saw."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int  # socket errors (connect/read/write) and non-2xx/3xx answers
+    timeouts: int
+
+    @classmethod
+    def from_wrk(cls, line: str) -> Sample:
+        r = json.loads(line)
+        return cls(rps=r["requests"] / r["seconds"], p50_ms=r["p50_us"] / 1000, p99_ms=r["p99_us"] / 1000,
+                   errors=r["connect"] + r["read"] + r["write"] + r["status"], timeouts=r["timeout"])
+
+
+def bare_app():
+    """The baseline: FastAPI, same path, ``async def`` handler returning the real API's body (a uvicorn factory)."""
+    from fastapi import FastAPI
+
+    body = json.loads(Path(os.environ["BENCH_BODY_FILE"]).read_text())
+    app = FastAPI()
+
+    @app.get(PATH_TEMPLATE)
+    async def get_job(job_id: str) -> dict:
+        return body
+
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def create_database(admin_dsn: str) -> tuple[str, str]:
+    """A throwaway database; returns (its name, its SQLAlchemy URL)."""
+    import psycopg
+
+    name = f"distillery_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    info = psycopg.conninfo.conninfo_to_dict(admin_dsn)
+    auth = info.get("user", "postgres") + (f":{info['password']}" if info.get("password") else "")
+    return name, f"postgresql+psycopg://{auth}@{info.get('host', '127.0.0.1')}:{info.get('port', 5432)}/{name}"
+
+
+def drop_database(admin_dsn: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def seed(env: dict[str, str]) -> tuple[str, str]:
+    """Migrate, create a key and one running job with progress and metrics (in a child process, so this
+    process never caches settings). Returns (api key, job id)."""
+    code = """
+import json
+from app.auth import create_key
+from app.cli import migrate
+from app.clock import utcnow
+from app.db.models import Job
+from app.db.session import session_scope
+from app.ids import new_id
+from app.jobs.spec import JobSpec
+
+migrate()
+spec = JobSpec.model_validate(JobSpec.model_config["json_schema_extra"]["examples"][0]).model_dump(mode="json")
+with session_scope() as s:
+    key_row, key = create_key(s, "bench")
+    job = Job(id=new_id("job"), tenant_id=key_row.tenant_id, status="running", kind="distill", spec=spec,
+              queue="bench", attempts=1, started_at=utcnow(),
+              progress={"step_index": 0, "step_kind": "distill", "epoch": 3, "epochs": 20, "fraction": 0.15,
+                        "eta_seconds": 42.0},
+              metrics={"teacher": {"accuracy": 0.97}, "student": {"accuracy": 0.95, "agreement": 0.96}})
+    s.add(job)
+print(json.dumps([key, job.id]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    key, job_id = json.loads(out.stdout.strip().splitlines()[-1])
+    return key, job_id
+
+
+def start_server(target: str, port: int, env: dict[str, str], log: Path, factory: bool = False) -> subprocess.Popen:
+    args = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--log-level", "warning", "--no-access-log"] + (["--factory"] if factory else [])
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{target} exited; log:\n{log.read_text()[-3000:]}")
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/docs", timeout=1)
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{target} did not start; log:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wrk(url: str, key: str, connections: int, seconds: float, script: Path) -> Sample:
+    threads = min(2, connections)
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s",
+                          "-H", f"Authorization: Bearer {key}", "-s", str(script), url],
+                         check=True, capture_output=True, text=True)
+    return Sample.from_wrk(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+
+
+def pool_timeouts(log: Path) -> int:
+    text = log.read_text(errors="replace")
+    return text.count("database_unavailable") + text.count("QueuePool limit")
+
+
+def table(rows: list[tuple[int, Sample, Sample, int]]) -> str:
+    lines = ["| connections | bare rps | API rps | rps ratio | bare p50 ms | API p50 ms | bare p99 ms | API p99 ms "
+             "| p99 ratio | API errors | API timeouts | pool timeouts |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c, bare, api, pool in rows:
+        lines.append(f"| {c} | {bare.rps:.0f} | {api.rps:.0f} | {api.rps / bare.rps:.2f} | {bare.p50_ms:.1f} "
+                     f"| {api.p50_ms:.1f} | {bare.p99_ms:.1f} | {api.p99_ms:.1f} | {api.p99_ms / bare.p99_ms:.2f} "
+                     f"| {api.errors} | {api.timeouts} | {pool} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--connections", default="1,8,64,256")
+    parser.add_argument("--pg", default="host=127.0.0.1 port=5432 user=postgres dbname=postgres",
+                        help="libpq DSN of a database allowed to CREATE DATABASE")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (apt-get install wrk)")
+    levels = [int(c) for c in args.connections.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="distillery-bench-api-"))
+    db_name, db_url = create_database(args.pg)
+    procs: list[subprocess.Popen] = []
+    try:
+        env = {**os.environ, "DISTILLERY_DATABASE_URL": db_url, "DISTILLERY_DATA_DIR": str(work / "data"),
+               "DISTILLERY_SWEEP_INTERVAL_SECONDS": "0", "DISTILLERY_SANDBOX": "process"}
+        key, job_id = seed(env)
+        api_port, bare_port = free_port(), free_port()
+        api_log, bare_log = work / "api.log", work / "bare.log"
+        procs.append(start_server("app.main:app", api_port, env, api_log))
+        path = PATH_TEMPLATE.format(job_id=job_id)
+        first = httpx.get(f"http://127.0.0.1:{api_port}{path}", headers={"Authorization": f"Bearer {key}"})
+        first.raise_for_status()
+        (work / "body.json").write_bytes(first.content)
+        bare_env = {**env, "BENCH_BODY_FILE": str(work / "body.json")}
+        procs.append(start_server("benchmarks.api_throughput:bare_app", bare_port, bare_env, bare_log, factory=True))
+        bare_body = httpx.get(f"http://127.0.0.1:{bare_port}{path}").content
+        assert json.loads(bare_body) == first.json(), "the bare app must answer the same body"
+        script = work / "report.lua"
+        script.write_text(WRK_REPORT)
+        rows = []
+        for c in levels:
+            samples = {}
+            for name, port in (("bare", bare_port), ("api", api_port)):
+                url = f"http://127.0.0.1:{port}{path}"
+                wrk(url, key, c, 1, script)  # warm-up: connections, pool, caches
+                before = pool_timeouts(api_log)
+                samples[name] = wrk(url, key, c, args.seconds, script)
+                pool = pool_timeouts(api_log) - before
+            rows.append((c, samples["bare"], samples["api"], pool))
+            print(f"{c:>4} connections: bare {samples['bare']}  api {samples['api']}  pool timeouts {pool}", flush=True)
+    finally:
+        for p in procs:
+            stop_server(p)
+        drop_database(args.pg, db_name)
+        shutil.rmtree(work, ignore_errors=True)
+    body = "\n".join([
+        "## API throughput: `GET /v1/jobs/{id}` vs a bare FastAPI handler",
+        "",
+        f"`python -m benchmarks.api_throughput` — wrk, {args.seconds:g} s per row after a 1 s warm-up, "
+        f"{len(first.content)}-byte JSON body; one uvicorn process each (`--workers 1 --no-access-log`), "
+        f"{os.cpu_count()} CPU cores ({platform.machine()}) shared by wrk, both servers and PostgreSQL "
+        f"{_pg_version(args.pg)}.",
+        "The bare side is an `async def` FastAPI handler on the same path returning the same body; the API side "
+        "authenticates the key (cached), reads the job row through a pooled session and renders the response model.",
+        "",
+        table(rows),
+        "",
+        "Acceptance: at 64 and 256 connections zero errors and pool timeouts, API rps ≥ 0.5 × bare and API "
+        "p99 ≤ 2 × bare p99.",
+    ])
+    print(body)
+    if not args.no_write:
+        write_section(ROOT / "docs" / "benchmarks.md", "api", body)
+
+
+def _pg_version(dsn: str) -> str:
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        return str(conn.execute("SHOW server_version").fetchone()[0]).split()[0]
+
+
+if __name__ == "__main__":
+    main()

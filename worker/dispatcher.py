@@ -10,70 +10,106 @@
   (the SQLite queue, which does not lose messages), a job is re-sent only after a minute in the queue.
 * The reaper (:func:`app.jobs.reaper.reap`) requeues jobs whose lease expired.
 
-Only the leader runs these (:class:`Leadership`, a PostgreSQL advisory lock on its own connection, so the
-lock goes with the connection if the process dies); on SQLite the one embedded worker leads.
+Only the leader runs these (:class:`Leadership`, a lease row every worker competes for: a leader that dies
+or freezes is replaced within :data:`LEADER_TTL` seconds).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, create_engine, func, select, text, update
-from sqlalchemy.pool import NullPool
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from app.clock import utcnow
-from app.db.models import Dispatch, Job
-from app.db.session import get_engine, session_scope
+from app.db.models import Dispatch, Job, LeaderLease
+from app.db.session import session_scope
 from app.jobs import state
 from app.jobs.reaper import reap
 from app.queue import dispatch, publish
 
 log = logging.getLogger("distillery.dispatcher")
-LOCK_KEY = 0x44697374  # "Dist": the advisory lock every worker competes for
+#: Seconds a leader's lease lasts without renewal: how long a dead or frozen leader delays dispatch and reaping.
+LEADER_TTL = 6.0
+#: Seconds of reachable database the reaper waits for after an outage before it requeues expired leases.
+REAP_GRACE_AFTER_OUTAGE = 10.0
 #: Without a depth (SQLite queue), a queued job is re-sent after this long.
 RESEND_WITHOUT_DEPTH = 60.0
 BATCH = 100
 
 
 class Leadership:
-    """Holds ``pg_try_advisory_lock`` on a dedicated, unpooled connection; :meth:`held` re-checks it each pass."""
+    """A renewable lease on the ``dispatcher`` row of ``leader_leases``: :meth:`held` is True while this process
+    leads. Taking or renewing is one conditional UPDATE (ours, or expired), so two processes never both
+    succeed; a leader that dies, or freezes, loses the duty once its lease runs out (``ttl`` seconds) and the
+    next process to ask takes it. The lease is renewed at most every ``ttl / 3`` (a local monotonic clock
+    decides when; a pause longer than that makes the next call ask the database again, so a leader that was
+    frozen learns it was replaced before it acts). Works the same on PostgreSQL and SQLite.
 
-    def __init__(self, engine: Engine | None = None):
-        engine = engine or get_engine()
-        self.sqlite = engine.dialect.name == "sqlite"
-        self._engine = None if self.sqlite else create_engine(engine.url, poolclass=NullPool,
-                                                              isolation_level="AUTOCOMMIT")
-        self._conn = None
+    What a replaced leader may still do in a pass already under way is harmless by construction: a
+    duplicate publish is absorbed by the conditional claim, and reaping is fenced by each job's lease token."""
+
+    def __init__(self, holder: str, ttl: float = LEADER_TTL, name: str = "dispatcher"):
+        self.holder, self.ttl, self.name = holder, ttl, name
+        self.token: str | None = None
+        self.failed = False  # the last check could not reach the database
+        self._checked = float("-inf")  # monotonic time of the last successful take or renewal
 
     def held(self) -> bool:
-        if self.sqlite:
+        if self.token is not None and time.monotonic() - self._checked < self.ttl / 3:
             return True
         try:
-            if self._conn is None:
-                conn = self._engine.connect()
-                if not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": LOCK_KEY}).scalar():
-                    conn.close()
-                    return False
-                self._conn = conn
-                log.info("this worker now leads dispatch and reaping")
-            else:
-                self._conn.execute(text("SELECT 1"))  # the lock lives as long as this connection does
-            return True
+            held = self._renew_or_take()
         except Exception as exc:  # the database is away: nobody leads until it is back
             log.warning("leadership check failed (%s)", exc.__class__.__name__)
-            self.release()
+            self.token, self.failed = None, True
             return False
+        self.failed = False
+        return held
+
+    def _renew_or_take(self) -> bool:
+        now, began = utcnow(), time.monotonic()
+        until = now + timedelta(seconds=self.ttl)
+        with session_scope() as s:
+            if self.token is not None:  # renew our tenure, if it is still ours
+                if s.execute(update(LeaderLease).where(LeaderLease.name == self.name,
+                                                       LeaderLease.token == self.token)
+                             .values(expires_at=until)).rowcount == 1:
+                    self._checked = began
+                    return True
+                log.warning("another worker leads dispatch and reaping now")
+                self.token = None
+            token = secrets.token_hex(16)
+            taken = s.execute(update(LeaderLease).where(LeaderLease.name == self.name, LeaderLease.expires_at < now)
+                              .values(holder=self.holder, token=token, expires_at=until)).rowcount == 1
+            if not taken and s.get(LeaderLease, self.name) is None:
+                s.add(LeaderLease(name=self.name, holder=self.holder, token=token, expires_at=until))
+                try:
+                    s.flush()
+                    taken = True
+                except IntegrityError:  # another process inserted it first: it leads
+                    s.rollback()
+        if taken:
+            self.token, self._checked = token, began
+            log.info("this worker now leads dispatch and reaping")
+        return taken
 
     def release(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:
-                pass
-            self._conn = None
+        """Give the duty up now (a stopping worker), so the next process need not wait for the lease to expire."""
+        if self.token is None:
+            return
+        token, self.token = self.token, None
+        try:
+            with session_scope() as s:
+                s.execute(update(LeaderLease).where(LeaderLease.name == self.name, LeaderLease.token == token)
+                          .values(expires_at=utcnow() - timedelta(seconds=1)))
+        except Exception:
+            pass
 
 
 def publish_due(now: datetime | None = None, send: Callable[[str, str], None] = publish) -> int:
@@ -136,12 +172,13 @@ def resend_lost(now: datetime, resend_after: float, queue_depth: Callable[[str],
 class Dispatcher:
     """The leader's loops, as daemon threads: publish every ``interval``, re-send and reap every few seconds."""
 
-    def __init__(self, *, interval: float, resend_after: float, reap_every: float,
+    def __init__(self, *, holder: str, interval: float, resend_after: float, reap_every: float,
                  queue_depth: Callable[[str], int | None]):
         self.interval, self.resend_after, self.reap_every = interval, resend_after, reap_every
         self.queue_depth = queue_depth
         self.stop = threading.Event()
-        self.leader = Leadership()
+        self.leader = Leadership(holder)
+        self._reap_from = 0.0  # monotonic: no reaping before this (see _reap_loop)
 
     def start(self) -> None:
         threading.Thread(target=self._publish_loop, name="distillery-dispatch", daemon=True).start()
@@ -164,10 +201,20 @@ class Dispatcher:
 
     def _reap_loop(self) -> None:
         # Its own thread: a hung broker (the publish loop) never delays requeueing a dead worker's job.
+        # After the database was away, every lease ran out with no way to renew it: reaping at once would
+        # requeue healthy jobs whose heartbeat has not caught up yet. So reaping waits until the database
+        # has been reachable for REAP_GRACE_AFTER_OUTAGE seconds (heartbeats retry every second or so).
         while not self.stop.wait(self.reap_every):
             try:
-                if self.leader.held():
-                    with session_scope() as s:
-                        reap(s, utcnow())
-            except Exception:
-                log.exception("reaper pass failed; trying again")
+                if not self.leader.held():
+                    if self.leader.token is None and self.leader.failed:
+                        self._reap_from = time.monotonic() + REAP_GRACE_AFTER_OUTAGE
+                    continue
+                if time.monotonic() < self._reap_from:
+                    continue
+                with session_scope() as s:
+                    reap(s, utcnow())
+            except Exception as exc:
+                self._reap_from = time.monotonic() + REAP_GRACE_AFTER_OUTAGE
+                log.warning("reaper pass failed (%s); reaping resumes %.0f s after the database answers again",
+                            exc.__class__.__name__, REAP_GRACE_AFTER_OUTAGE)

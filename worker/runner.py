@@ -64,6 +64,20 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
         _rmdir_if_empty(work.parent)
         if ended in state.TERMINAL:  # this attempt's guarded transition ended the job: no resume point needed
             shutil.rmtree(root, ignore_errors=True)
+        elif attempt.lost.is_set() and _ended_elsewhere(job_id):
+            # Fenced out, and another attempt has ended the job (and removed the checkpoints it knew of): what
+            # this one wrote after that is nobody's resume point. While the job is still live it may be.
+            shutil.rmtree(root / attempt.token, ignore_errors=True)
+            _rmdir_if_empty(root)
+
+
+def _ended_elsewhere(job_id: str) -> bool:
+    try:
+        with session_scope() as s:
+            job = s.get(Job, job_id)
+            return job is None or job.status in state.TERMINAL
+    except Exception:  # the database is away: keep the files; the sweep removes them once the job has ended
+        return False
 
 
 def latest_checkpoint(root: Path) -> Path | None:

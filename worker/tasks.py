@@ -24,10 +24,19 @@ def run_job(job_id: str) -> str:
 def queue_depth(queue: str) -> int | None:
     """Messages waiting in ``queue`` on the broker (bounded by the transport's socket timeouts), or None when
     the transport cannot say or does not answer."""
+    from kombu.exceptions import ChannelError
+
     try:
         with celery_app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1, timeout=3)
-            return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
+            try:
+                return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
+            except ChannelError as exc:
+                # "NOT_FOUND - no queue": Redis drops a list when its last message is taken (or the data is
+                # flushed), so a queue that does not exist has no messages waiting: depth 0, not unknown.
+                if "NOT_FOUND" in str(exc):
+                    return 0
+                raise
     except Exception:
         return None
 
@@ -36,7 +45,7 @@ def queue_depth(queue: str) -> int | None:
 def _start_dispatcher(**_kwargs) -> None:
     global _dispatcher
     s = get_settings()
-    _dispatcher = Dispatcher(interval=s.dispatch_interval_seconds, resend_after=s.resend_after_seconds,
+    _dispatcher = Dispatcher(holder=runner.WORKER_ID, interval=s.dispatch_interval_seconds, resend_after=s.resend_after_seconds,
                              reap_every=min(max(s.lease_seconds / 10, 0.5), 2.0), queue_depth=queue_depth)
     _dispatcher.start()
 

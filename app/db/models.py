@@ -161,6 +161,19 @@ class Dispatch(Base):
     __table_args__ = (Index("ix_dispatches_unsent", "sent_at", "id"),)
 
 
+class LeaderLease(Base):
+    """Who leads a cluster-wide duty (``dispatcher``: the outbox, lost messages, the reaper) and until when.
+
+    The leader renews ``expires_at`` well before it passes; anyone may take an expired lease. A new ``token``
+    per tenure tells a leader that paused (SIGSTOP, a frozen VM) and came back that someone else led meanwhile."""
+
+    __tablename__ = "leader_leases"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    token: Mapped[str] = mapped_column(String(40))
+    expires_at: Mapped[datetime]
+
+
 class IdempotencyRecord(Base):
     """Remembers which resource a creating POST with an ``Idempotency-Key`` produced."""
 

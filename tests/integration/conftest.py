@@ -7,6 +7,7 @@ import sys
 import httpx
 import pytest
 
+from tests.integration.chaos_stack import chaos_stack  # noqa: F401 - the chaos suite's fixture
 from tests.support.fixtures import start_process, stop_process
 from tests.support.flow import wait_http
 

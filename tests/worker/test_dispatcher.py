@@ -93,3 +93,47 @@ def test_lost_messages_are_resent_as_many_as_are_missing(jobs_on_own_queue):
     # Not sent again while those dispatches wait to be published.
     depth[queue] = 0
     assert resend_lost(later, 5.0, lambda q: depth.get(q, 10**6)) == 1
+
+
+def test_one_leader_at_a_time_and_a_frozen_leader_is_replaced(migrated, monkeypatch):
+    """Two processes' Leadership objects on one lease row: only one holds it; when the holder stops renewing
+    (it froze), the other takes over once the lease expires, and the old holder, asked again, knows it lost."""
+    from app.db.models import LeaderLease
+    from app.db.session import session_scope
+    from worker import dispatcher
+
+    name = "test-" + secrets.token_hex(4)
+    a, b = dispatcher.Leadership("a", ttl=30, name=name), dispatcher.Leadership("b", ttl=30, name=name)
+    assert a.held() and not b.held()
+    assert a.held()  # renewed (or answered locally): still a's
+    with session_scope() as s:  # a froze for longer than its lease: it expired meanwhile
+        s.execute(update(LeaderLease).where(LeaderLease.name == name)
+                  .values(expires_at=LeaderLease.expires_at - timedelta(seconds=60)))
+    assert b.held()
+    monkeypatch.setattr(a, "_checked", a._checked - 60)  # a's monotonic clock ran on while it was frozen
+    assert not a.held() and a.token is None
+    b.release()
+    assert a.held()
+    with session_scope() as s:
+        assert s.get(LeaderLease, name).holder == "a"
+
+
+def test_queue_depth_counts_waiting_messages_and_a_queue_redis_dropped_is_empty(migrated):
+    """Redis deletes a list with its last message (and FLUSHALL deletes everything): such a queue has depth 0,
+    not "unknown" — which would make lost messages wait a minute for the no-depth fallback."""
+    import redis
+
+    from app.queue import publish
+    from tests.support.services import REDIS_URL
+    from worker.tasks import queue_depth
+
+    queue = "q" + secrets.token_hex(6)
+    try:
+        assert queue_depth(queue) == 0
+        publish("job_never_run", queue)
+        publish("job_never_run", queue)
+        assert queue_depth(queue) == 2
+        redis.Redis.from_url(REDIS_URL).delete(queue)
+        assert queue_depth(queue) == 0
+    finally:
+        redis.Redis.from_url(REDIS_URL).delete(queue, f"_kombu.binding.{queue}")

@@ -149,7 +149,7 @@ def test_release_checkpoints_requeues_and_the_next_attempt_resumes(queued_job, e
     job = _job(queued_job)
     assert (job.status, job.attempts, job.lease_token) == ("queued", 0, None)
     with session_scope() as s:
-        reasons = list(s.scalars(select(Dispatch.reason).where(Dispatch.job_id == queued_job)))
+        reasons = list(s.scalars(select(Dispatch.reason).where(Dispatch.job_id == queued_job).order_by(Dispatch.id)))
     assert reasons == ["created", "released"]
     assert runner.latest_checkpoint(get_storage().local_path(f"checkpoints/{queued_job}")) is not None
     assert runner.run_job(queued_job, _settings()) == "succeeded"

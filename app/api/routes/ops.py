@@ -18,7 +18,7 @@ from app.api.deps import DbSession, SettingsDep
 from app.api.docs import problems
 from app.db.models import Job
 from app.db.session import get_engine
-from app.errors import ServiceUnavailable, Unauthorized
+from app.errors import DatabaseUnavailable, ServiceUnavailable, Unauthorized
 from app.jobs.spec import capabilities
 from app.jobs.state import STATUSES
 from app.queue import get_celery
@@ -92,7 +92,7 @@ async def readyz(settings: SettingsDep) -> dict[str, Any]:
         tg.start_soon(run, "database", _database_ok)
         tg.start_soon(run, "broker", partial(_broker_ok, settings.resolved_broker_url, timeout))
     if found["database"]:
-        raise ServiceUnavailable(found["database"], code="database_unavailable")
+        raise DatabaseUnavailable(found["database"])
     if found["broker"]:
         raise ServiceUnavailable(found["broker"], code="broker_unavailable")
     return {"status": "ready", "database": "ok", "broker": "ok"}

@@ -60,8 +60,14 @@ def test_a_flushed_broker_loses_no_job(chaos_stack):
         wait_until(lambda: redis.llen(chaos_stack.queue) == 5, 30, "the five messages to wait in Redis")
         flushed = db_now(chaos_stack)
         redis.flushall()
-        took = wait_until(lambda: len(first_sent(chaos_stack, waiting, after=flushed)) == 5, 60,
-                          "the lost messages to be re-sent")
+        try:
+            took = wait_until(lambda: len(first_sent(chaos_stack, waiting, after=flushed)) == 5, 60,
+                              "the lost messages to be re-sent")
+        except AssertionError:
+            rows = chaos_stack._rows("SELECT job_id, reason, created_at, sent_at FROM dispatches WHERE job_id = ANY(:ids) "
+                                     "ORDER BY id", ids=waiting)
+            raise AssertionError(f"flushed at {flushed}; dispatches: {[tuple(r) for r in rows]}; "
+                                 f"jobs: {chaos_stack.statuses(waiting)}") from None
         for job_id in busy:  # free the workers; their own messages went with the flush too
             assert c.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
     wait_until(lambda: all(s in TERMINAL for s in chaos_stack.statuses(busy + waiting).values()), 180, "the jobs to end")

@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_WHEEL_DIR ?= /opt/wheels
-# Test files run in this many processes (most of the suite waits on real workers and servers, not the CPU).
-TEST_PROCS ?= 4
 
 .PHONY: run test install install-dev lint clean bench sandbox
 
@@ -33,7 +31,7 @@ sandbox:
 
 test: install-dev sandbox
 	$(VENV)/bin/ruff check app worker safezip tests benchmarks migrations
-	$(PY) -m pytest -q -n $(TEST_PROCS) --dist loadfile --durations=12
+	$(PY) -m pytest -q --durations=12
 
 lint: install-dev
 	$(VENV)/bin/ruff check app worker safezip tests benchmarks migrations

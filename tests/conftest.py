@@ -33,16 +33,6 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 pytest_plugins = ["tests.support.fixtures"]
 
 
-#: The longest files (minutes of real jobs and outages), started first so that `make test`'s processes
-#: (pytest-xdist, one file per process at a time) do not end up waiting on one of them at the end.
-LONGEST_FIRST = ("test_faults_load.py", "test_faults_broker.py", "test_database_outage.py", "test_faults_workers.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=lambda item: next((i for i, name in enumerate(LONGEST_FIRST) if item.path.name == name),
-                                     len(LONGEST_FIRST)))
-
-
 def pytest_sessionfinish(session, exitstatus):
     if _DB_URL:
         try:

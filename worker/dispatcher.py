@@ -4,8 +4,9 @@
   calls (:func:`app.queue.publish`), records ``sent_at``, and stops at the first failure (the broker is
   down or hung: the next pass tries again; nothing waits on it but this thread).
 * :func:`resend_lost` finds queued jobs whose message the broker lost (a restarted Redis, a FLUSHDB): per
-  queue, the jobs that should have a message waiting outnumber the messages waiting (``queue_depth``), so
-  the oldest of them — last sent more than ``resend_after`` seconds ago — get a new dispatch. Duplicates are
+  queue, the jobs that should have a message waiting outnumber the messages waiting (``queue_depth``); the
+  waiting ones are those sent most recently, so the others — last sent more than ``resend_after`` seconds
+  ago — get a new dispatch, oldest job first. Duplicates are
   harmless (the claim is conditional) and the count keeps them few. When the transport cannot say its depth
   (the SQLite queue, which does not lose messages), a job is re-sent only after a minute in the queue.
 * The reaper (:func:`app.jobs.reaper.reap`) requeues jobs whose lease expired.
@@ -21,7 +22,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, UTC
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -41,6 +42,7 @@ REAP_GRACE_AFTER_OUTAGE = 10.0
 #: Without a depth (SQLite queue), a queued job is re-sent after this long.
 RESEND_WITHOUT_DEPTH = 60.0
 BATCH = 100
+_NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 class Leadership:
@@ -157,8 +159,13 @@ def resend_lost(now: datetime, resend_after: float, queue_depth: Callable[[str],
             if depth is None:
                 stale = [r for r in jobs if r.sent_at is None or r.sent_at < now - timedelta(seconds=RESEND_WITHOUT_DEPTH)]
             else:
-                eligible = [r for r in jobs if r.sent_at is None or r.sent_at < now - timedelta(seconds=resend_after)]
-                stale = eligible[:max(0, len(jobs) - depth)]
+                # A queue hands messages out in the order they were sent, so the `depth` messages still waiting
+                # are those of the jobs sent most recently; the rest are the lost ones. (Counting by creation
+                # instead re-sent the same old job again while its new message was still waiting.)
+                latest_first = sorted(jobs, key=lambda r: r.sent_at or _NEVER, reverse=True)
+                missing = {r.id for r in latest_first[depth:]}
+                stale = [r for r in jobs if r.id in missing
+                         and (r.sent_at is None or r.sent_at < now - timedelta(seconds=resend_after))]
             for r in stale:
                 dispatch(s, r.id, queue, reason="resent")
                 resent += 1

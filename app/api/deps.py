@@ -48,6 +48,27 @@ async def _principal(db: DbSession, authorization: Annotated[str | None, Header(
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]
 
 
+async def _uploader(authorization: Annotated[str | None, Header()] = None) -> Principal:
+    """The principal for routes that receive a large body (uploads): like :data:`CurrentPrincipal`, but a cache
+    miss takes a database session only for the one query. Such routes open their own session
+    (:func:`app.db.session.request_session`) once the body is on disk, so a slow or huge upload never holds
+    one of the sessions every other request is admitted against."""
+    if (principal := cached_principal(authorization)) is not None:
+        return principal
+    async with request_session() as db:
+        return await anyio.to_thread.run_sync(authenticate, db, authorization)
+
+
+UploadPrincipal = Annotated[Principal, Depends(_uploader)]
+
+
+def committed(fn: Any, session: Session, *args: Any, **kwargs: Any) -> Any:
+    """``fn(session, ...)`` then commit, in the calling (worker) thread: a commit is I/O, never on the event loop."""
+    result = fn(session, *args, **kwargs)
+    session.commit()
+    return result
+
+
 def _idempotency_key(
     key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200,
                                       description="Replays the original response for the same key and body")] = None,

@@ -294,3 +294,33 @@ def test_25_sse_followers_hold_no_connection_and_starve_nothing(server, tenant):
                 t.join(30)
     assert not any(t.is_alive() for t in followers), "a follower's stream did not end with the job"
     assert not errors, errors
+
+
+def test_stalled_uploads_hold_no_database_session(api_url, make_key):
+    """More uploads than the API has database sessions (DISTILLERY_DB_POOL_SIZE, 20), each sending its headers
+    and a few bytes and then nothing: a body still on its way holds no session, so other requests answer at
+    once instead of waiting for admission and getting 503."""
+    from urllib.parse import urlparse
+
+    from app.settings import get_settings
+
+    h = make_key("stalled-uploads")
+    url = urlparse(api_url)
+    stalled = []
+    try:
+        for _ in range(get_settings().db_pool_size + 5):
+            s = socket.create_connection((url.hostname, url.port), timeout=10)
+            s.sendall((f"POST /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: {h['Authorization']}\r\n"
+                       "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10000000\r\n\r\n"
+                       "--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"t.pt\"\r\n\r\nPK").encode())
+            stalled.append(s)
+        with httpx.Client(base_url=api_url, headers=h, timeout=30) as c:
+            c.get("/v1/models")  # the route's own session: admitted at once although every upload is waiting
+            began = time.monotonic()
+            answers = [c.get("/v1/models").status_code for _ in range(5)]
+            took = time.monotonic() - began
+    finally:
+        for s in stalled:
+            s.close()
+    assert answers == [200] * 5
+    assert took < 2.5, f"5 requests took {took:.1f} s beside {len(stalled)} stalled uploads"

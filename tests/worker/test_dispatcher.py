@@ -93,6 +93,18 @@ def test_lost_messages_are_resent_as_many_as_are_missing(jobs_on_own_queue):
     # Not sent again while those dispatches wait to be published.
     depth[queue] = 0
     assert resend_lost(later, 5.0, lambda q: depth.get(q, 10**6)) == 1
+    # Once published, the re-sent messages are the ones waiting (a queue is FIFO): with two messages waiting,
+    # the lost one is the job sent longest ago — not the oldest job again, whose new message is still queued.
+    while publish_due(send=lambda *_: None):
+        pass
+    with session_scope() as s:
+        s.execute(update(Dispatch).where(Dispatch.job_id.in_(ids[:2]), Dispatch.reason == "resent")
+                  .values(sent_at=later))
+    depth[queue] = 2
+    assert resend_lost(later + timedelta(seconds=10), 5.0, lambda q: depth.get(q, 10**6)) == 1
+    with session_scope() as s:
+        last = s.scalars(select(Dispatch.job_id).where(Dispatch.job_id.in_(ids)).order_by(Dispatch.id.desc())).first()
+    assert last == ids[2]
 
 
 def test_one_leader_at_a_time_and_a_frozen_leader_is_replaced(migrated, monkeypatch):
@@ -120,7 +132,8 @@ def test_one_leader_at_a_time_and_a_frozen_leader_is_replaced(migrated, monkeypa
 
 def test_queue_depth_counts_waiting_messages_and_a_queue_redis_dropped_is_empty(migrated):
     """Redis deletes a list with its last message (and FLUSHALL deletes everything): such a queue has depth 0,
-    not "unknown" — which would make lost messages wait a minute for the no-depth fallback."""
+    not "unknown" — which would make lost messages wait a minute for the no-depth fallback. And a publish
+    after the binding was flushed still reaches the queue."""
     import redis
 
     from app.queue import publish
@@ -135,5 +148,10 @@ def test_queue_depth_counts_waiting_messages_and_a_queue_redis_dropped_is_empty(
         assert queue_depth(queue) == 2
         redis.Redis.from_url(REDIS_URL).delete(queue)
         assert queue_depth(queue) == 0
+        # A flushed or restarted Redis also forgets the queue's binding: a publish must still arrive (kombu routes a
+    # direct exchange named like the queue without it; this guards that the dispatcher can rely on it).
+        redis.Redis.from_url(REDIS_URL).delete(f"_kombu.binding.{queue}")
+        publish("job_never_run", queue)
+        assert queue_depth(queue) == 1
     finally:
         redis.Redis.from_url(REDIS_URL).delete(queue, f"_kombu.binding.{queue}")

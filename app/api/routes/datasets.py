@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import CurrentPrincipal, Cursor, DbSession, IdempotencyKey, SettingsDep, StorageDep
+from app.api.deps import (CurrentPrincipal, Cursor, DbSession, IdempotencyKey, SettingsDep, StorageDep,
+                          UploadPrincipal)
+from app.api.deps import committed as _committed
 from app.api.docs import problems
 from app.api.schemas import DatasetOut, Page, dataset_out
 from app.api.uploads import check_form, parse_json
@@ -19,6 +21,7 @@ from app.catalog import service
 from app.catalog.dataset_files import SUPPORTED_DATASET_FORMATS, DatasetOptions
 from app.catalog.uploads import receive
 from app.db.models import Dataset
+from app.db.session import request_session
 from app.errors import Unprocessable
 from app.pagination import paginate
 from app.settings import Settings
@@ -137,8 +140,8 @@ def _inputs_field(raw: str | None, max_depth: int) -> list[str] | None:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
              responses=problems(401, 409, 413, 422), openapi_extra=_UPLOAD_DOC)
-async def create_dataset(request: Request, response: Response, principal: CurrentPrincipal, db: DbSession,
-                         storage: StorageDep, settings: SettingsDep, idempotency_key: IdempotencyKey) -> DatasetOut:
+async def create_dataset(request: Request, response: Response, principal: UploadPrincipal, storage: StorageDep,
+                         settings: SettingsDep, idempotency_key: IdempotencyKey) -> DatasetOut:
     """Register a dataset: ``multipart/form-data`` with ``file``, ``name``, ``format``, or JSON with a ``uri``."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("application/json"):
@@ -164,10 +167,10 @@ async def create_dataset(request: Request, response: Response, principal: Curren
                             code="unsupported_media_type")
     try:
         with receive(src, settings.data_dir / "tmp", settings.max_upload_bytes) as received:
-            row, created = await run_in_threadpool(
-                service.create_dataset, db, storage, settings, principal.tenant_id, upload=received, name=str(name),
-                format=str(fmt), inputs=inputs, options=options, idempotency_key=idempotency_key)
-            db.commit()
+            async with request_session() as db:  # only now that the body is on disk
+                row, created = await run_in_threadpool(
+                    _committed, service.create_dataset, db, storage, settings, principal.tenant_id, upload=received,
+                    name=str(name), format=str(fmt), inputs=inputs, options=options, idempotency_key=idempotency_key)
     finally:
         src.close()
     if not created:

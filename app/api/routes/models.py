@@ -9,7 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import CurrentPrincipal, Cursor, DbSession, IdempotencyKey, SettingsDep, StorageDep
+from app.api.deps import (CurrentPrincipal, Cursor, DbSession, IdempotencyKey, SettingsDep, StorageDep,
+                          UploadPrincipal)
+from app.api.deps import committed as _committed
+from app.db.session import request_session
 from app.api.docs import problems
 from app.api.schemas import ModelOut, Page, model_out
 from app.api.uploads import check_form, parse_json
@@ -56,8 +59,8 @@ _UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut,
              responses=problems(401, 409, 413, 422), openapi_extra=_UPLOAD_DOC)
-async def create_model(request: Request, response: Response, principal: CurrentPrincipal, db: DbSession,
-                       storage: StorageDep, settings: SettingsDep, idempotency_key: IdempotencyKey) -> ModelOut:
+async def create_model(request: Request, response: Response, principal: UploadPrincipal, storage: StorageDep,
+                       settings: SettingsDep, idempotency_key: IdempotencyKey) -> ModelOut:
     """Upload a checkpoint. Its bytes decide its format; nothing in it is ever unpickled or executed.
 
     The form is read in here, not declared as parameters: FastAPI reads declared form fields before it
@@ -73,12 +76,12 @@ async def create_model(request: Request, response: Response, principal: CurrentP
         if fields.architecture:
             _check_architecture(fields.architecture, settings.max_json_depth)
         with receive(file.file, settings.data_dir / "tmp", settings.max_upload_bytes) as upload:
-            # Inspection runs a subprocess; keep it off the event loop.
-            row, created = await run_in_threadpool(
-                service.create_model, db, storage, settings, principal.tenant_id, upload=upload, name=fields.name,
-                format=fields.format, task=fields.task, architecture=fields.architecture,
-                idempotency_key=idempotency_key)
-            db.commit()
+            # A session only now that the body is on disk; inspection runs a subprocess, off the event loop.
+            async with request_session() as db:
+                row, created = await run_in_threadpool(
+                    _committed, service.create_model, db, storage, settings, principal.tenant_id, upload=upload,
+                    name=fields.name, format=fields.format, task=fields.task, architecture=fields.architecture,
+                    idempotency_key=idempotency_key)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return model_out(row)

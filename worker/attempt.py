@@ -78,6 +78,8 @@ class Attempt:
     lease_seconds: int
     db_retry_seconds: float = 120.0
     lost: threading.Event = field(default_factory=threading.Event)
+    #: Set once the attempt starts its own ending (terminal transition or release).
+    finishing: threading.Event = field(default_factory=threading.Event)
 
     def lease_values(self) -> dict:
         now = utcnow()
@@ -94,12 +96,17 @@ class Attempt:
                                                 Job.status.in_((RUNNING, CANCELLING)))
                               .values(**self.lease_values(), **values).execution_options(synchronize_session=False))
         if res.rowcount != 1:
-            if not self.lost.is_set():
-                log.warning("job %s: attempt %d no longer owns the job (requeued or ended elsewhere); it stops "
-                            "and writes nothing more", self.job_id, self.number)
-            self.lost.set()
+            self.fence_out()
             return False
         return True
+
+    def fence_out(self) -> None:
+        """This attempt no longer owns the job: it stops and writes nothing more (logged once). Silent when the
+        attempt itself is ending the job, where a last heartbeat may race its own terminal transition."""
+        if not self.lost.is_set() and not self.finishing.is_set():
+            log.warning("job %s: attempt %d no longer owns the job (requeued or ended elsewhere); it stops "
+                        "and writes nothing more", self.job_id, self.number)
+        self.lost.set()
 
     def write(self, what: str, fn: Callable[[Session], None], **values) -> bool:
         """Run ``fn(session)`` in one fenced transaction (retried through short outages). False if fenced out."""

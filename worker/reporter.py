@@ -51,7 +51,7 @@ class DbReporter:
         with session_scope() as s:
             row = s.execute(select(Job.status, Job.lease_token).where(Job.id == self.job_id)).first()
         if row is None or row.lease_token != self.attempt.token:
-            self.attempt.lost.set()
+            self.attempt.fence_out()
         self._stop = row is None or row.status != RUNNING or self.attempt.lost.is_set()
         return self._stop
 

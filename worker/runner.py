@@ -165,6 +165,7 @@ def _claim(job_id: str, settings: Settings) -> Attempt | None:
 def _release(attempt: Attempt) -> str:
     """Back to ``queued`` without using up an attempt, with a dispatch for the next worker (fenced)."""
     def once() -> str:
+        attempt.finishing.set()
         with session_scope() as s:
             try:
                 state.transition(s, attempt.job_id, state.QUEUED, allowed_from={state.RUNNING}, fence=attempt.token,
@@ -254,6 +255,7 @@ def _finish_with_artifacts(attempt: Attempt, result: engine.EngineResult, to: st
 def _commit_finish(attempt: Attempt, rows: list[Artifact], result: engine.EngineResult, to: str, message: str,
                    level: str, event_data: dict, values: dict) -> bool:
     job_id = attempt.job_id
+    attempt.finishing.set()
     with session_scope() as s:
         job = s.get(Job, job_id)
         assert job is not None
@@ -298,6 +300,7 @@ def _succeed(attempt: Attempt, result: engine.EngineResult) -> str:
 def _end(attempt: Attempt, to: str, code: str, message: str, data: dict | None = None) -> str:
     """The attempt's guarded terminal transition (fenced by its token); 'skipped' when it no longer owns the job."""
     def once() -> str:
+        attempt.finishing.set()
         with session_scope() as s:
             try:
                 state.transition(s, attempt.job_id, to, allowed_from={state.RUNNING, state.CANCELLING},

@@ -125,6 +125,7 @@ def celery_worker(migrated, tmp_path_factory) -> Iterator[subprocess.Popen]:
     """A real ``distillery worker`` process consuming this run's private queue."""
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     proc = start_process([sys.executable, "-m", "app.cli", "worker"], log)
+    proc.log_path = log  # type: ignore[attr-defined]
     wait_for_log(proc, log, "ready.", timeout=60)
     yield proc
     stop_process(proc)

@@ -4,6 +4,7 @@ unsent dispatches go out oldest first; a failed publish stays in the outbox; los
 from __future__ import annotations
 
 import secrets
+import time
 from datetime import timedelta
 
 import pytest
@@ -13,7 +14,41 @@ from tests.support.jobs import job_body
 
 
 @pytest.fixture()
-def jobs_on_own_queue(client, make_key, uploaded):
+def dispatcher_paused(celery_worker):
+    """This test leads dispatch instead of the session's worker: the lease row is taken over (as by a worker
+    that found it expired), and the test goes on once the worker has noticed that it no longer leads (it
+    logs so at its next renewal, at most 2 s later); the lease is handed back at the end."""
+    from app.clock import utcnow
+    from app.db.models import LeaderLease
+    from app.db.session import session_scope
+
+    leads, notice = "this worker now leads dispatch and reaping", "another worker leads dispatch and reaping now"
+    log = celery_worker.log_path
+
+    def counts() -> tuple[int, int]:
+        text = log.read_text(errors="replace")
+        return text.count(leads), text.count(notice)
+
+    deadline = time.monotonic() + 30
+    while counts()[0] <= counts()[1]:  # wait until it leads (again, after an earlier test handed the lease back)
+        assert time.monotonic() < deadline, "the worker did not take the lead"
+        time.sleep(0.1)
+    seen = counts()[1]
+    with session_scope() as s:
+        s.execute(update(LeaderLease).where(LeaderLease.name == "dispatcher")
+                  .values(holder="test", token="test-" + secrets.token_hex(8), expires_at=utcnow() + timedelta(hours=1)))
+    deadline = time.monotonic() + 30
+    while counts()[1] <= seen:
+        assert time.monotonic() < deadline, "the worker did not give up leading"
+        time.sleep(0.1)
+    yield
+    with session_scope() as s:
+        s.execute(update(LeaderLease).where(LeaderLease.name == "dispatcher", LeaderLease.holder == "test")
+                  .values(expires_at=utcnow() - timedelta(seconds=1)))
+
+
+@pytest.fixture()
+def jobs_on_own_queue(client, make_key, uploaded, dispatcher_paused):
     """``make(n)``: n queued jobs moved to a queue no other test uses (their dispatches unsent)."""
     from app.db.models import Dispatch, Job
     from app.db.session import session_scope

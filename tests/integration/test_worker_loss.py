@@ -47,8 +47,16 @@ def test_job_survives_a_killed_worker(client, make_key, uploaded, monkeypatch, t
     first.wait()
     assert _job(job_id)["status"] == "running"
 
+    killed = time.monotonic()
     second = start_process([sys.executable, "-m", "app.cli", "worker"], tmp_path / "b.log", env=env)
     try:
+        deadline = time.monotonic() + 60
+        while _job(job_id)["attempts"] < 2:  # requeued by the leader's reaper, claimed by the new worker
+            assert time.monotonic() < deadline, _job(job_id)
+            time.sleep(0.2)
+        restarted = time.monotonic() - killed
+        print(f"CHAOS worker kill -9 (lease 5 s): the job restarted on another worker {restarted:.1f} s later")
+        assert restarted < 5 + 10, "a dead worker's job restarts within lease + 10 s"
         deadline = time.monotonic() + 120
         while _job(job_id)["status"] not in ("succeeded", "failed", "cancelled"):
             assert time.monotonic() < deadline, _job(job_id)

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
+from app.api.job_cache import start_listener
 from app.api.routes import artifacts, datasets, jobs, models, ops
 from app.api.telemetry import Telemetry
 from app.errors import install_error_handlers
@@ -22,13 +23,17 @@ faster student with a report of what it kept. Authenticate with `Authorization: 
 
 
 @asynccontextmanager
-async def lifespan(_app: FastAPI):
-    sweeper = start_sweeper(get_settings())  # a daemon thread: start-up does not wait for the first sweep
+async def lifespan(app: FastAPI):
+    settings = get_settings()
+    sweeper = start_sweeper(settings)  # a daemon thread: start-up does not wait for the first sweep
+    listener = start_listener(settings)  # the job cache answers once it listens (app/api/job_cache.py)
+    app.state.job_cache_listener = listener
     try:
         yield
     finally:
-        if sweeper is not None:
-            sweeper.stop()
+        for thread in (sweeper, listener):
+            if thread is not None:
+                thread.stop()
 
 
 def create_app() -> FastAPI:

@@ -93,6 +93,9 @@ class Settings(BaseSettings):
                                                              "query (0: never cached); a key revoked by another "
                                                              "process stops working within this long.")
     auth_cache_size: int = Field(10_000, ge=1, description="Most API keys one API process remembers.")
+    job_cache_size: int = Field(10_000, ge=0, description="Most rendered GET /v1/jobs/{id} bodies one API process "
+                                                          "keeps until PostgreSQL notifies a change of the row "
+                                                          "(app/api/job_cache.py); 0: off. Off on SQLite.")
 
     # ---- sweeps: what a killed process left in the data dir (app/sweep.py, docs/operations.md) --------
     sweep_temp_age_seconds: float = Field(600.0, gt=0, description="Temp uploads, .partial blobs and work dirs "

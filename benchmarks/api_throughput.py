@@ -3,16 +3,18 @@
     .venv/bin/python -m benchmarks.api_throughput [--seconds 5] [--connections 1,8,64,256]
 
 Needs ``wrk`` and a PostgreSQL (``--pg``, default the local one, trust auth): the script creates a
-throwaway database, migrates it, creates an API key and one job row, then starts two uvicorn processes
-with the same options (one process each, no access log): the real ``app.main:app`` and a bare app whose
-``async def`` handler, on the same path, returns the exact JSON body the real API answered. Both are
-driven with the same wrk command at each connection count (a 1 s warm-up first); the table goes to the
-``api`` section of ``docs/benchmarks.md``.
+throwaway database, migrates it, creates an API key and one job row, then starts three uvicorn processes
+with the same options (one process each, no access log): the real ``app.main:app``, the same with its job
+cache off (``DISTILLERY_JOB_CACHE_SIZE=0``: every request reads the row, what a cache miss costs), and a
+bare app whose ``async def`` handler, on the same path, returns the exact JSON body the real API answered.
+All are driven with the same wrk command at each connection count (a 1 s warm-up first), in interleaved
+rounds whose median makes the row; the table goes
+to the ``api`` section of ``docs/benchmarks.md``.
 
-The real side does everything a client pays for: the auth check (cached, app/auth.py), a pooled
-session, the ORM read, the response model, the telemetry middleware. Errors are wrk's socket errors
-and timeouts plus non-2xx answers; ``pool timeouts`` counts 503 ``database_unavailable`` lines in the
-API's log, so a passing row really had every request served.
+The real side does everything a client pays for: the auth check (cached, app/auth.py), the job cache
+(app/api/job_cache.py) or a pooled session with the ORM read and the response model, the telemetry
+middleware. Errors are wrk's socket errors and timeouts plus non-2xx answers; ``pool timeouts`` counts 503
+``database_unavailable`` lines in the API's log, so a passing row really had every request served.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +63,13 @@ class Sample:
     p99_ms: float
     errors: int  # socket errors (connect/read/write) and non-2xx/3xx answers
     timeouts: int
+
+    @classmethod
+    def median(cls, runs: list[Sample]) -> Sample:
+        """Median throughput and percentiles over rounds; failures are summed (any one counts)."""
+        return cls(rps=statistics.median(r.rps for r in runs), p50_ms=statistics.median(r.p50_ms for r in runs),
+                   p99_ms=statistics.median(r.p99_ms for r in runs), errors=sum(r.errors for r in runs),
+                   timeouts=sum(r.timeouts for r in runs))
 
     @classmethod
     def from_wrk(cls, line: str) -> Sample:
@@ -212,14 +222,14 @@ def pool_timeouts(log: Path) -> int:
     return text.count("database_unavailable") + text.count("QueuePool limit")
 
 
-def table(rows: list[tuple[int, Sample, Sample, int]]) -> str:
+def table(rows: list[tuple[int, Sample, Sample, Sample, int]]) -> str:
     lines = ["| connections | bare rps | API rps | rps ratio | bare p50 ms | API p50 ms | bare p99 ms | API p99 ms "
-             "| p99 ratio | API errors | API timeouts | pool timeouts |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c, bare, api, pool in rows:
+             "| p99 ratio | API errors | API timeouts | pool timeouts | uncached API rps | uncached API p99 ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c, bare, api, uncached, pool in rows:
         lines.append(f"| {c} | {bare.rps:.0f} | {api.rps:.0f} | {api.rps / bare.rps:.2f} | {bare.p50_ms:.1f} "
                      f"| {api.p50_ms:.1f} | {bare.p99_ms:.1f} | {api.p99_ms:.1f} | {api.p99_ms / bare.p99_ms:.2f} "
-                     f"| {api.errors} | {api.timeouts} | {pool} |")
+                     f"| {api.errors} | {api.timeouts} | {pool} | {uncached.rps:.0f} | {uncached.p99_ms:.1f} |")
     return "\n".join(lines)
 
 
@@ -227,6 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", default="1,8,64,256")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per row; the row is their median")
     parser.add_argument("--pg", default="host=127.0.0.1 port=5432 user=postgres dbname=postgres",
                         help="libpq DSN of a database allowed to CREATE DATABASE")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
@@ -244,6 +255,10 @@ def main() -> None:
         api_port, bare_port = free_port(), free_port()
         api_log, bare_log = work / "api.log", work / "bare.log"
         procs.append(start_server("app.main:app", api_port, env, api_log))
+        # The same API with its job cache off: every request reads the row (what a cache miss costs).
+        uncached_port, uncached_log = free_port(), work / "api-uncached.log"
+        procs.append(start_server("app.main:app", uncached_port, {**env, "DISTILLERY_JOB_CACHE_SIZE": "0"},
+                                  uncached_log))
         path = PATH_TEMPLATE.format(job_id=job_id)
         first = httpx.get(f"http://127.0.0.1:{api_port}{path}", headers={"Authorization": f"Bearer {key}"})
         first.raise_for_status()
@@ -255,16 +270,24 @@ def main() -> None:
         script = work / "report.lua"
         script.write_text(WRK_REPORT)
         rows = []
+        servers = (("bare", bare_port, bare_log), ("api", api_port, api_log), ("uncached", uncached_port, uncached_log))
         for c in levels:
-            samples = {}
-            for name, port in (("bare", bare_port), ("api", api_port)):
-                url = f"http://127.0.0.1:{port}{path}"
-                wrk(url, key, c, 1, script)  # warm-up: connections, pool, caches
-                before = pool_timeouts(api_log)
-                samples[name] = wrk(url, key, c, args.seconds, script)
-                pool = pool_timeouts(api_log) - before
-            rows.append((c, samples["bare"], samples["api"], pool))
-            print(f"{c:>4} connections: bare {samples['bare']}  api {samples['api']}  pool timeouts {pool}", flush=True)
+            runs: dict[str, list[Sample]] = {name: [] for name, _, _ in servers}
+            pool = 0
+            # Rounds interleave the servers, so a burst of noise on the shared cores lands on all of them;
+            # the row is the median round of each.
+            for _ in range(args.rounds):
+                for name, port, log in servers:
+                    url = f"http://127.0.0.1:{port}{path}"
+                    wrk(url, key, c, 1, script)  # warm-up: connections, pool, caches
+                    before = pool_timeouts(log)
+                    runs[name].append(wrk(url, key, c, args.seconds, script))
+                    if name == "api":
+                        pool += pool_timeouts(log) - before
+            samples = {name: Sample.median(r) for name, r in runs.items()}
+            rows.append((c, samples["bare"], samples["api"], samples["uncached"], pool))
+            print(f"{c:>4} connections: bare {samples['bare']}  api {samples['api']}  uncached {samples['uncached']}  "
+                  f"pool timeouts {pool}", flush=True)
         for p in procs:
             stop_server(p)
         stopped_in, grace = sigterm_under_load(env, key, path, script, work)
@@ -277,12 +300,15 @@ def main() -> None:
     body = "\n".join([
         "## API throughput: `GET /v1/jobs/{id}` vs a bare FastAPI handler",
         "",
-        f"`python -m benchmarks.api_throughput` — wrk, {args.seconds:g} s per row after a 1 s warm-up, "
+        f"`python -m benchmarks.api_throughput` — wrk, {args.rounds} interleaved rounds of {args.seconds:g} s per server "
+        f"and row (each after a 1 s warm-up; the row is the median round, errors are summed), "
         f"{len(first.content)}-byte JSON body; one uvicorn process each (`--workers 1 --no-access-log`), "
         f"{os.cpu_count()} CPU cores ({platform.machine()}) shared by wrk, both servers and PostgreSQL "
         f"{_pg_version(args.pg)}.",
         "The bare side is an `async def` FastAPI handler on the same path returning the same body; the API side "
-        "authenticates the key (cached), reads the job row through a pooled session and renders the response model.",
+        "authenticates the key (cached) and answers from its job cache, which PostgreSQL's change notifications keep "
+        "exact (app/api/job_cache.py); the uncached API (`DISTILLERY_JOB_CACHE_SIZE=0`, what every cache miss "
+        "costs) reads the row through a pooled session and renders the response model on each request.",
         "",
         table(rows),
         "",

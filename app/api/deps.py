@@ -49,17 +49,18 @@ CurrentPrincipal = Annotated[Principal, Depends(_principal)]
 
 
 async def _uploader(authorization: Annotated[str | None, Header()] = None) -> Principal:
-    """The principal for routes that receive a large body (uploads): like :data:`CurrentPrincipal`, but a cache
-    miss takes a database session only for the one query. Such routes open their own session
-    (:func:`app.db.session.request_session`) once the body is on disk, so a slow or huge upload never holds
-    one of the sessions every other request is admitted against."""
+    """The principal for routes that open their own session, if any, after it (uploads, once the body is on
+    disk; the job read, only when its cache misses): like :data:`CurrentPrincipal`, but a key cache miss
+    takes a database session for the one query only. A slow or huge upload never holds one of the sessions
+    every other request is admitted against, and a cached read takes none at all. Such routes must not also
+    take :data:`DbSession`: holding one admission while waiting for a second could deadlock."""
     if (principal := cached_principal(authorization)) is not None:
         return principal
     async with request_session() as db:
         return await anyio.to_thread.run_sync(authenticate, db, authorization)
 
 
-UploadPrincipal = Annotated[Principal, Depends(_uploader)]
+SessionlessPrincipal = Annotated[Principal, Depends(_uploader)]
 
 
 def committed(fn: Any, session: Session, *args: Any, **kwargs: Any) -> Any:

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import (CurrentPrincipal, Cursor, DbSession, IdempotencyKey, SettingsDep, StorageDep,
-                          UploadPrincipal)
+                          SessionlessPrincipal)
 from app.api.deps import committed as _committed
 from app.api.docs import problems
 from app.api.schemas import DatasetOut, Page, dataset_out
@@ -140,7 +140,7 @@ def _inputs_field(raw: str | None, max_depth: int) -> list[str] | None:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
              responses=problems(401, 409, 413, 422), openapi_extra=_UPLOAD_DOC)
-async def create_dataset(request: Request, response: Response, principal: UploadPrincipal, storage: StorageDep,
+async def create_dataset(request: Request, response: Response, principal: SessionlessPrincipal, storage: StorageDep,
                          settings: SettingsDep, idempotency_key: IdempotencyKey) -> DatasetOut:
     """Register a dataset: ``multipart/form-data`` with ``file``, ``name``, ``format``, or JSON with a ``uri``."""
     ctype = request.headers.get("content-type", "")

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import (CurrentPrincipal, Cursor, DbSession, IdempotencyKey, SettingsDep, StorageDep,
-                          UploadPrincipal)
+                          SessionlessPrincipal)
 from app.api.deps import committed as _committed
 from app.db.session import request_session
 from app.api.docs import problems
@@ -59,7 +59,7 @@ _UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelOut,
              responses=problems(401, 409, 413, 422), openapi_extra=_UPLOAD_DOC)
-async def create_model(request: Request, response: Response, principal: UploadPrincipal, storage: StorageDep,
+async def create_model(request: Request, response: Response, principal: SessionlessPrincipal, storage: StorageDep,
                        settings: SettingsDep, idempotency_key: IdempotencyKey) -> ModelOut:
     """Upload a checkpoint. Its bytes decide its format; nothing in it is ever unpickled or executed.
 

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api.job_cache import start_listener
+from app.api.job_cache import CachedJobReads, start_listener
 from app.api.routes import artifacts, datasets, jobs, models, ops
 from app.api.telemetry import Telemetry
 from app.errors import install_error_handlers
@@ -44,6 +44,7 @@ def create_app() -> FastAPI:
     for module in (models, datasets, jobs, artifacts, ops):
         app.include_router(module.router)
     # Multipart overhead on top of the file itself is small; allow 1 MiB of slack. Any other body is JSON.
+    app.add_middleware(CachedJobReads)  # inside the guard: NUL checks and counting apply to it too
     app.add_middleware(Telemetry, max_body_bytes=settings.max_upload_bytes + 1024 * 1024,
                        max_json_bytes=settings.max_json_body_bytes)
 

@@ -75,6 +75,12 @@ def test_polls_hit_and_another_process_change_is_seen(client, make_key, uploaded
     assert second.headers["content-type"] == "application/json"
     assert cache.hits == hits + 1, "the second poll is answered from the cache"
     assert client.get(f"/v1/jobs/{job_id}", headers=make_key("cache-other")).status_code == 404
+    # A cached job answers nothing to a request the route would refuse.
+    assert client.get(f"/v1/jobs/{job_id}", headers={"Authorization": "Basic x"}).status_code == 401
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 401
+    assert client.get(f"/v1/jobs/{job_id}", headers={"Authorization": "Bearer dsk_unknown"}).status_code == 401
+    assert client.get(f"/v1/jobs/{job_id}/events", headers=h).json()["data"][0]["type"] == "queued"
+    assert client.request("HEAD", f"/v1/jobs/{job_id}", headers=h).status_code in (200, 405)
 
     _set_progress(job_id, 7)
     lag = wait_until(lambda: client.get(f"/v1/jobs/{job_id}", headers=h).json()["progress"].get("epoch") == 7,

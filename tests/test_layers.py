@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from tests.support.layering import forbidden_imports
+
 
 def _modules_after(import_stmt: str) -> set[str]:
     code = f"import sys; {import_stmt}; print('\\n'.join(sys.modules))"
@@ -18,10 +20,28 @@ def test_api_process_never_imports_torch():
     assert not any(m == "worker" or m.startswith("worker.") for m in mods)
 
 
-def test_engine_knows_nothing_of_http_sql_or_celery():
-    mods = _modules_after("import worker.engine")
-    for forbidden in ("app", "fastapi", "sqlalchemy", "celery", "kombu", "pydantic", "starlette"):
-        assert forbidden not in mods, forbidden
+SERVICE_PACKAGES = {"app", "fastapi", "starlette", "uvicorn", "sqlalchemy", "alembic", "psycopg", "celery",
+                    "kombu", "redis", "httpx"}
+
+
+def test_no_engine_module_knows_of_http_sql_or_celery():
+    """Every module of the engine is imported (its ``__init__`` is lazy and would hide them)."""
+    modules, violations = forbidden_imports("worker.engine", SERVICE_PACKAGES)
+    assert len(modules) > 30, modules  # the walk really reached the engine's modules
+    assert violations == {}
+
+
+def test_the_layering_check_catches_an_injected_import(tmp_path):
+    """The check above can fail: a forbidden import deep in a submodule, behind a lazy ``__init__``."""
+    pkg = tmp_path / "fake_engine"
+    (pkg / "phases").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "phases" / "__init__.py").write_text("")
+    (pkg / "phases" / "clean.py").write_text("import json\n")
+    (pkg / "phases" / "leaky.py").write_text("def f():\n    pass\n\nimport sqlalchemy  # noqa\n")
+    modules, violations = forbidden_imports("fake_engine", SERVICE_PACKAGES, pythonpath=str(tmp_path))
+    assert "fake_engine.phases.clean" in modules
+    assert violations == {"fake_engine.phases.leaky": ["sqlalchemy"]}
 
 
 def test_safezip_is_a_standard_library_leaf():

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from app.db.models import IdempotencyRecord
-from app.errors import Conflict, IdempotencyInFlight, Unprocessable
+from app.errors import Conflict, IdempotencyInFlight
 
 # How long a claim waits for another transaction holding the same key (PostgreSQL) before answering 409.
 IN_FLIGHT_WAIT_SECONDS = 10
@@ -30,12 +30,6 @@ _LOCK_NOT_AVAILABLE = "55P03"
 
 def request_hash(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-
-
-def check_key(key: str | None) -> str | None:
-    if key is not None and not (1 <= len(key) <= 200):
-        raise Unprocessable("Idempotency-Key must be 1 to 200 characters", code="invalid_idempotency_key")
-    return key
 
 
 def lookup(session: Session, tenant_id: str, endpoint: str, key: str | None, req_hash: str) -> str | None:

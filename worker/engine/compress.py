@@ -82,10 +82,6 @@ class OrtModule(nn.Module):
         return total, nonzero
 
 
-def is_quantized_torch(model: nn.Module) -> bool:
-    return bool(getattr(model, "cpu_only", False)) and not isinstance(model, OrtModule)
-
-
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters), including the packed weights of quantized modules
     (counted from their int8 values) and ONNX initializers for :class:`OrtModule`."""

@@ -30,7 +30,6 @@ from abc import ABC, abstractmethod
 
 import hashlib
 import io
-import json
 import math
 import re
 import shutil
@@ -738,12 +737,3 @@ def split_dataset(dataset: Dataset, val_fraction: float, seed: int) -> Split:
         None if y is None else y[val_idx],
         "split",
     )
-
-
-def json_options(text: str | None) -> dict:
-    if not text:
-        return {}
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise ValueError("options must be a JSON object")
-    return value

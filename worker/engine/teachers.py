@@ -55,7 +55,7 @@ __all__ = [
     "TorchTeacher", "TorchScriptTeacher", "TorchExportTeacher", "SafetensorsTeacher", "OnnxTeacher",
     "capture_features", "last_linear_name", "load_module", "load_safetensors_module",
     "check_pt2_archive", "safe_load_exported",
-    "load_teacher", "probe_teacher", "teacher_outputs", "teacher_logits",
+    "load_teacher", "probe_teacher", "teacher_outputs",
 ]
 
 
@@ -175,13 +175,3 @@ def teacher_outputs(
     if on_batch is not None:
         return None
     return torch.cat(parts), {k: torch.cat(v) for k, v in fparts.items()}
-
-
-def teacher_logits(teacher: Teacher, x: Any, *, batch_size: int = 512,
-                   should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
-    """Backwards-compatible helper: outputs for one input array (or a dict of arrays)."""
-    if not isinstance(x, Mapping):
-        x = {teacher.inputs[0]: x}
-    result = teacher_outputs(teacher, x, batch_size=batch_size, should_stop=should_stop)
-    assert result is not None
-    return result[0]

@@ -41,6 +41,7 @@ from app.settings import Settings, get_settings
 
 log = logging.getLogger("distillery.job_cache")
 CHANNEL = "distillery_jobs"
+JOBS_PREFIX = "/v1/jobs/"  # GET JOBS_PREFIX + <id> is the read the cache answers
 PING_SECONDS = 5.0  # the listener checks its connection this often when no notification comes
 RETRY_SECONDS = (0.5, 1.0, 2.0, 5.0)  # reconnect backoff; the last value repeats
 
@@ -95,11 +96,8 @@ class JobCache:
 
 
 def libpq_dsn(database_url: str) -> str:
-    """The SQLAlchemy URL of a PostgreSQL database as a libpq connection string."""
-    url = make_url(database_url)
-    parts = {"host": url.host, "port": url.port, "user": url.username, "password": url.password,
-             "dbname": url.database, **{k: v for k, v in url.query.items() if isinstance(v, str)}}
-    return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in parts.items() if v is not None})
+    """The SQLAlchemy URL of a PostgreSQL database (``postgresql+psycopg://…``) as a libpq URI."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class ChangeListener(threading.Thread):
@@ -207,7 +205,6 @@ class CachedJobReads:
         return None if principal is None else cache.get(principal.tenant_id, job_id)
 
 
-JOBS_PREFIX = "/v1/jobs/"
 _cache: JobCache | None = None
 
 

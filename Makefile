@@ -30,11 +30,11 @@ sandbox:
 	  echo "warning: bubblewrap is not installed; the sandbox falls back to plain child processes"
 
 test: install-dev sandbox
-	$(VENV)/bin/ruff check app worker safezip tests benchmarks migrations
+	$(VENV)/bin/ruff check app worker engine jobspec safezip tests benchmarks migrations
 	$(PY) -m pytest -q --durations=12
 
 lint: install-dev
-	$(VENV)/bin/ruff check app worker safezip tests benchmarks migrations
+	$(VENV)/bin/ruff check app worker engine jobspec safezip tests benchmarks migrations
 
 bench: install-dev
 	$(PY) -m benchmarks

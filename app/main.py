@@ -13,7 +13,7 @@ from app.api.routes import artifacts, datasets, jobs, models, ops
 from app.api.telemetry import Telemetry
 from app.errors import install_error_handlers
 from app.api.routes.datasets import DatasetByUri
-from app.jobs.spec import JobSpec
+from jobspec import JobSpec
 from app.settings import get_settings
 from app.sweep import start_sweeper
 

@@ -134,7 +134,7 @@ def _system_binds() -> list[str]:
 def _code_dirs() -> list[Path]:
     """The Python installation and this project's packages, which the executor imports (read-only)."""
     dirs = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), Path(sys.executable).resolve().parent}
-    for pkg in ("app", "worker", "safezip"):
+    for pkg in ("app", "worker", "engine", "jobspec", "safezip"):
         # find_spec locates a top-level package without importing it (the API must not import the worker).
         spec = importlib.util.find_spec(pkg)
         if spec is not None and spec.submodule_search_locations:

@@ -128,7 +128,7 @@ from app.clock import utcnow
 from app.db.models import Job
 from app.db.session import session_scope
 from app.ids import new_id
-from app.jobs.spec import JobSpec
+from jobspec import JobSpec
 
 migrate()
 spec = JobSpec.model_validate(JobSpec.model_config["json_schema_extra"]["examples"][0]).model_dump(mode="json")

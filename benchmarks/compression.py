@@ -3,12 +3,12 @@
     .venv/bin/python -m benchmarks.compression [--threads 1] [--batch 32] [--repeats 200] [--no-write]
 
 Trains a 64-1200-1200-10 teacher MLP and a small CNN on sklearn digits (a few seconds),
-compresses them with worker.engine.prune / worker.engine.quantize and prints, per method,
+compresses them with engine.compression.pruning / engine.compression.quantization and prints, per method,
 the median CPU latency at the given batch size (TorchScript for torch models, ONNX Runtime
 for ONNX), the speed-up vs the fp32 original, the serialized size ratio and held-out accuracy.
 Goals: channel 0.5 >= 1.3x, dynamic_int8 >= 1.2x at batch 32.
 
-Then it runs whole compression JOBS through ``worker.engine.run`` (prune with KD fine-tuning from
+Then it runs whole compression JOBS through ``engine.run`` (prune with KD fine-tuning from
 the teacher, quantization, a distill -> prune -> quantize pipeline) and tabulates their report
 rows. Both tables go into the ``compression`` section of ``docs/benchmarks.md``.
 """
@@ -28,9 +28,12 @@ import torch
 
 from benchmarks.sections import write_section
 from tests.engine.compression_fixtures import _cnn, _split, _teacher, accuracy
-from worker.engine import DatasetSource, NullReporter, TeacherSource, run
-from worker.engine.prune import prune
-from worker.engine.quantize import export_onnx, quantize, quantize_onnx, size_bytes, to_torchscript
+from engine import DatasetSource
+from engine import NullReporter
+from engine import TeacherSource
+from engine import run
+from engine.compression.pruning import prune
+from engine.compression.quantization import export_onnx, quantize, quantize_onnx, size_bytes, to_torchscript
 
 
 def median_latency(fn, repeats: int, warmup: int = 20) -> float:
@@ -188,7 +191,7 @@ def markdown(env: str, args, rows, jobs) -> str:
         "",
         "### Compression jobs through the engine",
         "",
-        "Each row is the last step of a job run by `worker.engine.run` (its report row). Ratios are against the "
+        "Each row is the last step of a job run by `engine.run` (its report row). Ratios are against the "
         "teacher: parameters, non-zero parameters, serialized size as shipped (TorchScript, or the ONNX file for "
         "onnx_int8), gzip-compressed size, and batch-32 CPU latency speed-up (median).",
         "",

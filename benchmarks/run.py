@@ -30,8 +30,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from benchmarks.sections import write_section
-from worker.engine import DatasetSource, TeacherSource, run
-from worker.engine.types import NullReporter
+from engine import DatasetSource
+from engine import TeacherSource
+from engine import run
+from engine.values import NullReporter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,6 +21,6 @@ def _examples() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("where,block", _examples(), ids=[w for w, _ in _examples()])
 def test_job_examples_validate(where, block):
-    from app.jobs.spec import JobSpec
+    from jobspec import JobSpec
 
     JobSpec.model_validate(json.loads(block))

@@ -1,7 +1,7 @@
 """The untrusted side of a job: ``python -m worker.executor job.json``, run inside the sandbox.
 
 It reads the job file the supervisor staged in its scratch directory (paths relative to it), runs
-:func:`worker.engine.run`, and tells the supervisor everything as JSON lines on its original stdout:
+:func:`engine.run`, and tells the supervisor everything as JSON lines on its original stdout:
 
 ``{"type": "event", "event": str, "message": str, "level": str, "data": dict | null}``
 ``{"type": "progress", "progress": dict}``
@@ -58,7 +58,7 @@ class PipeReporter:
         self.send({"type": "metric", "step": step, "epoch": epoch, "name": name, "value": value})
 
     def should_stop(self) -> bool:
-        from worker.engine.checkpoint import URGENT, request_checkpoint
+        from engine.training.checkpoint import URGENT, request_checkpoint
 
         if URGENT.written:
             return True
@@ -132,7 +132,7 @@ def main(argv: list[str]) -> int:
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        from worker import engine
+        import engine
 
         teacher = engine.TeacherSource(**{**job["teacher"], "path": Path(job["teacher"]["path"])})
         datasets = {k: engine.DatasetSource(**{**v, "path": Path(v["path"]), "inputs": tuple(v["inputs"])})
@@ -149,7 +149,7 @@ def main(argv: list[str]) -> int:
 
 
 def _report_failure(reporter: PipeReporter, exc: BaseException, out_dir: Path) -> int:
-    from worker import engine
+    import engine
 
     if isinstance(exc, engine.QualityGateFailed):
         reporter.send({"type": "result", "status": "quality_gate", "message": exc.message,

@@ -29,7 +29,8 @@ from app.jobs.events import append_event
 from app.queue import dispatch
 from app.settings import Settings, get_settings
 from app.storage import get_storage
-from worker import engine, supervisor
+import engine
+from worker import supervisor
 from worker.attempt import Attempt, Heartbeat, is_transient, new_token, retrying
 from worker.reporter import DbReporter, _jsonable
 

@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from app import sandbox
 from app.settings import Settings
-from worker.engine.types import ERROR_CODES, ArtifactFile, DatasetSource, ModelSource, TeacherSource
+from engine.values import ArtifactFile, DatasetSource, ModelSource, TeacherSource
+from engine.errors import ERROR_CODES
 
 log = logging.getLogger("distillery.worker")
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from app.catalog.inspector import run_inspector
 from app.catalog.model_files import check_archive, refuse_oversized_schema
 from app.errors import Unprocessable
-from app.jobs.spec import DATASET_FORMATS
+from jobspec import DATASET_FORMATS
 from app.settings import get_settings
 
 SUPPORTED_DATASET_FORMATS = DATASET_FORMATS
@@ -181,7 +181,7 @@ def npz_schema(path: Path, inputs: list[str] | None = None) -> dict:
 def dataset_schema(path: Path, format: str, inputs: list[str] | None, options: DatasetOptions,
                    timeout: float) -> dict:
     """Schema of any supported dataset: npz from its headers here; other formats by the engine's reader
-    in a subprocess (``python -m worker.engine.inspect_data``), so the API never imports torch and a
+    in a subprocess (``python -m engine.inspection.dataset``), so the API never imports torch and a
     hostile file can only crash that subprocess. The options are stored in the schema for the worker.
 
     Zip-based files (npz, pt, image_folder) pass the archive check first, image zips the per-image size
@@ -199,7 +199,7 @@ def dataset_schema(path: Path, format: str, inputs: list[str] | None, options: D
     else:
         opts_note = ""
     args = ["--format", format, "--options", json.dumps(opts)] + (["--inputs", ",".join(inputs)] if inputs else [])
-    result = run_inspector("worker.engine.inspect_data", args, path, timeout, error=DatasetFileError,
+    result = run_inspector("engine.inspection.dataset", args, path, timeout, error=DatasetFileError,
                            what=f"the {format} dataset")
     schema = dict(result.get("schema") or {})
     return refuse_oversized_schema({**schema, "num_rows": int(result["num_rows"]),

@@ -2,7 +2,7 @@
 
 The API process never imports torch: the structural checks here use the stdlib only, and the
 deep check (does it load, how many parameters) runs in a short-lived subprocess
-(``python -m worker.engine.inspect``) with a timeout, so a hostile or broken file can crash or hang
+(``python -m engine.inspection.model``) with a timeout, so a hostile or broken file can crash or hang
 only that subprocess.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from app.catalog.inspector import run_inspector
 from app.catalog.pickle_scan import looks_like_module_pickle, non_tensor_globals, unsafe_globals
 from app.errors import Unprocessable
-from app.jobs.spec import MODEL_FORMATS
+from jobspec import MODEL_FORMATS
 from app.settings import get_settings
 from safezip import UnsafeArchive, check_zip
 
@@ -209,7 +209,7 @@ def inspect_model_file(path: Path, claimed: str | None, timeout: float, architec
                                  '"out_features": 10}')
         safetensors_parameters(path)
     args = ["--format", detected] + (["--architecture", json.dumps(architecture)] if architecture is not None else [])
-    result = run_inspector("worker.engine.inspect", args, path, timeout, error=ModelFileError,
+    result = run_inspector("engine.inspection.model", args, path, timeout, error=ModelFileError,
                            what=f"the {detected} file")
     io_schema = refuse_oversized_schema({"inputs": result.get("inputs", []), "outputs": result.get("outputs", [])},
                                         ModelFileError)

@@ -20,7 +20,7 @@ from app.catalog.uploads import Received
 from app.db.models import Dataset, Job, JobInput, Model
 from app.errors import Conflict, NotFound, Unprocessable
 from app.ids import new_id
-from app.jobs.spec import STUDENT_FAMILIES, TASKS
+from jobspec import STUDENT_FAMILIES, TASKS
 from app.jobs.state import ACTIVE
 from app.settings import Settings
 from app.storage import Storage, StoredBlob

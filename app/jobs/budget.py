@@ -19,10 +19,10 @@ int64, 8 bytes):
 
 **Parameters** - the largest model the job holds at once: the teacher (its registered
 ``num_parameters``), the student of each step, the data-free generator. Built-in student families
-are counted *exactly* as :mod:`worker.engine.students` builds them from their config, the data's
+are counted *exactly* as :mod:`engine.students.families` builds them from their config, the data's
 row shape and the teacher's output width (``tests/jobs/test_budget.py`` compares the counts with
 the real torch modules): e.g. ``mlp`` is Σ (w_in·w_out + w_out) over [in, *hidden, out]. A
-``derive`` student is the teacher's architecture shrunk as :mod:`worker.engine.derive` does when
+``derive`` student is the teacher's architecture shrunk as :mod:`engine.students.derive` does when
 the teacher's architecture is a built-in family. A layer chain (a TorchScript teacher) is shrunk
 from layers the API never sees, so it is sized roughly as ``teacher_parameters · width² · (1 +
 depth)/2`` (widths scale both sides of the hidden weight matrices; depth keeps whole blocks, rounded
@@ -81,7 +81,7 @@ from typing import Any
 
 from app.db.models import Dataset, Model
 from app.errors import BudgetExceeded
-from app.jobs.spec import (
+from jobspec import (
     DerivedStudent,
     DistillStep,
     JobSpec,
@@ -93,13 +93,13 @@ from app.settings import Settings, get_settings
 
 FLOAT_BYTES = 4
 INT_BYTES = 8  # token ids are int64 in the engine (``train._to_model_array``)
-#: The engine memory-maps npz files larger than this (``worker.engine.data.NPZ_MMAP_THRESHOLD``).
+#: The engine memory-maps npz files larger than this (``engine.data.formats.NPZ_MMAP_THRESHOLD``).
 NPZ_MMAP_THRESHOLD = 512 * 1024 * 1024
-#: Teacher-output caches larger than this go to disk (``worker.engine.train.CACHE_MEMORY_LIMIT``).
+#: Teacher-output caches larger than this go to disk (``engine.training.loop.CACHE_MEMORY_LIMIT``).
 CACHE_MEMORY_LIMIT = 1 << 30
 #: Optimizer-step FLOPs per parameter (Adam reads/writes two moments; SGD one momentum buffer).
 OPTIMIZER_FLOPS = {"adam": 10, "adamw": 10, "sgd": 4}
-#: Data-free generator batch and iteration cap (``worker.engine.datafree``).
+#: Data-free generator batch and iteration cap (``engine.compression.datafree``).
 GENERATOR_BATCH = 256
 GENERATOR_MAX_ITERATIONS = 50
 SYNTHETIC_VAL_FRACTION = 0.1
@@ -244,7 +244,7 @@ _FAMILIES = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet, "embedding_bag": _embe
 
 
 def architecture_cost(architecture: Mapping[str, Any] | None) -> ModelCost | None:
-    """Cost of a built-in family's architecture dict (:func:`worker.engine.students.from_architecture`
+    """Cost of a built-in family's architecture dict (:func:`engine.students.families.from_architecture`
     keys, plus ``seq_len`` for token families); None when it is not one."""
     fn = _FAMILIES.get(str(architecture.get("family"))) if isinstance(architecture, Mapping) else None
     if fn is None:
@@ -269,7 +269,7 @@ def _kept(values: list[int], width: float, depth: float) -> list[int]:
 
 
 def derive_architecture(arch: Mapping[str, Any], width: float, depth: float, out_dim: int) -> dict[str, Any]:
-    """The architecture :func:`worker.engine.derive.derive_architecture` makes (same rounding, same
+    """The architecture :func:`engine.students.derive.derive_architecture` makes (same rounding, same
     kept layers; ``tests/jobs/test_budget.py`` compares the two)."""
     a = {k: v for k, v in arch.items() if k not in ("init_from_teacher", "derived_from", "source")}
     family = a["family"]
@@ -294,7 +294,7 @@ def derive_architecture(arch: Mapping[str, Any], width: float, depth: float, out
 
 
 def generator_cost(shape: list[int], latent_dim: int) -> ModelCost:
-    """The DAFL generator :func:`worker.engine.datafree.make_generator` builds for rows of ``shape``."""
+    """The DAFL generator :func:`engine.compression.datafree.make_generator` builds for rows of ``shape``."""
     if len(shape) == 3 and shape[1] % 4 == 0 and shape[2] % 4 == 0 and min(shape[1:]) >= 8:
         c, h, w = shape
         h0, w0, wide, base = h // 4, w // 4, 128, 64
@@ -414,7 +414,7 @@ def _vocab(config_vocab: int | None, teacher_arch: Mapping[str, Any], notes: lis
 
 def _family_architecture(student: Any, shapes: dict[str, list[int]], inputs: list[str], out_dim: int,
                          teacher_arch: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
-    """The architecture dict ``family.create()`` would build (mirrors worker/engine/students.py)."""
+    """The architecture dict ``family.create()`` would build (mirrors engine/students/families.py)."""
     family = student.family
     shape = shapes[inputs[0]]
     if family == "mlp":
@@ -524,7 +524,7 @@ def estimate(spec: JobSpec, teacher: Model, datasets: Mapping[str, Dataset], stu
     current = _student_cost(spec, teacher, t_cost, student_model, shapes, inputs, out_dim, notes)
     models: dict[str, ModelCost] = {t_cost.label: t_cost}
 
-    # The held-out rows, chosen as worker.engine.dataplan does: the eval dataset, else x_val or a split of
+    # The held-out rows, chosen as engine.data.plan does: the eval dataset, else x_val or a split of
     # the job's (or the first step's) dataset, else the last tenth of the first synthetic set.
     held_from: str | None = None
     val_rows = 0

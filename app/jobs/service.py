@@ -15,7 +15,7 @@ from app.ids import new_id
 from app.jobs import state
 from app.jobs.budget import check_job
 from app.jobs.events import append_event
-from app.jobs.spec import JobSpec, UploadedStudent
+from jobspec import Facts, JobSpec, UploadedStudent, conflicts
 from app.pagination import paginate
 from app.queue import dispatch
 from app.settings import Settings
@@ -72,50 +72,14 @@ def _inputs(spec: JobSpec) -> list[tuple[str, str]]:
     return list(roles.items())
 
 
-# Which teacher tasks each loss applies to; the engine's loss classes declare the same
-# (tests/worker/test_component_contract.py keeps them equal).
-LOSS_TASKS = {"kd": {"classification"}, "soft_ce": {"classification"}, "hard": {"classification"},
-              "mse": {"classification", "regression", "embedding"}, "cosine": {"embedding"}}
-
-
-GATE_METRICS = {"classification": {"accuracy", "agreement", "f1_macro"}, "regression": {"r2"},
-                "embedding": {"cosine"}}
-TORCH_ONLY_QUANTIZERS = {"dynamic_int8", "static_int8", "fp16", "bf16", "qat"}
-
-
 def check_compatible(spec: JobSpec, teacher: Model, datasets: dict[str, Dataset]) -> None:
-    """Step combinations that can be judged from metadata alone, before the job is queued."""
-    for i, step in enumerate(spec.steps):
-        finetune = getattr(step, "finetune", None)
-        loss = getattr(step, "loss", None) or (finetune.loss if finetune is not None else None)
-        gate = getattr(step, "gate", None)
-        if gate is not None and gate.metric not in GATE_METRICS[teacher.task]:
-            raise Unprocessable(f"steps[{i}].gate.metric '{gate.metric}' is not measured for a {teacher.task} "
-                                f"teacher; use one of: {', '.join(sorted(GATE_METRICS[teacher.task]))}",
-                                code="incompatible_spec")
-        if spec.student is None and teacher.format == "onnx" and (
-                step.kind == "prune" or (step.kind == "quantize" and step.method in TORCH_ONLY_QUANTIZERS)):
-            raise Unprocessable(f"steps[{i}] ({step.kind} {step.method}) edits a torch model, but the teacher is "
-                                f"ONNX and no student is given: quantize it with 'onnx_int8', or distill into a "
-                                f"student first", code="incompatible_spec")
-        if loss is not None and teacher.task not in LOSS_TASKS[loss.type]:
-            allowed = sorted(name for name, tasks in LOSS_TASKS.items() if teacher.task in tasks)
-            raise Unprocessable(f"steps[{i}].loss '{loss.type}' does not apply to a {teacher.task} teacher; "
-                                f"use one of: {', '.join(allowed)}", code="incompatible_spec")
-        if getattr(step, "synthesize", None) is not None and teacher.format == "onnx":
-            raise Unprocessable(f"steps[{i}].synthesize trains a generator through the teacher, which needs a torch "
-                                f"teacher (torchscript, torch_export or safetensors), not onnx",
-                                code="incompatible_spec")
-    if spec.baseline:
-        if teacher.task == "embedding":
-            raise Unprocessable("baseline needs labels to train on; embedding teachers have none",
-                                code="incompatible_spec")
-        for i, step in enumerate(spec.steps):
-            ds_id = getattr(step, "dataset_id", None) or spec.dataset_id
-            if ds_id is None or not datasets[ds_id].has_labels:
-                raise Unprocessable(f"baseline trains the student on labels alone, but steps[{i}] reads "
-                                    f"{'synthetic data' if ds_id is None else 'dataset ' + ds_id}, which has none",
-                                    code="incompatible_spec")
+    """The spec against the teacher's and datasets' recorded facts (:mod:`jobspec.rules`, the same rules the
+    engine checks again at job start), before the job is queued."""
+    facts = Facts(task=teacher.task, teacher_format=teacher.format,
+                  labelled={ds_id: ds.has_labels for ds_id, ds in datasets.items()})
+    problem = next(conflicts(spec, facts), None)
+    if problem is not None:
+        raise Unprocessable(str(problem), code="incompatible_spec")
 
 
 def list_jobs(session: Session, tenant_id: str, *, limit: int, after: str | None, status: str | None,

@@ -173,8 +173,8 @@ def test_real_torch_and_numpy_archives_pass(impl, tmp_path):
 
 
 def test_the_engine_refuses_with_an_engine_error(tmp_path):
-    from worker.engine.types import EngineError
-    from worker.engine.zipcheck import refuse_unsafe_zip
+    from engine.errors import EngineError
+    from engine.inspection.zipcheck import refuse_unsafe_zip
 
     path = tmp_path / "m.pt"
     path.write_bytes(_zip({"../x": b"a"}))

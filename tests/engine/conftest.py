@@ -15,7 +15,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from worker.engine import DatasetSource, TeacherSource
+from engine import DatasetSource
+from engine import TeacherSource
 
 from .helpers import RecordingReporter, make_spec
 
@@ -114,7 +115,7 @@ def digits_npz(digits, write_npz) -> DatasetSource:
 @pytest.fixture(scope="session")
 def ts_run(teacher_ts, digits_npz, tmp_path_factory):
     """One full job with the TorchScript teacher, shared by several tests."""
-    from worker.engine import run
+    from engine import run
 
     reporter = RecordingReporter()
     out = tmp_path_factory.mktemp("ts_run")
@@ -125,7 +126,7 @@ def ts_run(teacher_ts, digits_npz, tmp_path_factory):
 @pytest.fixture(scope="session")
 def onnx_run(teacher_onnx, digits_npz, tmp_path_factory):
     """One full job with the ONNX teacher."""
-    from worker.engine import run
+    from engine import run
 
     reporter = RecordingReporter()
     out = tmp_path_factory.mktemp("onnx_run")

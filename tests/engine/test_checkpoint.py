@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from worker.engine import Cancelled, run
-from worker.engine import has_checkpoint
-from worker.engine.checkpoint import CHECKPOINT_FILE
+from engine import Cancelled
+from engine import run
+from engine import has_checkpoint
+from engine.training.checkpoint import CHECKPOINT_FILE
 
 from .helpers import RecordingReporter, make_spec
 
@@ -182,7 +183,7 @@ def test_a_release_checkpoints_at_the_next_epoch_end_and_resumes_there(teacher_t
     the next epoch end (whatever the interval) and stops right after it; the next attempt resumes there."""
     import io
 
-    from worker.engine import checkpoint
+    from engine.training import checkpoint
     from worker.executor import PipeReporter
 
     monkeypatch.setattr(checkpoint, "URGENT", checkpoint._Urgent())

@@ -17,7 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-from worker.engine import DatasetSource, EngineError, QualityGateFailed, TeacherSource, run
+from engine import DatasetSource
+from engine import EngineError
+from engine import QualityGateFailed
+from engine import TeacherSource
+from engine import run
 
 from .compression_fixtures import _cnn, _split, _teacher
 from .helpers import RecordingReporter
@@ -107,7 +111,7 @@ def _check_exports(result, x_val, y_val):
                 assert acc == pytest.approx(row["exports"]["onnx"]["accuracy"], abs=1e-9), (step, fmt)
                 assert abs(acc - row["accuracy"]) <= 0.011, (step, acc, row["accuracy"])
             elif fmt == "safetensors":
-                from worker.engine.export import load_safetensors_student
+                from engine.export.formats import load_safetensors_student
 
                 try:
                     model = load_safetensors_student(path).eval()

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from worker.engine.datafree import synthesize
-import worker.engine.losses  # noqa: F401  (registers the losses)
-from worker.engine.registry import losses
-from worker.engine.types import Cancelled, EngineError
+from engine.compression.datafree import synthesize
+import engine.losses.outputs  # noqa: F401  (registers the losses)
+from engine.registry import losses
+from engine.errors import Cancelled, EngineError
 
 CPU = torch.device("cpu")
 

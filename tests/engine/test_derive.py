@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from worker.engine import derive as D
-from worker.engine import students as S
-from worker.engine.types import EngineError, InputInfo, TeacherInfo
+from engine.students import derive as D
+from engine.students import families as S
+from engine.values import InputInfo, TeacherInfo
+from engine.errors import EngineError
 
 X64 = [InputInfo("x", (64,))]
 IMG = [InputInfo("x", (1, 8, 8))]

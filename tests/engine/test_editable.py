@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from worker.engine.editable import to_editable
-from worker.engine.types import EngineError
+from engine.compression.editable import to_editable
+from engine.errors import EngineError
 
 from .compression_fixtures import make_cnn, split, teacher  # noqa: F401
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from worker.engine.evaluate import classification_metrics, f1_macro
-from worker.engine.latency import median_latency_ms
-from worker.engine.report import canonical_json, latency_batch, spec_sha256
+from engine.metrics import classification_metrics, f1_macro
+from engine.report.latency import median_latency_ms
+from engine.report.rows import canonical_json, latency_batch, spec_sha256
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

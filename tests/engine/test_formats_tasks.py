@@ -14,7 +14,10 @@ import pytest
 import torch
 from sklearn.datasets import load_diabetes
 
-from worker.engine import DatasetSource, EngineError, TeacherSource, run
+from engine import DatasetSource
+from engine import EngineError
+from engine import TeacherSource
+from engine import run
 
 from .helpers import RecordingReporter, make_spec
 
@@ -53,7 +56,7 @@ def _rewrite_pt2(src, dst, edit):
 
 @pytest.mark.parametrize("how", ["use_pickle", "expr", "target", "aoti"])
 def test_torch_export_archives_that_would_unpickle_or_eval_are_refused(teacher_pt2, digits_npz, tmp_path, how):
-    from worker.engine.pt2_safety import safe_load_exported
+    from engine.inspection.pt2 import safe_load_exported
 
     bad = tmp_path / "bad.pt2"
 
@@ -86,7 +89,7 @@ def test_safetensors_teacher_with_architecture(teacher_module, digits_npz, tmp_p
     save_file({k: v.contiguous() for k, v in teacher_module.state_dict().items()}, str(path))
     # built-in mlp layout: Flatten at index 0, so the keys shift by one
     arch = {"family": "mlp", "in_features": 64, "hidden": [256, 256], "out_features": 10}
-    from worker.engine.students import from_architecture
+    from engine.students.families import from_architecture
 
     keys = list(from_architecture(arch).state_dict())
     state = dict(zip(keys, [v.contiguous() for v in teacher_module.state_dict().values()]))
@@ -247,8 +250,8 @@ def test_pt_dataset_and_multi_array_npz_val(digits, teacher_ts, tmp_path):
 
 
 def test_large_npz_is_memory_mapped_and_cache_spills_to_disk(digits, teacher_ts, tmp_path, monkeypatch):
-    from worker.engine import data as data_mod
-    from worker.engine import train as train_mod
+    from engine.data import formats as data_mod
+    from engine.training import loop as train_mod
 
     monkeypatch.setattr(data_mod, "NPZ_MMAP_THRESHOLD", 1)
     monkeypatch.setattr(train_mod, "CACHE_MEMORY_LIMIT", 1)
@@ -294,7 +297,7 @@ def test_image_folder_zip(image_zip, teacher_module, tmp_path):
 
 
 def _inspect_cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "worker.engine.inspect_data", *map(str, args)],
+    proc = subprocess.run([sys.executable, "-m", "engine.inspection.dataset", *map(str, args)],
                           capture_output=True, text=True, timeout=120)
     return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
 

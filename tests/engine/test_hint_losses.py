@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from worker.engine.hint_losses import HintLoss
-from worker.engine.types import EngineError
+from engine.losses.hints import HintLoss
+from engine.errors import EngineError
 
 RNG = np.random.default_rng(0)
 SV = RNG.normal(size=(4, 6))  # vectors

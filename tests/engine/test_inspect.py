@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.engine import inspect_model
+from engine import inspect_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TEACHER_PARAMS = 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
@@ -21,7 +21,7 @@ TEACHER_PARAMS = 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
 
 def _cli(*args: str) -> tuple[int, dict, str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "worker.engine.inspect", *args],
+        [sys.executable, "-m", "engine.inspection.model", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
@@ -105,8 +105,8 @@ def test_inspect_torch_export_and_safetensors(teacher_module, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from worker.engine.inspect import inspect_model
-    from worker.engine.students import from_architecture
+    from engine.inspection.model import inspect_model
+    from engine.students.families import from_architecture
 
     ep = torch.export.export(teacher_module, (torch.zeros(4, 64),),
                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
@@ -120,7 +120,7 @@ def test_inspect_torch_export_and_safetensors(teacher_module, tmp_path):
     keys = list(from_architecture(arch).state_dict())
     st = tmp_path / "m.safetensors"
     save_file(dict(zip(keys, [v.contiguous() for v in teacher_module.state_dict().values()])), str(st))
-    proc = subprocess.run([sys.executable, "-m", "worker.engine.inspect", "--format", "safetensors",
+    proc = subprocess.run([sys.executable, "-m", "engine.inspection.model", "--format", "safetensors",
                            "--architecture", _json.dumps(arch), str(st)], capture_output=True, text=True, timeout=120)
     out = _json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and out["ok"] and out["num_parameters"] == info["num_parameters"]
@@ -145,9 +145,9 @@ def _with_duplicate(path: Path, suffix: str, payload: bytes) -> bytes:
 
 
 def test_archives_with_duplicate_members_are_refused_before_torch_reads_them(teacher_ts, teacher_module, tmp_path):
-    from worker.engine.pt2_safety import check_pt2_archive
-    from worker.engine.teachers_torch import load_module
-    from worker.engine.types import EngineError
+    from engine.inspection.pt2 import check_pt2_archive
+    from engine.teachers.torch_modules import load_module
+    from engine.errors import EngineError
 
     ts = tmp_path / "dup.pt"
     ts.write_bytes(_with_duplicate(teacher_ts.path, "/data.pkl", b"\x80\x04."))
@@ -179,8 +179,8 @@ def _external_data_onnx(path: Path) -> Path:
 
 
 def test_onnx_with_external_data_is_refused_by_the_inspector_and_the_teacher(tmp_path):
-    from worker.engine.teachers_onnx import OnnxTeacher
-    from worker.engine.types import EngineError
+    from engine.teachers.onnx_runtime import OnnxTeacher
+    from engine.errors import EngineError
 
     path = _external_data_onnx(tmp_path / "ext.onnx")
     expected = ("ONNX initializer 'w' keeps its data in an external file ('/etc/passwd'); external data could name "
@@ -195,7 +195,7 @@ def test_onnx_with_external_data_is_refused_by_the_inspector_and_the_teacher(tmp
 def test_onnx_external_data_inside_a_subgraph_is_found():
     from onnx import TensorProto, helper
 
-    from worker.engine.inspect import external_data_error
+    from engine.inspection.model import external_data_error
 
     inner = TensorProto(name="k", data_type=TensorProto.FLOAT, dims=[1], data_location=TensorProto.EXTERNAL)
     branch = helper.make_graph([helper.make_node("Constant", [], ["c"], value=inner)], "then", [],
@@ -215,9 +215,10 @@ def test_engine_refuses_unsafe_input_names_and_lying_npy_headers(tmp_path):
 
     import numpy as np
 
-    from worker.engine.data import _cache_file, load_dataset
-    from worker.engine.inspect_data import inspect_dataset
-    from worker.engine.types import DatasetSource, EngineError
+    from engine.data.formats import _cache_file, load_dataset
+    from engine.inspection.dataset import inspect_dataset
+    from engine.values import DatasetSource
+    from engine.errors import EngineError
 
     good = tmp_path / "d.npz"
     np.savez(good, x=np.zeros((4, 2), np.float32))
@@ -247,9 +248,10 @@ def test_engine_refuses_an_image_whose_header_declares_too_many_pixels(tmp_path)
     import zipfile
     import zlib
 
-    from worker.engine.data import load_dataset
-    from worker.engine.inspect_data import inspect_dataset
-    from worker.engine.types import DatasetSource, EngineError
+    from engine.data.formats import load_dataset
+    from engine.inspection.dataset import inspect_dataset
+    from engine.values import DatasetSource
+    from engine.errors import EngineError
 
     def png(width: int, height: int) -> bytes:
         def chunk(kind: bytes, body: bytes) -> bytes:

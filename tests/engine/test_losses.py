@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from worker.engine.registry import losses
-import worker.engine.losses  # noqa: F401  (registers "kd")
+from engine.registry import losses
+import engine.losses.outputs  # noqa: F401  (registers "kd")
 
 S = np.array([[1.0, 2.0, 0.5], [0.3, -1.2, 2.2], [0.0, 0.0, 0.0]])
 T = np.array([[2.0, 1.0, 0.1], [0.0, 0.5, 3.0], [1.5, -0.5, 0.2]])
@@ -211,7 +211,7 @@ def test_cosine_constants():
 
 
 def test_every_loss_has_tasks_and_gradients():
-    from worker.engine.registry import losses as reg
+    from engine.registry import losses as reg
 
     for name in reg.names():
         loss = reg.build({"type": name})

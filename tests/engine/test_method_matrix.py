@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.engine import DatasetSource, TeacherSource, run
+from engine import DatasetSource
+from engine import TeacherSource
+from engine import run
 
 from .helpers import RecordingReporter, make_spec
 from .test_formats_tasks import token_data  # noqa: F401  (fixture: a two-input transformer embedding teacher)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from worker.engine import EngineError, run
-from worker.engine.optim import ScheduleConfig, lr_factor
+from engine import EngineError
+from engine import run
+from engine.training.optim import ScheduleConfig, lr_factor
 
 from .helpers import RecordingReporter, make_spec
 
@@ -93,7 +94,7 @@ def test_early_stopping_restores_best(teacher_ts, digits_npz, tmp_path):
 
 class _Counter:
     def __init__(self, monkeypatch):
-        from worker.engine.teachers_torch import TorchTeacher
+        from engine.teachers.torch_modules import TorchTeacher
 
         self.rows = 0
         self.calls = 0
@@ -167,7 +168,7 @@ def test_coreset_kmeans_and_random(teacher_ts, digits_npz, tmp_path):
 
 
 def test_kmeans_is_deterministic():
-    from worker.engine.dataplan import kmeans_representatives
+    from engine.data.plan import kmeans_representatives
 
     pts = torch.randn(300, 5, generator=torch.Generator().manual_seed(0))
     a, b = kmeans_representatives(pts, 30, 1), kmeans_representatives(pts, 30, 1)

@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from worker.engine import Cancelled, EngineResult, run
-from worker.engine.export import load_safetensors_student
-from worker.engine.students import from_architecture
+from engine import Cancelled
+from engine import EngineResult
+from engine import run
+from engine.export.formats import load_safetensors_student
+from engine.students.families import from_architecture
 
 from .helpers import RecordingReporter, make_spec
 
@@ -201,7 +203,7 @@ def test_explicit_held_out_images_multi_step_and_partial_exports(digits, tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(Flat(teacher_module)), str(path))
-    from worker.engine import TeacherSource
+    from engine import TeacherSource
 
     images = x.reshape(-1, 8, 8)
     ds = write_npz("images", x=images[:1500], y=y[:1500], x_val=images[1500:], y_val=y[1500:])
@@ -228,7 +230,7 @@ def test_explicit_held_out_images_multi_step_and_partial_exports(digits, tmp_pat
 
 def test_onnx_teacher_with_pinned_batch_and_no_exports(teacher_module, digits, write_npz, tmp_path):
     """Some ONNX exports fix the batch dimension to 1; the engine runs them row by row."""
-    from worker.engine import TeacherSource
+    from engine import TeacherSource
 
     path = tmp_path / "batch1.onnx"
     with warnings.catch_warnings():

@@ -9,8 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from worker.engine.prune import prune, prune_step, prune_steps, pruners, reapply_masks, schedule_amounts, zero_masks
-from worker.engine.types import EngineError
+from engine.compression.pruning import (
+    prune,
+    prune_step,
+    prune_steps,
+    pruners,
+    reapply_masks,
+    schedule_amounts,
+    zero_masks,
+)
+from engine.errors import EngineError
 
 from .compression_fixtures import accuracy, cnn, kd_finetune, predict, split, teacher, ts_roundtrip  # noqa: F401
 

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from worker.engine.quantize import (
+from engine.compression.quantization import (
     export_onnx,
     load_torchscript,
     quantize,
@@ -16,7 +16,7 @@ from worker.engine.quantize import (
     size_bytes,
     torchscript_bytes,
 )
-from worker.engine.types import EngineError
+from engine.errors import EngineError
 
 from .compression_fixtures import accuracy, cnn, kd_finetune, predict, split, teacher  # noqa: F401
 

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from worker.engine import EngineError, registries
-from worker.engine.registry import Registry, check
-from worker.engine.spec import parse_spec
+from engine import EngineError
+from engine import registries
+from engine.registry import Registry, check
+from engine.pipeline.spec import parse_spec
 
 from .helpers import make_spec
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from worker.engine import students as S
-from worker.engine.registry import students
-from worker.engine.types import EngineError, InputInfo, ModelSource, TeacherInfo
+from engine.students import families as S
+from engine.registry import students
+from engine.values import InputInfo, ModelSource, TeacherInfo
+from engine.errors import EngineError
 
 IDS = InputInfo("input_ids", (12,), True, 99)
 MASK = InputInfo("attention_mask", (12,), True, 1)

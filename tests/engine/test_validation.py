@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from worker.engine import DatasetSource, EngineError, TeacherSource, run
-from worker.engine.data import Dataset, check_dataset, split_dataset
+from engine import DatasetSource
+from engine import EngineError
+from engine import TeacherSource
+from engine import run
+from engine.data.formats import Dataset, check_dataset, split_dataset
 
 from .helpers import RecordingReporter, make_spec
 

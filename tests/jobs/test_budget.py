@@ -11,13 +11,13 @@ from torch import nn
 
 from app.db.models import Dataset, Model
 from app.jobs import budget
-from app.jobs.spec import JobSpec
+from jobspec import JobSpec
 from app.settings import Settings
 from tests.support.jobs import job_body
-from worker.engine import derive as D
-from worker.engine import students as S
-from worker.engine.datafree import make_generator
-from worker.engine.types import InputInfo, TeacherInfo
+from engine.students import derive as D
+from engine.students import families as S
+from engine.compression.datafree import make_generator
+from engine.values import InputInfo, TeacherInfo
 
 
 def _numel(model: nn.Module) -> int:

@@ -6,8 +6,8 @@ from __future__ import annotations
 def test_every_component_the_api_accepts_is_implemented_and_vice_versa():
     from app.catalog.dataset_files import SUPPORTED_DATASET_FORMATS
     from app.catalog.model_files import SUPPORTED_MODEL_FORMATS
-    from app.jobs import spec
-    from worker.engine import registries
+    import jobspec as spec
+    from engine import registries
 
     assert set(registries["steps"].names()) == set(spec.STEP_KINDS)
     assert set(registries["losses"].names()) == set(spec.LOSSES)
@@ -20,8 +20,8 @@ def test_every_component_the_api_accepts_is_implemented_and_vice_versa():
 
 def test_engine_accepts_the_defaults_the_api_fills_in():
     """A spec the API stores (defaults filled) must build in the engine's typed configs without complaint."""
-    from app.jobs.spec import JobSpec
-    from worker.engine import registries
+    from jobspec import JobSpec
+    from engine import registries
 
     stored = JobSpec.model_validate({"teacher_model_id": "m", "dataset_id": "d",
                                      "student": {"family": "mlp"}}).model_dump(mode="json")
@@ -33,8 +33,8 @@ def test_engine_accepts_the_defaults_the_api_fills_in():
 
 
 def test_loss_task_rules_agree_so_the_api_refuses_what_the_engine_would():
-    from app.jobs.service import LOSS_TASKS
-    from worker.engine import registries
+    from jobspec.rules import LOSS_TASKS
+    from engine import registries
 
     engine_tasks = {name: set(registries["losses"].get(name).tasks) for name in registries["losses"].names()}
     assert engine_tasks == LOSS_TASKS

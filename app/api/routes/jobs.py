@@ -24,7 +24,7 @@ from app.api.schemas import (
 from app.db.models import Job
 from app.db.session import get_sessionmaker, request_session
 from app.jobs import service
-from app.jobs.spec import JobSpec
+from jobspec import JobSpec
 from app.jobs.state import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

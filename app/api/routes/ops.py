@@ -19,7 +19,7 @@ from app.api.docs import problems
 from app.db.models import Job
 from app.db.session import get_engine
 from app.errors import DatabaseUnavailable, ServiceUnavailable, Unauthorized
-from app.jobs.spec import capabilities
+from jobspec import capabilities
 from app.jobs.state import STATUSES
 from app.queue import get_celery
 

@@ -1,0 +1,418 @@
+"""Post-training and quantization-aware quantization, measured and saveable.
+
+``quantize(model, config, *, calibration, example_inputs, train_fn=None) -> QuantResult``
+with config ``{"method": ...}`` (registry ``quantizers``, discriminator ``method``):
+
+| method          | how (torch 2.13)                                                        | saved as               |
+|-----------------|--------------------------------------------------------------------------|------------------------|
+| ``dynamic_int8``| ``torch.ao.quantization.quantize_dynamic`` (Linear/LSTM/GRU, qint8)       | TorchScript (script/trace) |
+| ``static_int8`` | FX graph mode: ``prepare_fx`` -> calibrate -> ``convert_fx`` with the    | TorchScript (trace)    |
+|                 | ``x86`` (default) / ``fbgemm`` / ``qnnpack`` default qconfig mapping      |                        |
+| ``fp16``/``bf16``| weights cast; :class:`CastWrapper` casts float32 inputs in, outputs back | TorchScript            |
+| ``onnx_int8``   | ONNX Runtime ``quantize_dynamic`` / ``quantize_static`` (QDQ), see       | ``.onnx`` file         |
+|                 | :func:`quantize_onnx`; ``quantize()`` exports the model first            |                        |
+| ``qat``         | FX ``prepare_qat_fx`` -> ``train_fn(model)`` -> ``convert_fx``           | TorchScript (trace)    |
+
+PT2E (``prepare_pt2e``/``convert_pt2e``, ``X86InductorQuantizer``) is not in
+torch 2.13 (``torch.ao.quantization.quantize_pt2e`` and
+``torch.ao.quantization.quantizer`` were moved to the separate ``torchao``
+package, which this layer does not import), so static/QAT use FX graph mode,
+which still works in 2.13 (it emits DeprecationWarnings).
+
+CPU notes: int8 kernels (fbgemm/x86/onednn) are fast on x86 CPUs with AVX2/VNNI.
+fp16 on CPU halves the file size but is usually *slower* than fp32 (few CPUs have
+native fp16 GEMM; PyTorch upcasts internally); bf16 is fast only on CPUs with
+AVX512-BF16/AMX, otherwise also slower. Both are mainly for size or GPU serving.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.registry import Registry, check
+from engine.errors import EngineError
+
+quantizers: Registry[Any] = Registry("quantizer", key="method")
+
+
+@dataclass
+class QuantResult:
+    """``model``: runnable on CPU, takes the same float32 inputs as the original
+    (None for ``onnx_int8``, whose result is ``path``). ``format_notes``: how it is
+    saved / what to expect. ``save_as``: ``"torchscript_trace"``, ``"torchscript"`` or ``"onnx"``."""
+
+    model: nn.Module | None
+    format_notes: str
+    method: str
+    save_as: str = "torchscript_trace"
+    path: Path | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+class _Quiet:
+    """Silences torch.ao's deprecation chatter (FX/eager quantization still work in 2.13)."""
+
+    def __enter__(self) -> None:
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao.*")
+        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*")
+        warnings.filterwarnings("ignore", message=r".*reduce_range will be deprecated.*")
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def to_torchscript(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> torch.jit.ScriptModule:
+    """Trace (with ``example_inputs``) or else script ``model``; ScriptModules pass through."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return model
+    model.eval()
+    with _Quiet(), torch.no_grad():
+        if example_inputs is not None:
+            return torch.jit.trace(model, tuple(example_inputs), check_trace=False)
+        return torch.jit.script(model)
+
+
+def torchscript_bytes(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with _Quiet():
+        torch.jit.save(to_torchscript(model, example_inputs), buf)
+    return buf.getvalue()
+
+
+def save_torchscript(model: nn.Module, path: str | os.PathLike, example_inputs: Sequence[torch.Tensor] | None = None) -> Path:
+    path = Path(path)
+    path.write_bytes(torchscript_bytes(model, example_inputs))
+    return path
+
+
+def load_torchscript(path_or_bytes: str | os.PathLike | bytes) -> torch.jit.ScriptModule:
+    with _Quiet():
+        if isinstance(path_or_bytes, bytes):
+            return torch.jit.load(io.BytesIO(path_or_bytes), map_location="cpu")
+        return torch.jit.load(str(path_or_bytes), map_location="cpu")
+
+
+def size_bytes(model_or_path: Any, example_inputs: Sequence[torch.Tensor] | None = None) -> int:
+    """File size for a path (ONNX, TorchScript, ...); serialized TorchScript size for a module."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return Path(model_or_path).stat().st_size
+    if isinstance(model_or_path, QuantResult):
+        if model_or_path.path is not None:
+            return size_bytes(model_or_path.path)
+        model_or_path = model_or_path.model
+    return len(torchscript_bytes(model_or_path, example_inputs))
+
+
+def _batches(calibration: Iterable[Sequence[torch.Tensor]] | None, limit: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    if calibration is None:
+        return iter(())
+    return (tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in itertools.islice(calibration, limit))
+
+
+# ----------------------------------------------------------------------- plugins
+
+
+@quantizers.register("dynamic_int8")
+class DynamicInt8:
+    """Weights int8 ahead of time, activations quantized on the fly per batch."""
+
+    @dataclass(frozen=True)
+    class Config:
+        layers: list[str] = field(default_factory=lambda: ["linear", "lstm", "gru"])
+
+        def __post_init__(self):
+            check(set(self.layers) <= {"linear", "lstm", "gru"}, "layers: only linear, lstm, gru")
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def run(self, model: nn.Module, **_: Any) -> QuantResult:
+        types = {"linear": nn.Linear, "lstm": nn.LSTM, "gru": nn.GRU}
+        with _Quiet():
+            q = torch.ao.quantization.quantize_dynamic(
+                copy.deepcopy(model).eval(), {types[n] for n in self.config.layers}, dtype=torch.qint8
+            )
+        return QuantResult(
+            q, "int8 weights, dynamic int8 activations (fbgemm/x86); saves with torch.jit.trace or script", "dynamic_int8"
+        )
+
+
+def _fx_engine(backend: str) -> None:
+    if backend not in torch.backends.quantized.supported_engines:
+        raise EngineError("unsupported", f"quantized engine {backend!r} not available here")
+    torch.backends.quantized.engine = backend
+
+
+@quantizers.register("static_int8")
+class StaticInt8:
+    """FX graph mode post-training static quantization with calibration."""
+
+    @dataclass(frozen=True)
+    class Config:
+        backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
+        calibration_batches: int = 32
+
+        def __post_init__(self):
+            check(self.calibration_batches >= 1, "calibration_batches must be >= 1")
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def run(self, model: nn.Module, *, calibration=None, example_inputs=None, **_: Any) -> QuantResult:
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        if calibration is None:
+            raise EngineError("invalid_spec", "static_int8 needs calibration data")
+        _fx_engine(self.config.backend)
+        with _Quiet():
+            try:
+                prepared = prepare_fx(
+                    copy.deepcopy(model).eval(), get_default_qconfig_mapping(self.config.backend), tuple(example_inputs)
+                )
+            except Exception as exc:  # noqa: BLE001
+                raise EngineError("unsupported",
+                                  f"static_int8: FX cannot trace this model ({type(exc).__name__}: {exc})") from None
+            with torch.no_grad():
+                n = 0
+                for batch in _batches(calibration, self.config.calibration_batches):
+                    prepared(*batch)
+                    n += 1
+            if n == 0:
+                raise EngineError("invalid_spec", "static_int8: calibration data is empty")
+            q = convert_fx(prepared)
+        return QuantResult(
+            q,
+            f"int8 weights and activations, FX graph mode, {self.config.backend} engine, {n} calibration batches; "
+            "saves with torch.jit.trace (set torch.backends.quantized.engine to the same engine to run)",
+            "static_int8",
+        )
+
+
+class CastWrapper(nn.Module):
+    """Runs ``inner`` in ``dtype``: floating inputs are cast in, the output is cast back to float32."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.inner = inner.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        return self.inner(x).float()
+
+
+@quantizers.register("fp16")
+class FP16:
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    dtype = torch.float16
+    note = "float16 weights (half the size); on most CPUs slower than float32 (no native fp16 GEMM)"
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def run(self, model: nn.Module, **_: Any) -> QuantResult:
+        return QuantResult(CastWrapper(copy.deepcopy(model).eval(), self.dtype).eval(), self.note, self.name, "torchscript")  # type: ignore[attr-defined]
+
+
+@quantizers.register("bf16")
+class BF16(FP16):
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    dtype = torch.bfloat16
+    note = "bfloat16 weights (half the size); fast only on CPUs with AVX512-BF16/AMX, otherwise slower than float32"
+
+
+@quantizers.register("qat")
+class QAT:
+    """FX quantization-aware training: fake-quant modules are inserted, ``train_fn(model)``
+    fine-tunes the prepared model in place (the pipeline's KD loop; ``epochs`` is for it),
+    then the model is converted to int8 like ``static_int8``."""
+
+    @dataclass(frozen=True)
+    class Config:
+        epochs: int = 1
+        backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
+
+        def __post_init__(self):
+            check(self.epochs >= 1, "epochs must be >= 1")
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def run(self, model: nn.Module, *, example_inputs=None, train_fn=None, **_: Any) -> QuantResult:
+        from torch.ao.quantization import get_default_qat_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+
+        if train_fn is None:
+            raise EngineError("invalid_spec", "qat needs a train_fn(model) callback")
+        _fx_engine(self.config.backend)
+        with _Quiet():
+            try:
+                prepared = prepare_qat_fx(
+                    copy.deepcopy(model).train(), get_default_qat_qconfig_mapping(self.config.backend), tuple(example_inputs)
+                )
+            except Exception as exc:  # noqa: BLE001
+                raise EngineError("unsupported", f"qat: FX cannot trace this model ({type(exc).__name__}: {exc})") from None
+            prepared.train()
+            train_fn(prepared)
+            prepared.eval()
+            q = convert_fx(prepared)
+        return QuantResult(
+            q, f"int8 after quantization-aware training (FX, {self.config.backend}); saves with torch.jit.trace", "qat"
+        )
+
+
+@quantizers.register("onnx_int8")
+class OnnxInt8:
+    """ONNX Runtime quantization of an ONNX file (see :func:`quantize_onnx`)."""
+
+    @dataclass(frozen=True)
+    class Config:
+        mode: Literal["dynamic", "static"] = "dynamic"
+        calibration_batches: int = 32
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def run(self, model: nn.Module, *, calibration=None, example_inputs=None, work_dir=None, **_: Any) -> QuantResult:
+        work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="distillery-onnx-"))
+        fp32 = work / "model_fp32.onnx"
+        out = work / "model_int8.onnx"
+        export_onnx(model, fp32, example_inputs)
+        feeds = None
+        if self.config.mode == "static":
+            if calibration is None:
+                raise EngineError("invalid_spec", "onnx_int8 static needs calibration data")
+            feeds = [{"input": b[0].numpy()} for b in _batches(calibration, self.config.calibration_batches)]
+        quantize_onnx(fp32, out, self.config.mode, feeds)
+        return QuantResult(None, f"ONNX Runtime int8 ({self.config.mode}, QDQ for static)", "onnx_int8", "onnx", out)
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Sequence[torch.Tensor]) -> Path:
+    """Legacy (TorchScript-based) ONNX export with input ``input`` / output ``output`` and a dynamic batch."""
+    path = Path(path)
+    with _Quiet(), torch.no_grad():
+        torch.onnx.export(
+            model.eval(),
+            tuple(example_inputs),
+            str(path),
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    return path
+
+
+class _Reader:
+    """``CalibrationDataReader`` over a list of feed dicts."""
+
+    def __init__(self, feeds: Iterable[dict[str, np.ndarray]]):
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # onnxruntime may call it; one pass is all we need
+        pass
+
+
+def quantize_onnx(
+    onnx_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    mode: Literal["dynamic", "static"] = "dynamic",
+    calibration: Iterable[dict[str, np.ndarray]] | None = None,
+) -> Path:
+    """Quantize an ONNX model file to int8 with ONNX Runtime; returns ``out_path``.
+
+    ``dynamic``: ``quantize_dynamic`` (int8 weights, QInt8). ``static``: ``quantize_static``
+    in QDQ format (QUInt8 activations, QInt8 per-channel weights) calibrated on
+    ``calibration`` (feed dicts ``{input_name: array}``). The model is first run
+    through ``quant_pre_process`` (shape inference + graph optimisation); if that
+    fails, the original file is quantized.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    with tempfile.TemporaryDirectory(prefix="distillery-q-") as tmp:
+        src = Path(tmp) / "pre.onnx"
+        try:
+            quant_pre_process(str(onnx_path), str(src), skip_symbolic_shape=False)
+        except Exception:  # noqa: BLE001 - pre-processing is an optimisation only
+            src = onnx_path
+        if mode == "dynamic":
+            quantize_dynamic(str(src), str(out_path), weight_type=QuantType.QInt8)
+        elif mode == "static":
+            if calibration is None:
+                raise EngineError("invalid_spec", "onnx_int8 static needs calibration data")
+
+            class Reader(_Reader, CalibrationDataReader):
+                pass
+
+            quantize_static(
+                str(src),
+                str(out_path),
+                Reader(calibration),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+            )
+        else:
+            raise EngineError("invalid_spec", f"onnx_int8 mode must be dynamic or static, got {mode!r}")
+    return out_path
+
+
+# ---------------------------------------------------------------------------- API
+
+
+def quantize(
+    model: nn.Module,
+    config: dict[str, Any],
+    *,
+    calibration: Iterable[Sequence[torch.Tensor]] | None = None,
+    example_inputs: Sequence[torch.Tensor],
+    train_fn: Callable[[nn.Module], Any] | None = None,
+    work_dir: str | os.PathLike | None = None,
+) -> QuantResult:
+    """Quantize an eager ``model`` (TorchScript / torch.export models: rebuild them with
+    ``editable.to_editable`` first). The input model is not modified."""
+    q = quantizers.build(config, where="quantize")
+    if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        from engine.compression.editable import to_editable
+
+        model = to_editable(model, example_inputs)
+    result = q.run(model, calibration=calibration, example_inputs=tuple(example_inputs), train_fn=train_fn, work_dir=work_dir)
+    result.config = dict(config)
+    return result

@@ -1,0 +1,276 @@
+"""``run()``: one distillation job from spec to artifacts.
+
+Phases (each announced with ``reporter.event``):
+
+1. ``validate`` - parse the spec, load every dataset and the teacher, run the
+   teacher on 2 rows of each dataset, check task/loss/label compatibility.
+   Fails in well under a second for mismatched inputs, before anything expensive.
+2. ``load`` - the held-out rows (``eval_dataset_id``, else ``x_val``/a seeded split of
+   the job's dataset, else a slice of synthetic data) and each step's training rows.
+3. ``teacher_outputs`` - teacher outputs (and hint features) cached once per transfer set
+   (skipped for steps that augment: the teacher then runs on every augmented batch).
+4. ``step_started``/``step_finished`` - each step trains the student (``synthesize``,
+   ``coreset`` events where used); ``baseline`` trains the label-only twin.
+5. ``export`` - write and verify the requested student formats.
+6. ``report`` - measure sizes/latencies and write ``report.json``.
+
+Each phase has its module: :mod:`.validation`, :mod:`.dataplan`, :mod:`.stepping` (steps, gates,
+exports; rows from :mod:`.measure`), :mod:`.job_report`; checkpoints and resume in :mod:`.resume`.
+This module creates the student and orchestrates the phases.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+# Importing the plugin modules registers them.
+from engine.training import checkpoint as ckpt_mod
+from engine.steps import compress as compress_mod
+from engine.export import formats as _export  # noqa: F401
+from engine.losses import outputs as _losses  # noqa: F401
+from engine.training import optim as _optim  # noqa: F401
+from engine.steps import kinds as _steps  # noqa: F401
+from engine.students import families as _students
+from engine.teachers import loading as _teachers
+from engine.data.plan import DataPlan
+from engine.metrics import teacher_metrics
+from engine.inspection.model import error_summary
+from engine.report.result import assemble_result
+from engine.report.measure import cpu_eval_copy, describe, student_latency, student_size_bytes, teacher_extras
+from engine.report.rows import measure_latency, model_row
+from engine.pipeline.resume import Resume, StudentSnapshots, checkpoint_identity, resume
+from engine.pipeline.run_steps import run_steps
+from engine.training.loop import ProgressTracker, TrainContext, fit
+from engine.values import DatasetSource, EngineResult, InputInfo, ModelSource, Reporter, TeacherInfo, TeacherSource
+from engine.errors import EngineError
+from engine.pipeline.validate import Validated, validate
+
+#: Held-out rows used to verify exports (enough to catch numeric drift, cheap).
+VERIFY_ROWS = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# student
+
+
+def _input_infos(v: Validated) -> list[InputInfo]:
+    """One :class:`InputInfo` per input (shape per row; integer inputs with their largest value)."""
+    infos = []
+    for name in v.inputs:
+        is_int, max_value = False, None
+        for ds in v.datasets.values():
+            if ds.is_integer(name):
+                is_int = True
+                for arr in (ds.x[name], (ds.x_val or {}).get(name)):
+                    if arr is not None and len(arr):
+                        m = int(np.asarray(arr).max())
+                        max_value = m if max_value is None else max(max_value, m)
+        infos.append(InputInfo(name, tuple(v.row_shapes[name]), is_int, max_value))
+    return infos
+
+
+def _teacher_as_student(v: Validated, example: list[torch.Tensor]) -> tuple[nn.Module, dict[str, Any]]:
+    """No ``student`` in the spec: the steps compress the teacher itself (an editable copy)."""
+    t = v.teacher
+    if t.module is None:  # ONNX: only onnx_int8 steps (checked in _validate) - they quantize the file
+        inverse = {data: sess for sess, data in getattr(t, "mapping", {}).items()}
+        feeds = [inverse.get(name, name) for name in v.inputs]
+        return compress_mod.OrtModule(t.path, feeds), {"family": "onnx", "source": "teacher"}
+    if getattr(t, "architecture", None) and t.format == "safetensors":
+        module = copy.deepcopy(t.module).cpu()
+        architecture = {**dict(t.architecture), "source": "teacher"}
+    else:
+        from engine.students import derive
+        from engine.compression.editable import to_editable
+
+        try:
+            module = to_editable(t.module, [e.detach().cpu()[:2] for e in example])
+        except EngineError as exc:
+            raise EngineError("unsupported", f"prune/quantize steps without a student work on the teacher itself, "
+                              f"but: {exc.message}") from None
+        try:
+            architecture = {**derive.chain_architecture(module), "source": "teacher"}
+        except EngineError:
+            architecture = {"family": "teacher", "format": t.format}
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(True)
+    return module.train(), architecture
+
+
+def _create_student(v: Validated, models: Mapping[str, ModelSource] | None,
+                    example: list[torch.Tensor] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The job's student and its architecture dict: built, uploaded (``models``) or the teacher itself."""
+    student = v.job.student
+    if student is None:
+        return _teacher_as_student(v, example or [])
+    if getattr(student, "kind", None) == "uploaded" or type(student).__name__ == "UploadedStudentRef":
+        model_id = student.model_id
+        if not models or model_id not in models:
+            raise EngineError("invalid_spec", f"student model {model_id!r} was not provided")
+        return _students.load_uploaded(models[model_id], _teachers.load_module)
+    info = TeacherInfo(v.teacher.module, getattr(v.teacher, "architecture", None), v.teacher.format, v.task)
+    try:
+        return student.create(_input_infos(v), v.out_dim, info)
+    except TypeError:
+        # older student families: create(row_shape, out_features)
+        return student.create(tuple(v.row_shapes[v.inputs[0]]), v.out_dim)
+
+
+def _check_student(model: nn.Module, v: Validated, example: list[torch.Tensor]) -> None:
+    """Raise shape_mismatch unless the student maps 2 example rows to outputs [2, out_dim]."""
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            out = model(*[e[:2] for e in example])
+            model.train(was)
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise EngineError("shape_mismatch", f"the student cannot take the data's inputs: "
+                          f"{error_summary(exc)}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != v.out_dim:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise EngineError("shape_mismatch", f"the student outputs {shape} per batch but the teacher's outputs "
+                          f"are [batch, {v.out_dim}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+def run(
+    spec: Mapping[str, Any],
+    teacher: TeacherSource,
+    datasets: Mapping[str, DatasetSource] | DatasetSource | None,
+    out_dir: Path,
+    reporter: Reporter,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    models: Mapping[str, ModelSource] | None = None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every_seconds: float = 30.0,
+) -> EngineResult:
+    """Run the job ``spec`` describes on ``teacher``: distil, prune, quantize (steps in order).
+
+    ``datasets`` maps dataset ids (``spec["dataset_id"]``, each step's ``dataset_id``,
+    ``spec["eval_dataset_id"]``) to sources; a bare :class:`DatasetSource` is the job's
+    dataset; None for data-free jobs. ``models`` maps ``student.model_id`` to a
+    :class:`ModelSource`. Writes artifacts into ``out_dir`` and returns them with metrics and
+    the report. Raises :class:`EngineError` (``.code``) for user-fixable problems,
+    :class:`QualityGateFailed` (``.result`` = the last passing step's artifacts + report) when a
+    step breaks its ``gate``, and :class:`Cancelled` when ``reporter.should_stop()`` turns True.
+
+    ``checkpoint_dir``: keep ``checkpoint_dir/checkpoint.pt`` (after each step, and after a
+    distill epoch when ``checkpoint_every_seconds`` passed since the last write; 0 = every epoch)
+    and resume from it when it matches this job (see :mod:`.checkpoint`).
+    """
+    out_dir = Path(out_dir)
+    v = validate(spec, teacher, datasets, reporter, device, threads, out_dir)
+    job, dev = v.job, v.device
+    plan = DataPlan(v, reporter, out_dir)
+    t_val = plan.t_val
+    teacher_row_metrics = teacher_metrics(v.task, t_val, plan.y_val)
+    reporter.event(
+        "load",
+        f"{plan.val.n} held-out rows ({plan.val_source}) on {dev}; training rows: "
+        + ", ".join(f"{k} {plan.train_arrays[k][0][v.inputs[0]].shape[0]}" for k in plan.train_arrays) or "synthetic",
+        data={"val_rows": plan.val.n, "val_source": plan.val_source, "device": str(dev),
+              "teacher_format": v.teacher.format,
+              "train_rows": {k: int(a[0][v.inputs[0]].shape[0]) for k, a in plan.train_arrays.items()}},
+    )
+    reporter.event("teacher_outputs", f"teacher outputs cached for {plan.val.n} held-out rows in "
+                   f"{plan.teacher_seconds:.2f}s", data={"seconds": plan.teacher_seconds, **teacher_row_metrics})
+
+    example = plan.val.slice(0, VERIFY_ROWS)
+    example_cpu = [e.detach().cpu() for e in example]
+    val_x_np = {k: np.asarray(a[: min(64, a.shape[0])]) for k, a in plan.val_x.items()}
+
+    # Seed right before anything random: weight init, dropout, batch order.
+    torch.manual_seed(job.seed)
+    student, architecture = _create_student(v, models, example_cpu)
+    if not getattr(student, "cpu_only", False):
+        student = student.to(dev)
+    _check_student(student, v, example if not getattr(student, "cpu_only", False) else example_cpu)
+    init_state = copy.deepcopy(student.state_dict()) if job.baseline else None
+    total_epochs = sum(s.epochs for s in job.steps) * (2 if job.baseline else 1)
+    progress = ProgressTracker(reporter, total_epochs)
+
+    def make_student(infos: list[InputInfo]) -> tuple[nn.Module, dict[str, Any]]:
+        info = TeacherInfo(v.teacher.module, getattr(v.teacher, "architecture", None), v.teacher.format, v.task)
+        torch.manual_seed(job.seed)
+        return job.student.create(infos, v.out_dim, info)
+
+    ctx = TrainContext(
+        student=student, architecture=architecture, device=dev, task=v.task, teacher=v.teacher,
+        val=plan.val, t_val=t_val, y_val=plan.y_val, reporter=reporter,
+        generator=torch.Generator().manual_seed(job.seed), progress=progress, step_data=plan.step_data,
+        make_student=make_student if hasattr(job.student, "create") else None, seed=job.seed,
+        work_dir=out_dir / "work",
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    students: StudentSnapshots | None = None
+    resumed: Resume | None = None
+    if checkpoint_dir is not None:
+        try:
+            identity = checkpoint_identity(spec, v, teacher, models)
+        except OSError as exc:
+            reporter.event("checkpoint", f"checkpoints are off: cannot hash the job's inputs ({exc})", level="warning")
+        else:
+            ckpts = ckpt_mod.JobCheckpoints(Path(checkpoint_dir), checkpoint_every_seconds, identity, reporter)
+            ckpts.ctx = ctx
+            ctx.checkpoint = ckpts
+            students = StudentSnapshots(ctx.student, ctx.architecture, dev)
+            resumed = resume(ckpts, students, job, ctx, out_dir)
+            if resumed is not None:
+                where = (f"step {resumed.step}, epoch {resumed.epoch}" if resumed.step < len(job.steps)
+                         else "the end of the steps")
+                reporter.event("resumed", f"resuming from {where} (checkpoint of {resumed.created_at})",
+                               data={"step": resumed.step, "epoch": resumed.epoch, "steps": len(job.steps),
+                                     "completed_steps": resumed.step, "checkpoint_time": resumed.created_at,
+                                     "done_epochs": ctx.progress.done_epochs})
+    teacher_row = model_row(
+        v.teacher.num_parameters,
+        v.teacher.size_bytes,
+        measure_latency(v.teacher.latency_fn, val_x_np),
+        teacher_row_metrics,
+    )
+    teacher_row.update(teacher_extras(v, teacher))
+    try:
+        outcome = run_steps(job, ctx, example_cpu, val_x_np, teacher_row, v.inputs, out_dir, students, resumed)
+    finally:
+        shutil.rmtree(out_dir / "work", ignore_errors=True)
+
+    baseline_row = None
+    if job.baseline and outcome.failed is None:
+        reporter.event("baseline", "training the same student on labels alone (same steps, epochs, optimizer, seed)")
+        torch.manual_seed(job.seed)
+        twin, _ = _create_student(v, models, example_cpu)
+        twin = twin.to(dev)
+        assert init_state is not None
+        twin.load_state_dict(init_state)
+        bctx = TrainContext(
+            student=twin, architecture=architecture, device=dev, task=v.task, teacher=v.teacher,
+            val=plan.val, t_val=t_val, y_val=plan.y_val, reporter=reporter,
+            generator=torch.Generator().manual_seed(job.seed), progress=progress, step_data=plan.step_data,
+            baseline=True,
+        )
+        for index, step in enumerate(job.steps):
+            fit(bctx, step, index)
+        bmetrics = bctx.evaluate()
+        cpu_twin = cpu_eval_copy(bctx.student)
+        baseline_row = model_row(_students.num_parameters(twin), student_size_bytes(cpu_twin, example_cpu),
+                                 student_latency(cpu_twin, val_x_np), bmetrics)
+        reporter.event("baseline", "baseline finished: " + describe(bmetrics), data=bmetrics)
+    ctx.check_stop("before the report")
+    return assemble_result(spec, teacher, v, plan, ctx, outcome, teacher_row, baseline_row, out_dir, reporter)

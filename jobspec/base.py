@@ -1,0 +1,29 @@
+"""The base of every spec model: strict (unknown keys are errors) and built from JSON.
+
+``Config`` forbids extra keys, so a typo in a spec is a 422 naming the key rather than a silently ignored
+option. ``union`` builds the discriminated union of one component table (``{"type": "kd"}`` → ``KDLoss``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Config(BaseModel):
+    """A component's options. Frozen: the engine reads them, nothing rewrites them mid-job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def union(table: dict[str, type[Config]], key: str) -> Any:
+    """``Annotated[A | B | ..., Field(discriminator=key)]`` over the table's classes."""
+    members = tuple(table.values())
+    return Annotated[Union[members], Field(discriminator=key)]  # type: ignore[valid-type]
+
+
+TASKS = ("classification", "regression", "embedding")
+MODEL_FORMATS = ("torchscript", "onnx", "torch_export", "safetensors")
+DATASET_FORMATS = ("npz", "pt", "csv", "parquet", "image_folder")
+EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")

@@ -27,3 +27,17 @@ TASKS = ("classification", "regression", "embedding")
 MODEL_FORMATS = ("torchscript", "onnx", "torch_export", "safetensors")
 DATASET_FORMATS = ("npz", "pt", "csv", "parquet", "image_folder")
 EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")
+
+
+def validation_message(exc: Any, limit: int = 5) -> str:
+    """``path: reason`` for the first ``limit`` errors of a pydantic ``ValidationError``, e.g.
+    ``steps[0].loss.kd.temperature: Input should be greater than 0`` (a union member's tag is in the path)."""
+    errors = exc.errors(include_url=False)
+    parts = []
+    for e in errors[:limit]:
+        where = ""
+        for part in e["loc"]:
+            where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+        parts.append(f"{where or 'spec'}: {e['msg']}")
+    more = len(errors) - limit
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from jobspec.job import JobSpec
+from jobspec.losses import Loss
 from jobspec.steps import DistillStep, PruneStep, QuantizeStep
 
 #: Teacher tasks each loss applies to.
@@ -26,6 +27,15 @@ LOSS_TASKS: dict[str, frozenset[str]] = {
     "mse": frozenset({"classification", "regression", "embedding"}),
     "cosine": frozenset({"embedding"}),
 }
+
+
+def loss_tasks(loss: Loss) -> frozenset[str]:
+    """The teacher tasks ``loss`` applies to; ``mse`` on probabilities needs class outputs."""
+    if loss.type == "mse" and loss.target == "probabilities":
+        return frozenset({"classification"})
+    return LOSS_TASKS[loss.type]
+
+
 #: Gate metrics measured for each teacher task.
 GATE_METRIC_TASKS: dict[str, frozenset[str]] = {
     "accuracy": frozenset({"classification"}),
@@ -75,6 +85,10 @@ class Conflict:
         return f"{self.path}: {self.message}"
 
 
+def _a(task: str) -> str:
+    return f"an {task}" if task[0] in "aeiou" else f"a {task}"
+
+
 def _allowed(table: Mapping[str, frozenset[str]], task: str) -> str:
     return ", ".join(sorted(name for name, tasks in table.items() if task in tasks))
 
@@ -89,16 +103,16 @@ def conflicts(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
             loss = None  # the Finetune defaults: KD, checked below with the task
             if task not in LOSS_TASKS["kd"]:
                 yield Conflict(f"{where}.finetune.loss", f"qat fine-tunes with 'kd' by default, which does not "
-                               f"apply to a {task} teacher; give finetune.loss (one of: "
+                               f"apply to {_a(task)} teacher; give finetune.loss (one of: "
                                f"{_allowed(LOSS_TASKS, task)})")
-        if loss is not None and task not in LOSS_TASKS[loss.type]:
+        if loss is not None and task not in loss_tasks(loss):
             path = f"{where}.loss" if isinstance(step, DistillStep) else f"{where}.finetune.loss"
-            yield Conflict(path, f"'{loss.type}' does not apply to a {task} teacher; use one of: "
+            yield Conflict(path, f"'{loss.type}' does not apply to {_a(task)} teacher; use one of: "
                            f"{_allowed(LOSS_TASKS, task)}")
         if step.gate is not None:
             metric = step.gate.metric
             if task not in GATE_METRIC_TASKS[metric]:
-                yield Conflict(f"{where}.gate.metric", f"'{metric}' is not measured for a {task} teacher; use one "
+                yield Conflict(f"{where}.gate.metric", f"'{metric}' is not measured for {_a(task)} teacher; use one "
                                f"of: {_allowed(GATE_METRIC_TASKS, task)}")
             elif metric in LABELLED_GATE_METRICS and not facts.labelled.get(spec.heldout_dataset_id() or "", False):
                 yield Conflict(f"{where}.gate.metric", f"'{metric}' is scored against labels, but the held-out "

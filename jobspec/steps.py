@@ -64,6 +64,7 @@ class Finetune(Config):
     batch_size: int = Field(128, ge=1, le=65_536)
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-3))
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient's global norm to this.")
 
 
 class PruneStep(Config):

@@ -49,3 +49,12 @@ def test_safezip_is_a_standard_library_leaf():
     before = {m.split(".")[0] for m in _modules_after("pass")}  # the interpreter's own (site, editable finders)
     after = {m.split(".")[0] for m in _modules_after("import safezip")}
     assert not after - before - set(sys.stdlib_module_names) - {"safezip"}
+
+
+def test_the_job_spec_imports_pydantic_and_the_standard_library_only():
+    """Both the API and the engine import it: no torch, no service package, nothing of either layer."""
+    before = {m.split(".")[0] for m in _modules_after("pass")}
+    after = {m.split(".")[0] for m in _modules_after("import jobspec")}
+    extra = {m for m in after - before - set(sys.stdlib_module_names) if not m.startswith("_sysconfigdata")}
+    assert extra <= {"jobspec", "pydantic", "pydantic_core", "typing_extensions", "annotated_types",
+                     "typing_inspection"}, extra

@@ -36,16 +36,19 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from engine.registry import Registry, check
-from engine.errors import EngineError
+import jobspec
+import jobspec.base
+from engine.registry import Registry
+from engine.errors import EngineError, InvalidSpec
 
 pruners: Registry[Any] = Registry("pruner", key="method")
 
@@ -143,23 +146,13 @@ def _magnitude_masks(layers: list[tuple[str, nn.Module]], amounts: list[float]) 
 # ----------------------------------------------------------------------- plugins
 
 
-@dataclass(frozen=True)
-class PruneConfig:
-    """What every pruner accepts; ``finetune`` is run by the job pipeline, not here."""
-
-    amount: float
-    iterations: int = 1
-    finetune: Any = None
-
-    def __post_init__(self):
-        check(0 < self.amount < 1, "amount must be in (0, 1)")
-        check(self.iterations >= 1, "iterations must be >= 1")
-
-
 class _Pruner:
-    Config = PruneConfig
+    """A pruning method; ``config`` is the spec's :class:`jobspec.PruneStep` (method, amount, scope,
+    iterations; its ``finetune`` is run by the job pipeline, not here)."""
 
-    def __init__(self, config: PruneConfig):
+    Config = jobspec.PruneStep
+
+    def __init__(self, config: jobspec.PruneStep):
         self.config = config
 
 
@@ -167,10 +160,6 @@ class _Pruner:
 class MagnitudePruner(_Pruner):
     """L1 unstructured. ``scope: global`` = one threshold over all Linear/Conv weights
     (``torch.nn.utils.prune.global_unstructured``); ``layer`` = ``amount`` in every layer."""
-
-    @dataclass(frozen=True)
-    class Config(PruneConfig):
-        scope: Literal["global", "layer"] = "global"
 
     def apply(self, model: nn.Module, cumulative: float, previous: float, **_: Any) -> None:
         layers = prunable_layers(model)
@@ -220,7 +209,7 @@ class LayerPruner(_Pruner):
     Less important layers therefore get higher sparsity, the mean is exact.
     """
 
-    def __init__(self, config: PruneConfig):
+    def __init__(self, config: jobspec.PruneStep):
         super().__init__(config)
         self.layer_amounts: dict[str, float] = {}
 
@@ -285,13 +274,8 @@ class ChannelPruner(_Pruner):
     fraction of channels removed from every other prunable layer, so an MLP's
     hidden-to-hidden weights shrink to about ``(1 - amount)**2``."""
 
-    @dataclass(frozen=True)
-    class Config(PruneConfig):
-        norm: int = 2
-
-        def __post_init__(self):
-            super().__post_init__()
-            check(self.norm in (1, 2), "norm must be 1 or 2")
+    #: Group L2 norm of a channel's weights as its importance.
+    norm = 2
 
     def apply(self, model: nn.Module, cumulative: float, previous: float, example_inputs=None, **_: Any) -> None:
         import torch_pruning as tp
@@ -318,7 +302,7 @@ class ChannelPruner(_Pruner):
             pruner = tp.pruner.MetaPruner(
                 model,
                 tuple(example_inputs) if len(example_inputs) > 1 else example_inputs[0],
-                importance=tp.importance.MagnitudeImportance(p=self.config.norm),
+                importance=tp.importance.MagnitudeImportance(p=self.norm),
                 pruning_ratio=0.0,
                 pruning_ratio_dict=ratios,
                 ignored_layers=[layers[-1][1]] + [m for _, m in layers[:-1] if m not in ratios],
@@ -334,8 +318,15 @@ class ChannelPruner(_Pruner):
 # ------------------------------------------------------------------------- API
 
 
-def build(config: dict[str, Any]) -> Any:
-    return pruners.build(config, where="prune")
+def build(config: Mapping[str, Any] | jobspec.PruneStep) -> Any:
+    """The pruner for ``config``: the spec's prune step, or the same fields as a dict (``{"method":
+    "channel", "amount": 0.5}``), validated by :class:`jobspec.PruneStep`."""
+    if not isinstance(config, jobspec.PruneStep):
+        try:
+            config = jobspec.PruneStep.model_validate(dict(config))
+        except ValidationError as exc:
+            raise InvalidSpec(f"prune: {jobspec.base.validation_message(exc)}") from None
+    return pruners.get(config.method)(config)
 
 
 def prune_step(

@@ -33,19 +33,40 @@ import itertools
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from engine.registry import Registry, check
-from engine.errors import EngineError
+import jobspec
+import jobspec.base
+from engine.registry import Registry
+from engine.errors import EngineError, InvalidSpec
 
 quantizers: Registry[Any] = Registry("quantizer", key="method")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Algorithm knobs the job spec does not expose (the pipeline sets them; the step's options are the
+    spec's :class:`jobspec.QuantizeStep`): dynamic-int8 layer types, FX backend, calibration batches, QAT
+    epochs."""
+
+    layers: tuple[str, ...] = ("linear", "lstm", "gru")
+    backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
+    calibration_batches: int = 32
+    epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if not set(self.layers) <= {"linear", "lstm", "gru"}:
+            raise InvalidSpec("quantize layers: only linear, lstm, gru")
+        if self.calibration_batches < 1 or self.epochs < 1:
+            raise InvalidSpec("quantize: calibration_batches and epochs must be >= 1")
 
 
 @dataclass
@@ -135,21 +156,17 @@ def _batches(calibration: Iterable[Sequence[torch.Tensor]] | None, limit: int) -
 class DynamicInt8:
     """Weights int8 ahead of time, activations quantized on the fly per batch."""
 
-    @dataclass(frozen=True)
-    class Config:
-        layers: list[str] = field(default_factory=lambda: ["linear", "lstm", "gru"])
+    Config = jobspec.QuantizeStep
 
-        def __post_init__(self):
-            check(set(self.layers) <= {"linear", "lstm", "gru"}, "layers: only linear, lstm, gru")
-
-    def __init__(self, config: Config):
+    def __init__(self, config: jobspec.QuantizeStep, options: QuantizeOptions):
         self.config = config
+        self.options = options
 
     def run(self, model: nn.Module, **_: Any) -> QuantResult:
         types = {"linear": nn.Linear, "lstm": nn.LSTM, "gru": nn.GRU}
         with _Quiet():
             q = torch.ao.quantization.quantize_dynamic(
-                copy.deepcopy(model).eval(), {types[n] for n in self.config.layers}, dtype=torch.qint8
+                copy.deepcopy(model).eval(), {types[n] for n in self.options.layers}, dtype=torch.qint8
             )
         return QuantResult(
             q, "int8 weights, dynamic int8 activations (fbgemm/x86); saves with torch.jit.trace or script", "dynamic_int8"
@@ -166,16 +183,11 @@ def _fx_engine(backend: str) -> None:
 class StaticInt8:
     """FX graph mode post-training static quantization with calibration."""
 
-    @dataclass(frozen=True)
-    class Config:
-        backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
-        calibration_batches: int = 32
+    Config = jobspec.QuantizeStep
 
-        def __post_init__(self):
-            check(self.calibration_batches >= 1, "calibration_batches must be >= 1")
-
-    def __init__(self, config: Config):
+    def __init__(self, config: jobspec.QuantizeStep, options: QuantizeOptions):
         self.config = config
+        self.options = options
 
     def run(self, model: nn.Module, *, calibration=None, example_inputs=None, **_: Any) -> QuantResult:
         from torch.ao.quantization import get_default_qconfig_mapping
@@ -183,18 +195,18 @@ class StaticInt8:
 
         if calibration is None:
             raise EngineError("invalid_spec", "static_int8 needs calibration data")
-        _fx_engine(self.config.backend)
+        _fx_engine(self.options.backend)
         with _Quiet():
             try:
                 prepared = prepare_fx(
-                    copy.deepcopy(model).eval(), get_default_qconfig_mapping(self.config.backend), tuple(example_inputs)
+                    copy.deepcopy(model).eval(), get_default_qconfig_mapping(self.options.backend), tuple(example_inputs)
                 )
             except Exception as exc:  # noqa: BLE001
                 raise EngineError("unsupported",
                                   f"static_int8: FX cannot trace this model ({type(exc).__name__}: {exc})") from None
             with torch.no_grad():
                 n = 0
-                for batch in _batches(calibration, self.config.calibration_batches):
+                for batch in _batches(calibration, self.options.calibration_batches):
                     prepared(*batch)
                     n += 1
             if n == 0:
@@ -202,7 +214,7 @@ class StaticInt8:
             q = convert_fx(prepared)
         return QuantResult(
             q,
-            f"int8 weights and activations, FX graph mode, {self.config.backend} engine, {n} calibration batches; "
+            f"int8 weights and activations, FX graph mode, {self.options.backend} engine, {n} calibration batches; "
             "saves with torch.jit.trace (set torch.backends.quantized.engine to the same engine to run)",
             "static_int8",
         )
@@ -224,15 +236,14 @@ class CastWrapper(nn.Module):
 
 @quantizers.register("fp16")
 class FP16:
-    @dataclass(frozen=True)
-    class Config:
-        pass
+    Config = jobspec.QuantizeStep
 
     dtype = torch.float16
     note = "float16 weights (half the size); on most CPUs slower than float32 (no native fp16 GEMM)"
 
-    def __init__(self, config: Any):
+    def __init__(self, config: jobspec.QuantizeStep, options: QuantizeOptions):
         self.config = config
+        self.options = options
 
     def run(self, model: nn.Module, **_: Any) -> QuantResult:
         return QuantResult(CastWrapper(copy.deepcopy(model).eval(), self.dtype).eval(), self.note, self.name, "torchscript")  # type: ignore[attr-defined]
@@ -240,9 +251,7 @@ class FP16:
 
 @quantizers.register("bf16")
 class BF16(FP16):
-    @dataclass(frozen=True)
-    class Config:
-        pass
+    Config = jobspec.QuantizeStep
 
     dtype = torch.bfloat16
     note = "bfloat16 weights (half the size); fast only on CPUs with AVX512-BF16/AMX, otherwise slower than float32"
@@ -254,16 +263,11 @@ class QAT:
     fine-tunes the prepared model in place (the pipeline's KD loop; ``epochs`` is for it),
     then the model is converted to int8 like ``static_int8``."""
 
-    @dataclass(frozen=True)
-    class Config:
-        epochs: int = 1
-        backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
+    Config = jobspec.QuantizeStep
 
-        def __post_init__(self):
-            check(self.epochs >= 1, "epochs must be >= 1")
-
-    def __init__(self, config: Config):
+    def __init__(self, config: jobspec.QuantizeStep, options: QuantizeOptions):
         self.config = config
+        self.options = options
 
     def run(self, model: nn.Module, *, example_inputs=None, train_fn=None, **_: Any) -> QuantResult:
         from torch.ao.quantization import get_default_qat_qconfig_mapping
@@ -271,11 +275,11 @@ class QAT:
 
         if train_fn is None:
             raise EngineError("invalid_spec", "qat needs a train_fn(model) callback")
-        _fx_engine(self.config.backend)
+        _fx_engine(self.options.backend)
         with _Quiet():
             try:
                 prepared = prepare_qat_fx(
-                    copy.deepcopy(model).train(), get_default_qat_qconfig_mapping(self.config.backend), tuple(example_inputs)
+                    copy.deepcopy(model).train(), get_default_qat_qconfig_mapping(self.options.backend), tuple(example_inputs)
                 )
             except Exception as exc:  # noqa: BLE001
                 raise EngineError("unsupported", f"qat: FX cannot trace this model ({type(exc).__name__}: {exc})") from None
@@ -284,7 +288,7 @@ class QAT:
             prepared.eval()
             q = convert_fx(prepared)
         return QuantResult(
-            q, f"int8 after quantization-aware training (FX, {self.config.backend}); saves with torch.jit.trace", "qat"
+            q, f"int8 after quantization-aware training (FX, {self.options.backend}); saves with torch.jit.trace", "qat"
         )
 
 
@@ -292,13 +296,11 @@ class QAT:
 class OnnxInt8:
     """ONNX Runtime quantization of an ONNX file (see :func:`quantize_onnx`)."""
 
-    @dataclass(frozen=True)
-    class Config:
-        mode: Literal["dynamic", "static"] = "dynamic"
-        calibration_batches: int = 32
+    Config = jobspec.QuantizeStep
 
-    def __init__(self, config: Config):
+    def __init__(self, config: jobspec.QuantizeStep, options: QuantizeOptions):
         self.config = config
+        self.options = options
 
     def run(self, model: nn.Module, *, calibration=None, example_inputs=None, work_dir=None, **_: Any) -> QuantResult:
         work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="distillery-onnx-"))
@@ -309,7 +311,7 @@ class OnnxInt8:
         if self.config.mode == "static":
             if calibration is None:
                 raise EngineError("invalid_spec", "onnx_int8 static needs calibration data")
-            feeds = [{"input": b[0].numpy()} for b in _batches(calibration, self.config.calibration_batches)]
+            feeds = [{"input": b[0].numpy()} for b in _batches(calibration, self.options.calibration_batches)]
         quantize_onnx(fp32, out, self.config.mode, feeds)
         return QuantResult(None, f"ONNX Runtime int8 ({self.config.mode}, QDQ for static)", "onnx_int8", "onnx", out)
 
@@ -399,7 +401,7 @@ def quantize_onnx(
 
 def quantize(
     model: nn.Module,
-    config: dict[str, Any],
+    config: Mapping[str, Any] | jobspec.QuantizeStep,
     *,
     calibration: Iterable[Sequence[torch.Tensor]] | None = None,
     example_inputs: Sequence[torch.Tensor],
@@ -408,11 +410,21 @@ def quantize(
 ) -> QuantResult:
     """Quantize an eager ``model`` (TorchScript / torch.export models: rebuild them with
     ``editable.to_editable`` first). The input model is not modified."""
-    q = quantizers.build(config, where="quantize")
+    options = QuantizeOptions()
+    described = config.model_dump(mode="json") if isinstance(config, jobspec.QuantizeStep) else dict(config)
+    if not isinstance(config, jobspec.QuantizeStep):
+        raw = dict(config)
+        knobs = {k: raw.pop(k) for k in ("layers", "backend", "calibration_batches", "epochs") if k in raw}
+        options = QuantizeOptions(**{k: tuple(v) if k == "layers" else v for k, v in knobs.items()})
+        try:
+            config = jobspec.QuantizeStep.model_validate(raw)
+        except ValidationError as exc:
+            raise InvalidSpec(f"quantize: {jobspec.base.validation_message(exc)}") from None
+    q = quantizers.get(config.method)(config, options)
     if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
         from engine.compression.editable import to_editable
 
         model = to_editable(model, example_inputs)
     result = q.run(model, calibration=calibration, example_inputs=tuple(example_inputs), train_fn=train_fn, work_dir=work_dir)
-    result.config = dict(config)
+    result.config = described
     return result

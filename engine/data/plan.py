@@ -8,7 +8,6 @@ teacher-output cache), memoised per step and hint-feature set.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -93,7 +92,8 @@ class DataPlan:
 
         v = self.v
         cfg = step.synthesize
-        spec = v.job.input_spec or {}
+        shape = v.job.input_spec  # the spec guarantees it for synthesize steps
+        assert shape is not None
         self.reporter.event("synthesize", f"step {index}: training a generator against the teacher "
                             f"({cfg.generator_epochs} epochs) for {cfg.num_samples} synthetic samples",
                             data={"step": index, "num_samples": cfg.num_samples, "generator_epochs": cfg.generator_epochs})
@@ -105,7 +105,7 @@ class DataPlan:
                     self.reporter.metric(step=index, epoch=int(epoch), name=f"generator_{k}", value=float(val))
 
         samples = datafree.synthesize(
-            v.teacher.module, tuple(spec["shape"]), tuple(spec["range"]), v.out_dim, dataclasses.asdict(cfg),
+            v.teacher.module, tuple(shape.shape), tuple(shape.range), v.out_dim, cfg.model_dump(),
             generator=torch.Generator().manual_seed(v.job.seed + 1000 + index), device=v.device,
             should_stop=self.reporter.should_stop, on_epoch=on_epoch)
         samples = samples.detach().float().to(v.device)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from engine.inspection.model import error_summary
-from engine.registry import EmptyConfig, exports
+from engine.registry import exports
 from engine.students.families import from_architecture
 from engine.values import ArtifactFile
 from engine.errors import EngineError
@@ -108,11 +108,6 @@ def _verify(name: str, got: np.ndarray | torch.Tensor, want: torch.Tensor, toler
 
 
 class _Exporter(ABC):
-    Config = EmptyConfig
-
-    def __init__(self, config: EmptyConfig | None = None):
-        self.config = config
-
     def export(self, inp: ExportInput) -> list[ArtifactFile]:
         reason = inp.skip.get(self.name)  # type: ignore[attr-defined]
         if reason:

@@ -8,9 +8,8 @@ A loss instance is called as ``loss(student_out, teacher_out, labels)``:
 
 and returns a scalar tensor (mean over the batch).
 
-Every loss class carries ``tasks``: the teacher tasks it makes sense for (a subset of
-``classification``, ``regression``, ``embedding``). An instance may narrow it (``mse`` with
-``target: probabilities`` is classification-only), so check ``loss.tasks`` on the instance.
+Each class's ``Config`` is the spec's model (:mod:`jobspec.losses`); which teacher tasks a loss applies to
+is :func:`jobspec.rules.loss_tasks`.
 
 Formulas (``p = softmax``, ``T`` the temperature, means over the batch):
 
@@ -25,16 +24,13 @@ Formulas (``p = softmax``, ``T`` the temperature, means over the batch):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from engine.registry import check, losses
+import jobspec
+from engine.registry import losses
 
-CLASSIFICATION = frozenset({"classification"})
-ALL_TASKS = frozenset({"classification", "regression", "embedding"})
 
 
 def _class_labels(labels: torch.Tensor | None) -> torch.Tensor | None:
@@ -55,16 +51,7 @@ class KDLoss:
     soft-target gradients on the same scale as the hard-label ones as T grows.
     """
 
-    tasks = CLASSIFICATION
-
-    @dataclass(frozen=True)
-    class Config:
-        temperature: float = 4.0
-        alpha: float = 0.9
-
-        def __post_init__(self) -> None:
-            check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-            check(0.0 <= self.alpha <= 1.0, f"alpha must be between 0 and 1, got {self.alpha}")
+    Config = jobspec.KDLoss
 
     def __init__(self, config: Config):
         self.config = config
@@ -102,17 +89,7 @@ class SoftCELoss:
     (low-entropy) students, w < 0 penalises overconfidence. Labels are not used.
     """
 
-    tasks = CLASSIFICATION
-
-    @dataclass(frozen=True)
-    class Config:
-        temperature: float = 1.0
-        entropy_weight: float = 0.0
-
-        def __post_init__(self) -> None:
-            check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-            check(-10.0 <= self.entropy_weight <= 10.0,
-                  f"entropy_weight must be between -10 and 10, got {self.entropy_weight}")
+    Config = jobspec.SoftCELoss
 
     def __init__(self, config: Config):
         self.config = config
@@ -140,14 +117,7 @@ class HardLoss:
     are ignored (the point is to learn the teacher's decisions), so it works unlabelled.
     """
 
-    tasks = CLASSIFICATION
-
-    @dataclass(frozen=True)
-    class Config:
-        label_smoothing: float = 0.0
-
-        def __post_init__(self) -> None:
-            check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+    Config = jobspec.HardLoss
 
     def __init__(self, config: Config):
         self.config = config
@@ -164,22 +134,16 @@ class MSELoss:
 
     ``target: outputs``:       mean over all B·D elements of (s − t)²
     ``target: probabilities``: mean over all B·C elements of (softmax(s) − softmax(t))²
-    (classification only; ``loss.tasks`` narrows to it).
+    (classification only).
 
     Dataset labels (regression targets included) are not used: the student imitates the
     teacher's predictions, as in the source.
     """
 
-    tasks = ALL_TASKS
-
-    @dataclass(frozen=True)
-    class Config:
-        target: Literal["outputs", "probabilities"] = "outputs"
+    Config = jobspec.MSELoss
 
     def __init__(self, config: Config):
         self.config = config
-        if config.target == "probabilities":
-            self.tasks = CLASSIFICATION
 
     def __call__(self, student_out: torch.Tensor, teacher_out: torch.Tensor,
                  labels: torch.Tensor | None) -> torch.Tensor:
@@ -198,14 +162,7 @@ class CosineLoss:
     pins the scale, which the cosine alone leaves free. Labels are not used.
     """
 
-    tasks = frozenset({"embedding"})  # vector directions; logits and scalar outputs use kd/mse
-
-    @dataclass(frozen=True)
-    class Config:
-        mse_weight: float = 0.0
-
-        def __post_init__(self) -> None:
-            check(0.0 <= self.mse_weight <= 100.0, f"mse_weight must be between 0 and 100, got {self.mse_weight}")
+    Config = jobspec.CosineLoss
 
     def __init__(self, config: Config):
         self.config = config

@@ -21,7 +21,7 @@ from engine.training import checkpoint as ckpt_mod
 from engine.steps import compress as compress_mod
 from engine.students import families as _students
 from engine.report.rows import file_sha256, spec_sha256
-from engine.pipeline.spec import JobSpec
+from engine.pipeline.job import JobPlan
 from engine.training.loop import TrainContext
 from engine.values import ArtifactFile, ModelSource, TeacherSource
 from engine.pipeline.validate import Validated
@@ -138,7 +138,7 @@ def checkpoint_identity(spec: Mapping[str, Any], v: Validated, teacher: TeacherS
     }
 
 
-def resume(ckpts: ckpt_mod.JobCheckpoints, students: StudentSnapshots, job: JobSpec, ctx: TrainContext,
+def resume(ckpts: ckpt_mod.JobCheckpoints, students: StudentSnapshots, job: JobPlan, ctx: TrainContext,
             out_dir: Path) -> Resume | None:
     """Restore the job state from ``checkpoint.pt`` when it matches; None (after a warning) when it does not."""
     loaded = ckpts.read()

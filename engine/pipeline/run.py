@@ -112,17 +112,13 @@ def _create_student(v: Validated, models: Mapping[str, ModelSource] | None,
     student = v.job.student
     if student is None:
         return _teacher_as_student(v, example or [])
-    if getattr(student, "kind", None) == "uploaded" or type(student).__name__ == "UploadedStudentRef":
-        model_id = student.model_id
+    if v.job.uploaded_student is not None:
+        model_id = v.job.uploaded_student.model_id
         if not models or model_id not in models:
             raise EngineError("invalid_spec", f"student model {model_id!r} was not provided")
         return _students.load_uploaded(models[model_id], _teachers.load_module)
     info = TeacherInfo(v.teacher.module, getattr(v.teacher, "architecture", None), v.teacher.format, v.task)
-    try:
-        return student.create(_input_infos(v), v.out_dim, info)
-    except TypeError:
-        # older student families: create(row_shape, out_features)
-        return student.create(tuple(v.row_shapes[v.inputs[0]]), v.out_dim)
+    return student.create(_input_infos(v), v.out_dim, info)
 
 
 def _check_student(model: nn.Module, v: Validated, example: list[torch.Tensor]) -> None:

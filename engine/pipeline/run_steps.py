@@ -24,7 +24,7 @@ from engine.metrics import task_metrics
 from engine.report.measure import cpu_eval_copy, describe, gzip_size, measure_row
 from engine.registry import exports as export_registry
 from engine.pipeline.resume import Resume, StudentSnapshots
-from engine.pipeline.spec import JobSpec
+from engine.pipeline.job import JobPlan
 from engine.training.loop import TrainContext
 from engine.values import ArtifactFile
 from engine.errors import EngineError
@@ -61,7 +61,7 @@ def export_metrics(ctx: TrainContext, f: ArtifactFile) -> dict[str, float] | Non
     return task_metrics(ctx.task, outputs, ctx.t_val.cpu(), None if ctx.y_val is None else ctx.y_val.cpu())
 
 
-def export_step(job: JobSpec, ctx: TrainContext, example: list[torch.Tensor], inputs: list[str], out_dir: Path,
+def export_step(job: JobPlan, ctx: TrainContext, example: list[torch.Tensor], inputs: list[str], out_dir: Path,
                  index: int) -> tuple[list[ArtifactFile], dict[str, Any], dict[str, str]]:
     """Write and verify step ``index``'s output in every requested format."""
     plan = ctx.step_outputs.get(index)
@@ -75,7 +75,7 @@ def export_step(job: JobSpec, ctx: TrainContext, example: list[torch.Tensor], in
     measured: dict[str, Any] = {}
     for name in job.exports:
         try:
-            files = export_registry.get(name)(None).export(export_input)
+            files = export_registry.get(name)().export(export_input)
         except export_mod.SkipExport as exc:
             ctx.reporter.event("export", f"step {index}: {name} export skipped: {exc}", level="warning",
                                data={"step": index, "format": name, "skipped": str(exc)})
@@ -108,7 +108,7 @@ class StepsOutcome:
     message: str = ""
 
 
-def run_steps(job: JobSpec, ctx: TrainContext, example: list[torch.Tensor], val_x: Mapping[str, np.ndarray],
+def run_steps(job: JobPlan, ctx: TrainContext, example: list[torch.Tensor], val_x: Mapping[str, np.ndarray],
                teacher_metrics_row: Mapping[str, Any], inputs: list[str], out_dir: Path,
                students: StudentSnapshots | None = None, resumed: Resume | None = None) -> StepsOutcome:
     """Run every step; one report row per step (measured right after it), its exports, its gate.

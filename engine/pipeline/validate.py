@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from engine.data.formats import Dataset, check_label_range, load_dataset
-from engine.pipeline.spec import JobSpec, parse_spec
+import jobspec
+from engine.pipeline.job import JobPlan, plan_job
 from engine.teachers.loading import Teacher, load_teacher, probe_teacher
 from engine.values import TASKS, DatasetSource, Reporter, TeacherSource
-from engine.errors import EngineError
+from engine.errors import EngineError, InvalidSpec, Unsupported
 
 DEFAULT_DATASET_KEY = "dataset"
 
@@ -50,7 +51,7 @@ class Validated:
     sources, the bound teacher, its output width ``out_dim`` and ``task``, the input names in order
     and each input's per-row shape."""
 
-    job: JobSpec
+    job: JobPlan
     device: torch.device
     datasets: dict[str, Dataset]
     sources: dict[str, DatasetSource]
@@ -62,7 +63,7 @@ class Validated:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def dataset_map(job: JobSpec, datasets: Any) -> dict[str, DatasetSource]:
+def dataset_map(job: JobPlan, datasets: Any) -> dict[str, DatasetSource]:
     """``run()``'s ``datasets`` argument as ``{id: source}`` (a bare source becomes the job's dataset)."""
     if datasets is None:
         return {}
@@ -76,7 +77,7 @@ def dataset_map(job: JobSpec, datasets: Any) -> dict[str, DatasetSource]:
     return dict(datasets)
 
 
-def step_dataset_id(job: JobSpec, step: Any) -> str | None:
+def step_dataset_id(job: JobPlan, step: Any) -> str | None:
     """The dataset a step trains on (its own, else the job's); None for a data-free step."""
     if getattr(step, "synthesize", None) is not None:
         return None
@@ -87,11 +88,11 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
               device: str, threads: int | None, out_dir: Path) -> Validated:
     """Cheap checks that catch every mismatch before anything expensive runs."""
     reporter.event("validate", "checking spec, datasets and teacher")
-    job = parse_spec(spec)
+    job = plan_job(spec)
     dev = resolve_device(device)
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise EngineError("invalid_spec", f"threads must be a positive integer, got {threads!r}")
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")  # the worker's setting
         torch.set_num_threads(threads)
     sources = dataset_map(job, datasets)
     task = getattr(teacher, "task", "classification")
@@ -116,38 +117,6 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
         raise EngineError("invalid_spec", f"dataset {missing[0]!r} is named by the spec but was not provided "
                           f"(provided: {', '.join(sources) or 'none'})")
 
-    # per-step static checks
-    for i, step in enumerate(job.steps):
-        loss = getattr(step, "loss", None)
-        if loss is None and getattr(step, "finetune", None) is not None:
-            loss = step.finetune.loss
-        tasks = getattr(loss, "tasks", None) if loss is not None else None
-        if tasks is not None and task not in tasks:
-            suggestion = {"classification": "kd, soft_ce, hard or mse", "regression": "mse",
-                          "embedding": "cosine or mse"}.get(task, "")
-            raise EngineError("invalid_spec", f"steps[{i}].loss: {loss.name!r} works for "
-                              f"{' / '.join(sorted(tasks))} teachers, but this teacher's task is {task!r}"
-                              + (f" (use {suggestion})" if suggestion else ""))
-        es = getattr(step, "early_stopping", None)
-        if es is not None:
-            ok = {"auto": True, "loss": True, "agreement": task == "classification",
-                  "accuracy": task == "classification", "mse": task in ("regression", "embedding"),
-                  "cosine": task == "embedding"}[es.metric]
-            if not ok:
-                raise EngineError("invalid_spec", f"steps[{i}].early_stopping.metric: {es.metric!r} does not apply "
-                                  f"to a {task} teacher")
-        gate = getattr(step, "gate", None)
-        if gate is not None:
-            fits = {"accuracy": task == "classification", "agreement": task == "classification",
-                    "f1_macro": task == "classification", "r2": task == "regression",
-                    "cosine": task == "embedding"}[gate.metric]
-            if not fits:
-                raise EngineError("invalid_spec", f"steps[{i}].gate.metric: {gate.metric!r} does not apply to a "
-                                  f"{task} teacher")
-        if getattr(step, "synthesize", None) is not None and task != "classification":
-            raise EngineError("invalid_spec", f"steps[{i}].synthesize: data-free distillation needs a "
-                              f"classification teacher (this one is {task!r})")
-
     cache_dir = Path(out_dir) / "cache"
     loaded: dict[str, Dataset] = {}
     for ds_id in needed:
@@ -158,9 +127,11 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
                 raise EngineError(exc.code, f"dataset {ds_id!r}: {exc.message}") from None
             raise
     tch = load_teacher(teacher, dev, threads)
-    if any(getattr(s, "synthesize", None) is not None for s in job.steps) and tch.module is None:
-        raise EngineError("invalid_spec", "data-free distillation needs a torch teacher "
-                          "(TorchScript, torch.export or safetensors)")
+    # the spec's rules against what the files are (the API checked the same from their metadata)
+    facts = jobspec.Facts(task=task, teacher_format=teacher.format,
+                          labelled={ds_id: ds.y is not None for ds_id, ds in loaded.items()})
+    for problem in jobspec.conflicts(job.spec, facts):
+        raise (Unsupported if problem.unsupported else InvalidSpec)(str(problem))
 
     # inputs: every dataset must feed the same inputs
     inputs: list[str] | None = None
@@ -180,13 +151,13 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
     if inputs is None:  # data-free only
         assert job.input_spec is not None
         inputs = ["x"]
-        row_shapes = {"x": tuple(job.input_spec["shape"])}
-        lo, hi = job.input_spec["range"]
+        row_shapes = {"x": tuple(job.input_spec.shape)}
+        lo, hi = job.input_spec.range
         probe = {"x": np.full((2, *row_shapes["x"]), (lo + hi) / 2, dtype=np.float32)}
         out_dim = probe_teacher(tch, probe)
     elif job.input_spec is not None and any(getattr(s, "synthesize", None) is not None for s in job.steps):
-        if len(inputs) != 1 or tuple(job.input_spec["shape"]) != row_shapes[inputs[0]]:
-            raise EngineError("shape_mismatch", f"input_spec.shape {job.input_spec['shape']} does not match the "
+        if len(inputs) != 1 or tuple(job.input_spec.shape) != row_shapes[inputs[0]]:
+            raise EngineError("shape_mismatch", f"input_spec.shape {job.input_spec.shape} does not match the "
                               f"data's rows {[list(v) for v in row_shapes.values()]}")
     assert out_dim is not None
     tch.bind(inputs)
@@ -209,29 +180,7 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
                     ds.y_val = ds.y_val.astype(np.float32) if ds.y_val is not None else None
         except EngineError as exc:
             raise EngineError(exc.code, where + exc.message) from None
-    if job.baseline:
-        if task == "embedding":
-            raise EngineError("invalid_spec", "baseline: an embedding teacher has no labels to train a baseline on")
-        for i, step in enumerate(job.steps):
-            ds_id = step_dataset_id(job, step)
-            if ds_id is None:
-                raise EngineError("invalid_spec", f"baseline needs labelled data, but steps[{i}] is data-free")
-            if loaded[ds_id].y is None:
-                raise EngineError("invalid_spec", f"baseline needs labels, but dataset {ds_id!r} "
-                                  f"(steps[{i}]) has none")
-
     primary = loaded.get(job.dataset_id or "") or (next(iter(loaded.values())) if loaded else None)
-    for i, step in enumerate(job.steps):
-        gate = getattr(step, "gate", None)
-        if gate is not None and gate.metric in ("accuracy", "f1_macro", "r2") and (primary is None or primary.y is None):
-            raise EngineError("invalid_spec", f"steps[{i}].gate.metric: {gate.metric!r} needs labels in the "
-                              "dataset (use 'agreement' for unlabelled data)")
-    if job.student is None and tch.module is None:
-        for i, step in enumerate(job.steps):
-            if not (step.name == "quantize" and step.method == "onnx_int8"):
-                raise EngineError("unsupported", f"steps[{i}] ({step.name} {step.method}) needs a torch model, but the "
-                                  f"job has no student and the teacher is ONNX; only 'quantize' with method "
-                                  "'onnx_int8' works directly on an ONNX teacher (or add a student and a distill step)")
     reporter.event(
         "validate",
         f"datasets and teacher are compatible: task {task}, inputs "

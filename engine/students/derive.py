@@ -1,6 +1,6 @@
 """Derived students: shrink the teacher's own architecture (``student: {"derive": {...}, "init": ...}``).
 
-``build(config) -> DerivedStudent``; ``DerivedStudent.create(inputs, out_dim, teacher) -> (module, architecture)``:
+``DerivedStudent(config)``; ``DerivedStudent.create(inputs, out_dim, teacher) -> (module, architecture)``:
 
 * teacher architecture known (``TeacherInfo.architecture`` of a built-in family): hidden widths /
   channels / ``d_model``·``ff`` / resnet ``width`` are multiplied by ``width`` (rounded, >= 1;
@@ -20,40 +20,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from engine.students import families as S
-from engine.registry import check, make_config
+from engine.students import families
+import jobspec
 from engine.errors import EngineError
 
 _ACT_TYPES = {"ReLU": "relu", "GELU": "gelu", "Tanh": "tanh", "Sigmoid": "sigmoid", "ELU": "elu", "SiLU": "silu",
               "Softplus": "softplus", "Identity": "identity"}
-
-
-@dataclass(frozen=True)
-class DeriveRatios:
-    width: float = 0.5
-    depth: float = 1.0
-
-    def __post_init__(self) -> None:
-        check(0.0 < self.width <= 1.0, f"width must be in (0, 1], got {self.width}")
-        check(0.0 < self.depth <= 1.0, f"depth must be in (0, 1], got {self.depth}")
-
-
-@dataclass(frozen=True)
-class DeriveConfig:
-    derive: dict
-    init: Literal["random", "teacher"] = "random"
-
-
-def build(config: Mapping[str, Any], *, where: str = "student") -> DerivedStudent:
-    cfg = make_config(DeriveConfig, config, where=where, label="derived student")
-    ratios = make_config(DeriveRatios, cfg.derive, where=f"{where}.derive", label="derive")
-    return DerivedStudent(ratios, cfg.init)
 
 
 def _scale(n: int, r: float) -> int:
@@ -69,11 +46,13 @@ def _keep(n: int, r: float) -> list[int]:
 
 
 class DerivedStudent:
+    """Builds the shrunk teacher; ``config`` is the spec's ``derive`` ratios, ``init`` its weight source."""
+
     name = "derive"
 
-    def __init__(self, config: DeriveRatios, init: str):
-        self.config = config
-        self.init = init
+    def __init__(self, config: jobspec.DerivedStudent):
+        self.config = config.derive
+        self.init = config.init
 
     def create(self, inputs: Any, out_dim: int, teacher: Any) -> tuple[nn.Module, dict[str, Any]]:
         if teacher is None:
@@ -83,17 +62,17 @@ class DerivedStudent:
         if isinstance(arch, Mapping) and arch.get("family") in ("mlp", "cnn", "resnet", "embedding_bag",
                                                                  "text_transformer"):
             new = derive_architecture(arch, self.config.width, self.config.depth, out_dim)
-            model = S.from_architecture(new)
+            model = families.from_architecture(new)
             if self.init == "teacher":
                 if module is None:
                     raise EngineError("unsupported", "init 'teacher' needs the teacher's weights")
-                new["init_from_teacher"] = S.init_from_teacher(model, module)
+                new["init_from_teacher"] = families.init_from_teacher(model, module)
             new["derived_from"] = arch.get("family")
             return model, new
         if module is None:
             raise EngineError("unsupported", "cannot derive a student from an ONNX teacher without an architecture; "
                                              "choose a student family")
-        inputs = S.normalize_inputs(inputs)
+        inputs = families.normalize_inputs(inputs)
         if len(inputs) != 1:
             raise EngineError("unsupported", "derive from a layer chain needs a single input")
         chain = rebuild_chain(module)
@@ -134,7 +113,7 @@ def derive_architecture(arch: Mapping[str, Any], width: float, depth: float, out
 
 
 def _leaves(module: nn.Module) -> list[nn.Module]:
-    name = S._type_name(module)
+    name = families._type_name(module)
     if name == "Sequential":
         out: list[nn.Module] = []
         for child in module.children():
@@ -151,7 +130,7 @@ def _attr(m: nn.Module, name: str, default: Any = None) -> Any:
 
 
 def _layer_dict(m: nn.Module) -> dict[str, Any] | None:
-    t = S._type_name(m)
+    t = families._type_name(m)
     if t == "Linear":
         return {"type": "linear", "in": int(m.weight.shape[1]), "out": int(m.weight.shape[0]),
                 "bias": _attr(m, "bias") is not None}
@@ -200,7 +179,7 @@ def _chain_dicts(module: nn.Module) -> tuple[list[nn.Module], list[dict[str, Any
         if d is None:
             raise EngineError(
                 "unsupported",
-                f"cannot derive a student from this teacher: layer type {S._type_name(leaf)!r} is not supported "
+                f"cannot derive a student from this teacher: layer type {families._type_name(leaf)!r} is not supported "
                 "(a plain chain of Linear/Conv2d/BatchNorm/activation/Flatten/Dropout/pooling layers is)",
             )
         dicts.append(d)
@@ -214,7 +193,7 @@ def rebuild_chain(module: nn.Module) -> nn.Sequential:
     first unsupported layer type. The copy's architecture is :func:`chain_architecture`.
     """
     leaves, dicts = _chain_dicts(module)
-    seq = S.build_sequential({"layers": dicts})
+    seq = families.build_sequential({"layers": dicts})
     with torch.no_grad():
         for src, dst in zip(leaves, seq):
             dst_state = dst.state_dict()
@@ -277,7 +256,7 @@ def shrink_chain(chain: nn.Sequential, input_shape: tuple[int, ...], width: floa
                     d["out"] = int(out_dim)
             elif d["type"] in ("batchnorm1d", "batchnorm2d"):
                 d["num_features"] = int(x.shape[1])
-            layer = S._layer_from_dict(d)
+            layer = families._layer_from_dict(d)
             name = str(pos)
             if init_teacher:
                 sel = _init_slice(layer, src, d, sel, x, copied, name)
@@ -334,4 +313,18 @@ def _init_slice(layer: nn.Module, src: nn.Module, d: dict, sel: torch.Tensor | N
 
 
 def num_parameters(model: nn.Module) -> int:
-    return S.num_parameters(model)
+    return families.num_parameters(model)
+
+
+def build(config: jobspec.DerivedStudent | Mapping[str, Any]) -> DerivedStudent:
+    """The derived-student builder for ``{"derive": {...}, "init": ...}`` (validated by the spec's model)."""
+    from pydantic import ValidationError
+
+    import jobspec.base
+
+    if not isinstance(config, jobspec.DerivedStudent):
+        try:
+            config = jobspec.DerivedStudent.model_validate(dict(config))
+        except ValidationError as exc:
+            raise EngineError("invalid_spec", f"student: {jobspec.base.validation_message(exc)}") from None
+    return DerivedStudent(config)

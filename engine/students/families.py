@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
 
-from engine.registry import check, make_config, students
+import jobspec
+from engine.registry import students
 from engine.values import InputInfo
 from engine.errors import EngineError
 
@@ -176,16 +176,7 @@ class FloatFlatten(nn.Flatten):
 class MLPStudent:
     """Flatten -> [Linear -> activation -> (Dropout)] * len(hidden) -> Linear."""
 
-    @dataclass(frozen=True)
-    class Config:
-        hidden: list[int] = field(default_factory=lambda: [128])
-        activation: Literal["relu", "gelu", "tanh"] = "relu"
-        dropout: float = 0.0
-        init: Init = "random"
-
-        def __post_init__(self) -> None:
-            check(all(h >= 1 for h in self.hidden), f"hidden sizes must be >= 1, got {self.hidden}")
-            check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+    Config = jobspec.MLPStudent
 
     def __init__(self, config: Config):
         self.config = config
@@ -230,20 +221,7 @@ def build_mlp(architecture: Mapping[str, Any]) -> nn.Sequential:
 class CNNStudent:
     """[Conv -> BatchNorm -> ReLU -> 2×2 MaxPool] per channel entry -> Flatten -> [Linear -> ReLU]* -> Linear."""
 
-    @dataclass(frozen=True)
-    class Config:
-        channels: list[int] = field(default_factory=lambda: [16, 32])
-        kernel_size: int = 3
-        hidden: list[int] = field(default_factory=list)
-        dropout: float = 0.0
-        init: Init = "random"
-
-        def __post_init__(self) -> None:
-            check(1 <= len(self.channels) <= 8, "channels must list 1 to 8 block widths")
-            check(all(c >= 1 for c in self.channels), f"channels must be >= 1, got {self.channels}")
-            check(1 <= self.kernel_size <= 11, f"kernel_size must be in 1..11, got {self.kernel_size}")
-            check(all(h >= 1 for h in self.hidden), f"hidden sizes must be >= 1, got {self.hidden}")
-            check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+    Config = jobspec.CNNStudent
 
     def __init__(self, config: Config):
         self.config = config
@@ -346,15 +324,7 @@ class ResNet(nn.Module):
 class ResNetStudent:
     """A small residual network: a stem, ``depth`` basic blocks in 3 stages of ``width``·(1, 2, 4) channels."""
 
-    @dataclass(frozen=True)
-    class Config:
-        depth: int = 6
-        width: int = 16
-        init: Init = "random"
-
-        def __post_init__(self) -> None:
-            check(1 <= self.depth <= 64, f"depth must be in 1..64, got {self.depth}")
-            check(1 <= self.width <= 1024, f"width must be in 1..1024, got {self.width}")
+    Config = jobspec.ResNetStudent
 
     def __init__(self, config: Config):
         self.config = config
@@ -409,17 +379,7 @@ class EmbeddingBagNet(nn.Module):
 class EmbeddingBagStudent:
     """Mean of token embeddings (mask-aware) -> MLP head; inputs input_ids [+ attention_mask]."""
 
-    @dataclass(frozen=True)
-    class Config:
-        embedding_dim: Optional[int] = None
-        hidden: list[int] = field(default_factory=list)
-        vocab_size: Optional[int] = None
-        init: Init = "random"
-
-        def __post_init__(self) -> None:
-            check(self.embedding_dim is None or self.embedding_dim >= 1, "embedding_dim must be >= 1")
-            check(self.vocab_size is None or self.vocab_size >= 2, "vocab_size must be >= 2")
-            check(all(h >= 1 for h in self.hidden), f"hidden sizes must be >= 1, got {self.hidden}")
+    Config = jobspec.EmbeddingBagStudent
 
     def __init__(self, config: Config):
         self.config = config
@@ -474,23 +434,7 @@ class TextTransformer(nn.Module):
 class TextTransformerStudent:
     """A small Transformer encoder over token ids with an attention mask; mean-pooled output head."""
 
-    @dataclass(frozen=True)
-    class Config:
-        d_model: int = 64
-        layers: int = 2
-        heads: int = 4
-        ff: int = 128
-        vocab_size: Optional[int] = None
-        max_len: Optional[int] = None
-        init: Init = "random"
-
-        def __post_init__(self) -> None:
-            check(self.d_model >= 1 and self.layers >= 1 and self.heads >= 1 and self.ff >= 1,
-                  "d_model, layers, heads and ff must be >= 1")
-            check(self.d_model % self.heads == 0,
-                  f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
-            check(self.vocab_size is None or self.vocab_size >= 2, "vocab_size must be >= 2")
-            check(self.max_len is None or self.max_len >= 1, "max_len must be >= 1")
+    Config = jobspec.TextTransformerStudent
 
     def __init__(self, config: Config):
         self.config = config
@@ -815,42 +759,6 @@ def load_uploaded(source: Any, load_module: Callable[[Path, str, Optional[dict]]
     else:
         architecture = {"family": "uploaded", "format": fmt}
     return module, architecture
-
-
-# ---- the student spec object ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UploadedStudentRef:
-    """``{"model_id": ...}``: the pipeline resolves the file and calls :func:`load_uploaded`."""
-
-    model_id: str
-    kind: str = "uploaded"
-
-
-def parse_student(config: Mapping[str, Any], *, where: str = "student") -> Any:
-    """The ``student`` spec object -> a family instance (``.create``), a derived student
-    (:mod:`.derive`, also ``.create``) or an :class:`UploadedStudentRef`."""
-    if not isinstance(config, Mapping):
-        raise EngineError("invalid_spec", f"{where}: expected an object")
-    if "family" in config:
-        return students.build(config, where=where)
-    if "derive" in config:
-        from engine.students import derive
-
-        return derive.build(config, where=where)
-    if "model_id" in config:
-        cfg = make_config(_UploadedConfig, config, where=where, label="uploaded student")
-        return UploadedStudentRef(cfg.model_id)
-    raise EngineError("invalid_spec", f"{where}: give 'family', 'derive' or 'model_id'")
-
-
-@dataclass(frozen=True)
-class _UploadedConfig:
-    model_id: str
-
-    def __post_init__(self) -> None:
-        check(1 <= len(self.model_id) <= 40, "model_id must be 1 to 40 characters")
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -14,24 +14,11 @@ from abc import ABC, abstractmethod
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from engine.registry import check, optimizers
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-
-    def __post_init__(self) -> None:
-        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        check(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}")
+from engine.registry import optimizers
+from jobspec import OptimizerConfig, ScheduleConfig
 
 
 class _Optimizer(ABC):
@@ -68,18 +55,8 @@ class SGD(_Optimizer):
 
 # ---- learning-rate schedules (stepped once per batch) -----------------------------------------
 
-SCHEDULES = ("constant", "cosine", "one_cycle")
 #: one_cycle warms up over this share of the steps when warmup_fraction is 0.
 ONE_CYCLE_DEFAULT_WARMUP = 0.3
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    type: Literal["constant", "cosine", "one_cycle"] = "cosine"
-    warmup_fraction: float = 0.0
-
-    def __post_init__(self) -> None:
-        check(0.0 <= self.warmup_fraction < 1.0, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
 
 
 def lr_factor(config: ScheduleConfig, step: int, total: int) -> float:

@@ -127,5 +127,7 @@ def test_unsupported_graphs_name_the_layer():
     assert e.value.code == "invalid_spec"
 
 
-def test_parse_student_routes_derive():
-    assert S.parse_student({"derive": {"width": 0.5, "depth": 1.0}, "init": "random"}).config.width == 0.5
+def test_student_builder_routes_derive():
+    from tests.support.students import build_student
+
+    assert build_student({"derive": {"width": 0.5, "depth": 1.0}, "init": "random"}).config.width == 0.5

@@ -233,7 +233,7 @@ def test_embedding_two_input_teacher_with_cosine(token_data, tmp_path):
 
     with pytest.raises(EngineError) as err:
         _run(make_spec(exports=["onnx"], student={"family": "embedding_bag"}), teacher, data, tmp_path)
-    assert err.value.code == "invalid_spec" and "'kd' works for classification" in err.value.message
+    assert err.value.code == "invalid_spec" and "'kd' does not apply to an embedding teacher" in err.value.message
 
 
 # ---- dataset formats ----------------------------------------------------------------------------

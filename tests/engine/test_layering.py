@@ -1,5 +1,5 @@
 """engine/ may only import torch, numpy, onnx, onnxruntime, safetensors, pyarrow, PIL, the
-standard library and ``safezip`` (the stdlib-only archive check it shares with the API), and must never
+standard library, ``jobspec`` (the job spec's pydantic models) and ``safezip`` (the stdlib-only archive check it shares with the API), and must never
 unpickle."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parents[2] / "engine"
 ALLOWED = {"torch_pruning", "matplotlib", "torch", "numpy", "onnx", "onnxruntime", "safetensors", "pyarrow", "PIL",
-           "safezip", "engine"}
+           "safezip", "engine", "jobspec", "pydantic"}
 
 
 def _modules():

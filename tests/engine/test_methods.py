@@ -20,7 +20,7 @@ def _run(spec, teacher, data, tmp_path, reporter=None, **kw):
 
 
 def test_defaults_only_job_reaches_090(teacher_ts, digits_npz, tmp_path):
-    from app.jobs.spec import JobSpec
+    from jobspec import JobSpec
 
     spec = JobSpec.model_validate({"teacher_model_id": "m", "dataset_id": "d", "student": {"family": "mlp"},
                                    "exports": ["onnx"]}).model_dump(mode="json")
@@ -52,13 +52,13 @@ def test_hints_with_onnx_and_torch_export_teachers(teacher_onnx, digits_npz, tmp
 
 
 def test_schedules_change_lr_as_expected():
-    cos = ScheduleConfig("cosine", 0.0)
+    cos = ScheduleConfig(type="cosine", warmup_fraction=0.0)
     assert lr_factor(cos, 0, 100) == pytest.approx(1.0)
     assert lr_factor(cos, 50, 100) == pytest.approx(0.5)
     assert lr_factor(cos, 99, 100) < 0.01
-    const = ScheduleConfig("constant", 0.2)
+    const = ScheduleConfig(type="constant", warmup_fraction=0.2)
     assert lr_factor(const, 0, 100) < 0.1 and lr_factor(const, 19, 100) < 1.0 and lr_factor(const, 50, 100) == 1.0
-    oc = ScheduleConfig("one_cycle", 0.0)
+    oc = ScheduleConfig(type="one_cycle", warmup_fraction=0.0)
     peak = max(range(100), key=lambda s: lr_factor(oc, s, 100))
     assert 25 <= peak <= 35 and lr_factor(oc, 0, 100) < 0.1 and lr_factor(oc, 99, 100) < 0.01
 

@@ -104,17 +104,6 @@ def test_from_architecture_minimal_teacher_dicts():
     assert e.value.code == "invalid_model"
 
 
-def test_legacy_shape_tuple_and_api_defaults():
-    from app.jobs.spec import STUDENT_FAMILIES
-
-    model, arch = students.build({"family": "mlp", "hidden": [8]}).create((64,), 10)
-    assert arch["in_features"] == 64 and model(torch.rand(2, 64)).shape == (2, 10)
-    for name, cls in STUDENT_FAMILIES.items():
-        stored = cls().model_dump(mode="json")
-        built = students.build(stored, where="student")
-        assert built.name == name
-
-
 def test_input_errors():
     with pytest.raises(EngineError) as e:
         students.build({"family": "cnn"}).create([InputInfo("x", (64,))], 10)
@@ -223,9 +212,9 @@ def test_load_uploaded_wraps_the_loader(tmp_path):
     assert arch["family"] == "mlp" and S.from_architecture(arch)(torch.rand(1, 4)).shape == (1, 2)
 
 
-def test_parse_student_dispatch():
-    assert S.parse_student({"family": "mlp"}).name == "mlp"
-    assert S.parse_student({"model_id": "mdl_1"}).model_id == "mdl_1"
-    with pytest.raises(EngineError) as e:
-        S.parse_student({"model_id": "m", "x": 1})
-    assert e.value.code == "invalid_spec"
+def test_student_builder_dispatches_on_the_spec_type():
+    from engine.students.derive import DerivedStudent
+    from tests.support.students import build_student
+
+    assert build_student({"family": "mlp"}).name == "mlp"
+    assert isinstance(build_student({"derive": {"width": 0.5}}), DerivedStudent)

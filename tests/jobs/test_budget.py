@@ -14,6 +14,7 @@ from app.jobs import budget
 from jobspec import JobSpec
 from app.settings import Settings
 from tests.support.jobs import job_body
+from tests.support.students import build_student
 from engine.students import derive as D
 from engine.students import families as S
 from engine.compression.datafree import make_generator
@@ -79,19 +80,19 @@ FAMILIES = [
 
 @pytest.mark.parametrize("cfg,inputs", FAMILIES, ids=[f"{c['family']}-{i}" for i, (c, _) in enumerate(FAMILIES)])
 def test_family_counts_equal_the_engine_module(cfg, inputs):
-    model, arch = S.parse_student(cfg).create(inputs, 10, None)
+    model, arch = build_student(cfg).create(inputs, 10, None)
     est = _estimate({"student": cfg}, _teacher(out=10), _dataset(inputs))
     assert _student(est) == _numel(model)
     assert budget.architecture_cost(arch).parameters == _numel(model)  # the engine's own architecture dict too
 
 
 def test_default_student_configs_match_the_engine():
-    """Defaults filled by the API spec (app/jobs/spec.py) must be the ones the engine builds with."""
+    """Defaults filled by the API spec (jobspec) must be the ones the engine builds with."""
     for cfg, inputs in [({"family": "mlp"}, [InputInfo("x", (20,))]), ({"family": "cnn"}, [InputInfo("x", (1, 12, 12))]),
                         ({"family": "resnet"}, [InputInfo("x", (3, 8, 8))]),
                         ({"family": "embedding_bag", "vocab_size": 150}, [IDS]),
                         ({"family": "text_transformer", "vocab_size": 100}, [IDS, MASK])]:
-        model, _ = S.parse_student(cfg).create(inputs, 4, None)
+        model, _ = build_student(cfg).create(inputs, 4, None)
         assert _student(_estimate({"student": cfg}, _teacher(out=4), _dataset(inputs))) == _numel(model), cfg
 
 
@@ -146,7 +147,7 @@ def test_derive_of_a_layer_chain_is_sized_within_2x(widths, ratios):
 @pytest.mark.parametrize("cfg,k", [({"family": "mlp", "hidden": [32]}, 16), ({"family": "mlp", "hidden": [8, 8]}, 3),
                                    ({"family": "mlp"}, 64)])
 def test_input_reduction_equals_the_engine_module(cfg, k):
-    inner, _ = S.parse_student(cfg).create([InputInfo("x", (k,))], 10, None)
+    inner, _ = build_student(cfg).create([InputInfo("x", (k,))], 10, None)
     model = S.ReducedInput(64, k, inner)
     est = _estimate({"student": cfg, "steps": [{"kind": "distill", "input_reduction": {"components": k}}]},
                     _teacher(out=10), _dataset([InputInfo("x", (64,))]))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import Cancelled, EngineError
+from engine.errors import Cancelled, EngineError, InvalidSpec, ShapeMismatch, Unsupported
 
 ONE_HOT_WEIGHT = 1.0
 ACTIVATION_WEIGHT = 0.1
@@ -123,17 +123,17 @@ def synthesize(
     [num_samples, *input_shape] within ``value_range``, on ``device``.
     """
     if not isinstance(teacher, nn.Module):
-        raise EngineError("unsupported", "data-free synthesis needs a PyTorch teacher (gradients flow through it)")
+        raise Unsupported("data-free synthesis needs a PyTorch teacher (gradients flow through it)")
     method = cfg.get("method", "generator")
     if method != "generator":
-        raise EngineError("invalid_spec", f"synthesize.method: unknown method {method!r}")
+        raise InvalidSpec(f"synthesize.method: unknown method {method!r}")
     num_samples = int(cfg.get("num_samples", 10_000))
     epochs = int(cfg.get("generator_epochs", 30))
     latent_dim = int(cfg.get("latent_dim", 64))
     low, high = float(value_range[0]), float(value_range[1])
     shape = tuple(int(d) for d in input_shape)
     if not low < high:
-        raise EngineError("invalid_spec", f"input_spec.range must be [low, high] with low < high, got {value_range}")
+        raise InvalidSpec(f"input_spec.range must be [low, high] with low < high, got {value_range}")
 
     net = _hookable(teacher).to(device)
     was_training = net.training
@@ -170,7 +170,7 @@ def synthesize(
                 x = gen(latent(BATCH_SIZE))
                 logits = net(x)
                 if logits.dim() != 2 or logits.shape[1] != num_classes:
-                    raise EngineError("shape_mismatch", f"the teacher returned {list(logits.shape)} on synthetic rows, "
+                    raise ShapeMismatch(f"the teacher returned {list(logits.shape)} on synthetic rows, "
                                                         f"expected [batch, {num_classes}]")
                 pseudo = logits.argmax(dim=1)
                 one_hot = F.cross_entropy(logits, pseudo)

@@ -48,7 +48,7 @@ from torch.nn.utils import prune as torch_prune
 import jobspec
 import jobspec.base
 from engine.registry import Registry
-from engine.errors import EngineError, InvalidSpec
+from engine.errors import InvalidSpec, Unsupported
 
 pruners: Registry[Any] = Registry("pruner", key="method")
 
@@ -120,7 +120,7 @@ def _editable(model: Any, example_inputs: tuple[torch.Tensor, ...] | None) -> nn
 
         return to_editable(model, example_inputs)
     if not isinstance(model, nn.Module):
-        raise EngineError("unsupported", f"cannot prune a {type(model).__name__}")
+        raise Unsupported(f"cannot prune a {type(model).__name__}")
     return copy.deepcopy(model)
 
 
@@ -281,7 +281,7 @@ class ChannelPruner(_Pruner):
         import torch_pruning as tp
 
         if example_inputs is None:
-            raise EngineError("invalid_spec", "channel pruning needs example_inputs")
+            raise InvalidSpec("channel pruning needs example_inputs")
         layers = prunable_layers(model)
         if not layers:
             return

@@ -46,7 +46,7 @@ from torch import nn
 import jobspec
 import jobspec.base
 from engine.registry import Registry
-from engine.errors import EngineError, InvalidSpec
+from engine.errors import InvalidSpec, Unsupported
 
 quantizers: Registry[Any] = Registry("quantizer", key="method")
 
@@ -175,7 +175,7 @@ class DynamicInt8:
 
 def _fx_engine(backend: str) -> None:
     if backend not in torch.backends.quantized.supported_engines:
-        raise EngineError("unsupported", f"quantized engine {backend!r} not available here")
+        raise Unsupported(f"quantized engine {backend!r} not available here")
     torch.backends.quantized.engine = backend
 
 
@@ -194,7 +194,7 @@ class StaticInt8:
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
         if calibration is None:
-            raise EngineError("invalid_spec", "static_int8 needs calibration data")
+            raise InvalidSpec("static_int8 needs calibration data")
         _fx_engine(self.options.backend)
         with _Quiet():
             try:
@@ -202,15 +202,14 @@ class StaticInt8:
                     copy.deepcopy(model).eval(), get_default_qconfig_mapping(self.options.backend), tuple(example_inputs)
                 )
             except Exception as exc:  # noqa: BLE001
-                raise EngineError("unsupported",
-                                  f"static_int8: FX cannot trace this model ({type(exc).__name__}: {exc})") from None
+                raise Unsupported(f"static_int8: FX cannot trace this model ({type(exc).__name__}: {exc})") from None
             with torch.no_grad():
                 n = 0
                 for batch in _batches(calibration, self.options.calibration_batches):
                     prepared(*batch)
                     n += 1
             if n == 0:
-                raise EngineError("invalid_spec", "static_int8: calibration data is empty")
+                raise InvalidSpec("static_int8: calibration data is empty")
             q = convert_fx(prepared)
         return QuantResult(
             q,
@@ -274,7 +273,7 @@ class QAT:
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
         if train_fn is None:
-            raise EngineError("invalid_spec", "qat needs a train_fn(model) callback")
+            raise InvalidSpec("qat needs a train_fn(model) callback")
         _fx_engine(self.options.backend)
         with _Quiet():
             try:
@@ -282,7 +281,7 @@ class QAT:
                     copy.deepcopy(model).train(), get_default_qat_qconfig_mapping(self.options.backend), tuple(example_inputs)
                 )
             except Exception as exc:  # noqa: BLE001
-                raise EngineError("unsupported", f"qat: FX cannot trace this model ({type(exc).__name__}: {exc})") from None
+                raise Unsupported(f"qat: FX cannot trace this model ({type(exc).__name__}: {exc})") from None
             prepared.train()
             train_fn(prepared)
             prepared.eval()
@@ -310,7 +309,7 @@ class OnnxInt8:
         feeds = None
         if self.config.mode == "static":
             if calibration is None:
-                raise EngineError("invalid_spec", "onnx_int8 static needs calibration data")
+                raise InvalidSpec("onnx_int8 static needs calibration data")
             feeds = [{"input": b[0].numpy()} for b in _batches(calibration, self.options.calibration_batches)]
         quantize_onnx(fp32, out, self.config.mode, feeds)
         return QuantResult(None, f"ONNX Runtime int8 ({self.config.mode}, QDQ for static)", "onnx_int8", "onnx", out)
@@ -377,7 +376,7 @@ def quantize_onnx(
             quantize_dynamic(str(src), str(out_path), weight_type=QuantType.QInt8)
         elif mode == "static":
             if calibration is None:
-                raise EngineError("invalid_spec", "onnx_int8 static needs calibration data")
+                raise InvalidSpec("onnx_int8 static needs calibration data")
 
             class Reader(_Reader, CalibrationDataReader):
                 pass
@@ -392,7 +391,7 @@ def quantize_onnx(
                 per_channel=True,
             )
         else:
-            raise EngineError("invalid_spec", f"onnx_int8 mode must be dynamic or static, got {mode!r}")
+            raise InvalidSpec(f"onnx_int8 mode must be dynamic or static, got {mode!r}")
     return out_path
 
 

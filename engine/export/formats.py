@@ -26,7 +26,7 @@ from engine.inspection.model import error_summary
 from engine.registry import exports
 from engine.students.families import from_architecture
 from engine.values import ArtifactFile
-from engine.errors import EngineError
+from engine.errors import EngineError, ExportFailed, InvalidModel
 
 OCTET = "application/octet-stream"
 JSON = "application/json"
@@ -88,22 +88,22 @@ def _verify(name: str, got: np.ndarray | torch.Tensor, want: torch.Tensor, toler
     (classification) and mean relative deviation within :data:`TOLERANCES`."""
     got_t = torch.as_tensor(np.asarray(got)) if not isinstance(got, torch.Tensor) else got
     if got_t.shape != want.shape:
-        raise EngineError("export_failed", f"{name}: reloaded model output shape {list(got_t.shape)} != {list(want.shape)}")
+        raise ExportFailed(f"{name}: reloaded model output shape {list(got_t.shape)} != {list(want.shape)}")
     got_t, want = got_t.float(), want.float()
     if tolerance == "float":
         if not torch.allclose(got_t, want, atol=ATOL, rtol=RTOL):
             diff = float((got_t - want).abs().max())
-            raise EngineError("export_failed", f"{name}: reloaded model differs from the trained one (max abs diff {diff:.3g})")
+            raise ExportFailed(f"{name}: reloaded model differs from the trained one (max abs diff {diff:.3g})")
         return
     min_agree, max_rel = TOLERANCES[tolerance]
     if task == "classification" and want.dim() == 2 and want.shape[1] > 1:
         agree = float((got_t.argmax(1) == want.argmax(1)).float().mean())
         if agree < min_agree:
-            raise EngineError("export_failed", f"{name}: reloaded model agrees with the in-memory {tolerance} model on "
+            raise ExportFailed(f"{name}: reloaded model agrees with the in-memory {tolerance} model on "
                               f"only {agree:.3f} of held-out rows (needs {min_agree})")
     rel = float((got_t - want).abs().mean()) / (float(want.abs().mean()) + 1e-6)
     if rel > max_rel:
-        raise EngineError("export_failed", f"{name}: reloaded model deviates from the in-memory {tolerance} model by "
+        raise ExportFailed(f"{name}: reloaded model deviates from the in-memory {tolerance} model by "
                           f"{rel:.3f} (mean relative difference, allowed {max_rel})")
 
 
@@ -117,7 +117,7 @@ class _Exporter(ABC):
         except (EngineError, SkipExport):
             raise
         except Exception as exc:
-            raise EngineError("export_failed", f"{self.name} export failed: {error_summary(exc)}") from None  # type: ignore[attr-defined]
+            raise ExportFailed(f"{self.name} export failed: {error_summary(exc)}") from None  # type: ignore[attr-defined]
 
     @abstractmethod
     def _export(self, inp: ExportInput) -> list[ArtifactFile]:
@@ -271,7 +271,7 @@ def load_safetensors_student(path: Path) -> nn.Module:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if metadata.get("format") != SAFETENSORS_FORMAT or "architecture" not in metadata:
-        raise EngineError("invalid_model", f"{path.name} is not a {SAFETENSORS_FORMAT} safetensors file")
+        raise InvalidModel(f"{path.name} is not a {SAFETENSORS_FORMAT} safetensors file")
     model = from_architecture(json.loads(metadata["architecture"]))
     model.load_state_dict(load_file(str(path)))
     return model

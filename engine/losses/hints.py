@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import EngineError
+from engine.errors import InvalidSpec, ShapeMismatch
 
 DISTANCES = ("mse", "cosine", "attention")
 
@@ -45,7 +45,7 @@ class HintLoss(nn.Module):
     def __init__(self, distance: str, teacher_shape: tuple[int, ...], student_shape: tuple[int, ...]):
         super().__init__()
         if distance not in DISTANCES:
-            raise EngineError("invalid_spec", f"hint distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
+            raise InvalidSpec(f"hint distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
         self.distance = distance
         self.teacher_shape = tuple(int(d) for d in teacher_shape)
         self.student_shape = tuple(int(d) for d in student_shape)
@@ -67,7 +67,7 @@ class HintLoss(nn.Module):
 
     def _check(self, x: torch.Tensor, shape: tuple[int, ...], who: str) -> None:
         if tuple(x.shape[1:]) != shape:
-            raise EngineError("shape_mismatch", f"{who} hint feature has rows of shape {list(x.shape[1:])}, "
+            raise ShapeMismatch(f"{who} hint feature has rows of shape {list(x.shape[1:])}, "
                                                 f"expected {list(shape)}")
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:

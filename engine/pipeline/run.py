@@ -50,7 +50,7 @@ from engine.pipeline.resume import Resume, StudentSnapshots, checkpoint_identity
 from engine.pipeline.run_steps import run_steps
 from engine.training.loop import ProgressTracker, TrainContext, fit
 from engine.values import DatasetSource, EngineResult, InputInfo, ModelSource, Reporter, TeacherInfo, TeacherSource
-from engine.errors import EngineError
+from engine.errors import EngineError, InvalidSpec, ShapeMismatch, Unsupported
 from engine.pipeline.validate import Validated, validate
 
 #: Held-out rows used to verify exports (enough to catch numeric drift, cheap).
@@ -94,7 +94,7 @@ def _teacher_as_student(v: Validated, example: list[torch.Tensor]) -> tuple[nn.M
         try:
             module = to_editable(t.module, [e.detach().cpu()[:2] for e in example])
         except EngineError as exc:
-            raise EngineError("unsupported", f"prune/quantize steps without a student work on the teacher itself, "
+            raise Unsupported(f"prune/quantize steps without a student work on the teacher itself, "
                               f"but: {exc.message}") from None
         try:
             architecture = {**derive.chain_architecture(module), "source": "teacher"}
@@ -115,7 +115,7 @@ def _create_student(v: Validated, models: Mapping[str, ModelSource] | None,
     if v.job.uploaded_student is not None:
         model_id = v.job.uploaded_student.model_id
         if not models or model_id not in models:
-            raise EngineError("invalid_spec", f"student model {model_id!r} was not provided")
+            raise InvalidSpec(f"student model {model_id!r} was not provided")
         return _students.load_uploaded(models[model_id], _teachers.load_module)
     info = TeacherInfo(v.teacher.module, getattr(v.teacher, "architecture", None), v.teacher.format, v.task)
     return student.create(_input_infos(v), v.out_dim, info)
@@ -132,11 +132,11 @@ def _check_student(model: nn.Module, v: Validated, example: list[torch.Tensor]) 
     except EngineError:
         raise
     except Exception as exc:
-        raise EngineError("shape_mismatch", f"the student cannot take the data's inputs: "
+        raise ShapeMismatch(f"the student cannot take the data's inputs: "
                           f"{error_summary(exc)}") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != v.out_dim:
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise EngineError("shape_mismatch", f"the student outputs {shape} per batch but the teacher's outputs "
+        raise ShapeMismatch(f"the student outputs {shape} per batch but the teacher's outputs "
                           f"are [batch, {v.out_dim}]")
 
 

@@ -27,7 +27,7 @@ from engine.pipeline.resume import Resume, StudentSnapshots
 from engine.pipeline.job import JobPlan
 from engine.training.loop import TrainContext
 from engine.values import ArtifactFile
-from engine.errors import EngineError
+from engine.errors import InvalidSpec
 
 
 def gate_check(step: Any, index: int, row: dict[str, Any], teacher_row: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -37,7 +37,7 @@ def gate_check(step: Any, index: int, row: dict[str, Any], teacher_row: Mapping[
         return None
     metric = gate.metric
     if metric not in row or metric not in teacher_row:
-        raise EngineError("invalid_spec", f"steps[{index}].gate.metric: {metric!r} was not measured for this job")
+        raise InvalidSpec(f"steps[{index}].gate.metric: {metric!r} was not measured for this job")
     drop = float(teacher_row[metric]) - float(row[metric])
     return {"metric": metric, "teacher": float(teacher_row[metric]), "value": float(row[metric]),
             "drop": drop, "max_drop": float(gate.max_drop), "passed": drop <= gate.max_drop + 1e-12}

@@ -22,7 +22,7 @@ import jobspec
 from engine.pipeline.job import JobPlan, plan_job
 from engine.teachers.loading import Teacher, load_teacher, probe_teacher
 from engine.values import TASKS, DatasetSource, Reporter, TeacherSource
-from engine.errors import EngineError, InvalidSpec, Unsupported
+from engine.errors import EngineError, InvalidDataset, InvalidSpec, ShapeMismatch, Unsupported
 
 DEFAULT_DATASET_KEY = "dataset"
 
@@ -35,9 +35,9 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cpu")
     if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
         if not torch.cuda.is_available():
-            raise EngineError("unsupported", f"device {device!r} requested but CUDA is not available")
+            raise Unsupported(f"device {device!r} requested but CUDA is not available")
         return torch.device(device)
-    raise EngineError("invalid_spec", f"unknown device {device!r} (expected 'auto', 'cpu' or 'cuda')")
+    raise InvalidSpec(f"unknown device {device!r} (expected 'auto', 'cpu' or 'cuda')")
 
 
 def first_rows(arrays: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
@@ -73,7 +73,7 @@ def dataset_map(job: JobPlan, datasets: Any) -> dict[str, DatasetSource]:
             job.dataset_id = key
         return {key: datasets}
     if not isinstance(datasets, Mapping):
-        raise EngineError("invalid_spec", f"datasets must be a mapping of id -> DatasetSource, got {type(datasets).__name__}")
+        raise InvalidSpec(f"datasets must be a mapping of id -> DatasetSource, got {type(datasets).__name__}")
     return dict(datasets)
 
 
@@ -97,14 +97,14 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
     sources = dataset_map(job, datasets)
     task = getattr(teacher, "task", "classification")
     if task not in TASKS:
-        raise EngineError("unsupported", f"teacher task {task!r} is not supported ({', '.join(TASKS)})")
+        raise Unsupported(f"teacher task {task!r} is not supported ({', '.join(TASKS)})")
 
     # which datasets the job needs
     needed: list[str] = []
     for i, step in enumerate(job.steps):
         ds_id = step_dataset_id(job, step)
         if ds_id is None and getattr(step, "synthesize", None) is None:
-            raise EngineError("invalid_spec", f"steps[{i}] has no data: give 'dataset_id' (job or step) or 'synthesize'")
+            raise InvalidSpec(f"steps[{i}] has no data: give 'dataset_id' (job or step) or 'synthesize'")
         if ds_id is not None:
             needed.append(ds_id)
     if job.eval_dataset_id:
@@ -114,7 +114,7 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
     needed = list(dict.fromkeys(needed))
     missing = [d for d in needed if d not in sources]
     if missing:
-        raise EngineError("invalid_spec", f"dataset {missing[0]!r} is named by the spec but was not provided "
+        raise InvalidSpec(f"dataset {missing[0]!r} is named by the spec but was not provided "
                           f"(provided: {', '.join(sources) or 'none'})")
 
     cache_dir = Path(out_dir) / "cache"
@@ -124,7 +124,7 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
             loaded[ds_id] = load_dataset(sources[ds_id], cache_dir)
         except EngineError as exc:
             if len(needed) > 1:
-                raise EngineError(exc.code, f"dataset {ds_id!r}: {exc.message}") from None
+                raise EngineError.of(exc.code, f"dataset {ds_id!r}: {exc.message}") from None
             raise
     tch = load_teacher(teacher, dev, threads)
     # the spec's rules against what the files are (the API checked the same from their metadata)
@@ -141,12 +141,12 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
         if inputs is None:
             inputs, row_shapes = list(ds.inputs), ds.row_shapes()
         elif list(ds.inputs) != inputs or ds.row_shapes() != row_shapes:
-            raise EngineError("shape_mismatch", f"dataset {ds_id!r} has inputs "
+            raise ShapeMismatch(f"dataset {ds_id!r} has inputs "
                               f"{ {k: list(v) for k, v in ds.row_shapes().items()} } but the job's first dataset has "
                               f"{ {k: list(v) for k, v in row_shapes.items()} }")
         width = probe_teacher(tch, first_rows(ds.x, 2))
         if out_dim is not None and width != out_dim:
-            raise EngineError("shape_mismatch", f"teacher output width differs between datasets ({out_dim} vs {width})")
+            raise ShapeMismatch(f"teacher output width differs between datasets ({out_dim} vs {width})")
         out_dim = width
     if inputs is None:  # data-free only
         assert job.input_spec is not None
@@ -157,7 +157,7 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
         out_dim = probe_teacher(tch, probe)
     elif job.input_spec is not None and any(getattr(s, "synthesize", None) is not None for s in job.steps):
         if len(inputs) != 1 or tuple(job.input_spec.shape) != row_shapes[inputs[0]]:
-            raise EngineError("shape_mismatch", f"input_spec.shape {job.input_spec.shape} does not match the "
+            raise ShapeMismatch(f"input_spec.shape {job.input_spec.shape} does not match the "
                               f"data's rows {[list(v) for v in row_shapes.values()]}")
     assert out_dim is not None
     tch.bind(inputs)
@@ -174,12 +174,12 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
                         continue
                     width = 1 if y.ndim == 1 else y.shape[1]
                     if width != out_dim:
-                        raise EngineError("invalid_dataset", f"array {key!r} has {width} target(s) per row but "
+                        raise InvalidDataset(f"array {key!r} has {width} target(s) per row but "
                                           f"the teacher predicts {out_dim}")
                     ds.y = ds.y.astype(np.float32) if ds.y is not None else None
                     ds.y_val = ds.y_val.astype(np.float32) if ds.y_val is not None else None
         except EngineError as exc:
-            raise EngineError(exc.code, where + exc.message) from None
+            raise EngineError.of(exc.code, where + exc.message) from None
     primary = loaded.get(job.dataset_id or "") or (next(iter(loaded.values())) if loaded else None)
     reporter.event(
         "validate",

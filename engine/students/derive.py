@@ -27,7 +27,7 @@ from torch import nn
 
 from engine.students import families
 import jobspec
-from engine.errors import EngineError
+from engine.errors import InvalidSpec, Unsupported
 
 _ACT_TYPES = {"ReLU": "relu", "GELU": "gelu", "Tanh": "tanh", "Sigmoid": "sigmoid", "ELU": "elu", "SiLU": "silu",
               "Softplus": "softplus", "Identity": "identity"}
@@ -56,7 +56,7 @@ class DerivedStudent:
 
     def create(self, inputs: Any, out_dim: int, teacher: Any) -> tuple[nn.Module, dict[str, Any]]:
         if teacher is None:
-            raise EngineError("unsupported", "a derived student needs the teacher")
+            raise Unsupported("a derived student needs the teacher")
         arch = getattr(teacher, "architecture", None)
         module = getattr(teacher, "module", None)
         if isinstance(arch, Mapping) and arch.get("family") in ("mlp", "cnn", "resnet", "embedding_bag",
@@ -65,16 +65,16 @@ class DerivedStudent:
             model = families.from_architecture(new)
             if self.init == "teacher":
                 if module is None:
-                    raise EngineError("unsupported", "init 'teacher' needs the teacher's weights")
+                    raise Unsupported("init 'teacher' needs the teacher's weights")
                 new["init_from_teacher"] = families.init_from_teacher(model, module)
             new["derived_from"] = arch.get("family")
             return model, new
         if module is None:
-            raise EngineError("unsupported", "cannot derive a student from an ONNX teacher without an architecture; "
+            raise Unsupported("cannot derive a student from an ONNX teacher without an architecture; "
                                              "choose a student family")
         inputs = families.normalize_inputs(inputs)
         if len(inputs) != 1:
-            raise EngineError("unsupported", "derive from a layer chain needs a single input")
+            raise Unsupported("derive from a layer chain needs a single input")
         chain = rebuild_chain(module)
         return shrink_chain(chain, tuple(inputs[0].row_shape), self.config.width, self.config.depth,
                             init_teacher=self.init == "teacher", out_dim=out_dim)
@@ -177,8 +177,7 @@ def _chain_dicts(module: nn.Module) -> tuple[list[nn.Module], list[dict[str, Any
     for leaf in leaves:
         d = _layer_dict(leaf)
         if d is None:
-            raise EngineError(
-                "unsupported",
+            raise Unsupported(
                 f"cannot derive a student from this teacher: layer type {families._type_name(leaf)!r} is not supported "
                 "(a plain chain of Linear/Conv2d/BatchNorm/activation/Flatten/Dropout/pooling layers is)",
             )
@@ -219,9 +218,9 @@ def shrink_chain(chain: nn.Sequential, input_shape: tuple[int, ...], width: floa
     leaves, dicts = _chain_dicts(chain)
     weight_idx = [i for i, d in enumerate(dicts) if d["type"] in ("linear", "conv2d")]
     if not weight_idx:
-        raise EngineError("unsupported", "the teacher chain has no Linear or Conv2d layer")
+        raise Unsupported("the teacher chain has no Linear or Conv2d layer")
     if any(dicts[i].get("groups", 1) != 1 for i in weight_idx):
-        raise EngineError("unsupported", "cannot derive from a chain with grouped convolutions")
+        raise Unsupported("cannot derive from a chain with grouped convolutions")
     n_hidden = len(weight_idx) - 1
     kept = set(_keep(n_hidden, depth))
     plan: list[tuple[int, bool]] = [(i, False) for i in range(weight_idx[0])]  # (layer index, is hidden weight)
@@ -326,5 +325,5 @@ def build(config: jobspec.DerivedStudent | Mapping[str, Any]) -> DerivedStudent:
         try:
             config = jobspec.DerivedStudent.model_validate(dict(config))
         except ValidationError as exc:
-            raise EngineError("invalid_spec", f"student: {jobspec.base.validation_message(exc)}") from None
+            raise InvalidSpec(f"student: {jobspec.base.validation_message(exc)}") from None
     return DerivedStudent(config)

@@ -44,7 +44,7 @@ from torch import nn
 import jobspec
 from engine.registry import students
 from engine.values import InputInfo
-from engine.errors import EngineError
+from engine.errors import InvalidModel, InvalidSpec, ShapeMismatch, Unsupported
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 Init = Literal["random", "teacher"]
@@ -59,15 +59,13 @@ def normalize_inputs(inputs: Any) -> list[InputInfo]:
         return [InputInfo("x", tuple(int(d) for d in inputs), False, None)]
     out = list(inputs)
     if not out:
-        raise EngineError("shape_mismatch", "the student needs at least one input")
+        raise ShapeMismatch("the student needs at least one input")
     return out
 
 
 def _single_float_input(inputs: list[InputInfo], family: str) -> InputInfo:
     if len(inputs) != 1:
-        raise EngineError(
-            "unsupported",
-            f"student family {family!r} takes exactly one input, the data has {len(inputs)} "
+        raise Unsupported(f"student family {family!r} takes exactly one input, the data has {len(inputs)} "
             f"({', '.join(i.name for i in inputs)}); use embedding_bag or text_transformer for token ids + mask",
         )
     return inputs[0]
@@ -79,25 +77,22 @@ def _image_shape(shape: tuple[int, ...] | list[int], family: str) -> tuple[int, 
         return shape  # type: ignore[return-value]
     if len(shape) == 2:
         return (1, shape[0], shape[1])
-    raise EngineError(
-        "shape_mismatch",
+    raise ShapeMismatch(
         f"student family {family!r} needs image rows of shape C×H×W or H×W, the data has rows of shape {list(shape)}",
     )
 
 
 def _token_inputs(inputs: list[InputInfo], family: str) -> tuple[InputInfo, InputInfo | None]:
     if not 1 <= len(inputs) <= 2:
-        raise EngineError("unsupported", f"student family {family!r} takes input_ids and optionally attention_mask")
+        raise Unsupported(f"student family {family!r} takes input_ids and optionally attention_mask")
     ids = inputs[0]
     if not ids.is_integer or len(ids.row_shape) != 1:
-        raise EngineError(
-            "shape_mismatch",
-            f"student family {family!r} needs token ids (integer rows of shape [L]) as its first input; "
+        raise ShapeMismatch(f"student family {family!r} needs token ids (integer rows of shape [L]) as its first input; "
             f"{ids.name!r} has {'integer' if ids.is_integer else 'float'} rows of shape {list(ids.row_shape)}",
         )
     mask = inputs[1] if len(inputs) == 2 else None
     if mask is not None and tuple(mask.row_shape) != tuple(ids.row_shape):
-        raise EngineError("shape_mismatch", f"{mask.name!r} must have the shape of {ids.name!r}")
+        raise ShapeMismatch(f"{mask.name!r} must have the shape of {ids.name!r}")
     return ids, mask
 
 
@@ -137,11 +132,9 @@ def _resolve_vocab(config_vocab: int | None, ids: InputInfo, teacher: Any, famil
         elif needed is not None:
             vocab = max(needed, 2)
         else:
-            raise EngineError("invalid_spec", f"student.vocab_size: cannot infer the vocabulary for {family!r}; set it")
+            raise InvalidSpec(f"student.vocab_size: cannot infer the vocabulary for {family!r}; set it")
     if needed is not None and vocab < needed:
-        raise EngineError(
-            "shape_mismatch",
-            f"student.vocab_size is {vocab} but {ids.name!r} contains token id {needed - 1}",
+        raise ShapeMismatch(f"student.vocab_size is {vocab} but {ids.name!r} contains token id {needed - 1}",
         )
     return vocab
 
@@ -150,9 +143,7 @@ def _finish(model: nn.Module, architecture: dict[str, Any], init: str, teacher: 
     if init == "teacher":
         module = _teacher_module(teacher)
         if module is None:
-            raise EngineError(
-                "unsupported",
-                "student.init 'teacher' needs a PyTorch teacher (TorchScript, torch.export or safetensors), "
+            raise Unsupported("student.init 'teacher' needs a PyTorch teacher (TorchScript, torch.export or safetensors), "
                 "not an ONNX graph",
             )
         architecture["init_from_teacher"] = init_from_teacher(model, module)
@@ -445,7 +436,7 @@ class TextTransformerStudent:
         seq_len = int(ids.row_shape[0])
         max_len = int(self.config.max_len or seq_len)
         if max_len < seq_len:
-            raise EngineError("shape_mismatch", f"student.max_len is {max_len} but the sequences have length {seq_len}")
+            raise ShapeMismatch(f"student.max_len is {max_len} but the sequences have length {seq_len}")
         c = self.config
         architecture = {"family": "text_transformer", "vocab_size": vocab, "d_model": c.d_model, "layers": c.layers,
                         "heads": c.heads, "ff": c.ff, "max_len": max_len, "out_features": int(out_dim),
@@ -512,7 +503,7 @@ def _layer_from_dict(d: Mapping[str, Any]) -> nn.Module:
         return cls(_pair(d["kernel_size"]), stride=_pair(d.get("stride")), padding=_pair(d.get("padding", 0)))
     if t == "adaptiveavgpool2d":
         return nn.AdaptiveAvgPool2d(_pair(d["output_size"]))
-    raise EngineError("unsupported", f"unknown layer type {t!r} in a sequential architecture")
+    raise Unsupported(f"unknown layer type {t!r} in a sequential architecture")
 
 
 # ---- input reduction -----------------------------------------------------------------------------
@@ -559,13 +550,13 @@ def from_architecture(architecture: Mapping[str, Any]) -> nn.Module:
     """Rebuild an (untrained) model from its architecture dict (defaults fill optional keys)."""
     family = architecture.get("family") if isinstance(architecture, Mapping) else None
     if family not in _BUILDERS:
-        raise EngineError("unsupported", f"cannot rebuild model family {family!r}; known: {', '.join(_BUILDERS)}")
+        raise Unsupported(f"cannot rebuild model family {family!r}; known: {', '.join(_BUILDERS)}")
     try:
         return _BUILDERS[family](architecture)
     except KeyError as exc:
-        raise EngineError("invalid_model", f"{family} architecture is missing the key {exc.args[0]!r}") from None
+        raise InvalidModel(f"{family} architecture is missing the key {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
-        raise EngineError("invalid_model", f"{family} architecture is invalid: {exc}") from None
+        raise InvalidModel(f"{family} architecture is invalid: {exc}") from None
 
 
 # ---- init: teacher -------------------------------------------------------------------------------
@@ -745,7 +736,7 @@ def load_uploaded(source: Any, load_module: Callable[[Path, str, Optional[dict]]
     arch_in = getattr(source, "architecture", None)
     module = load_module(Path(source.path), fmt, dict(arch_in) if arch_in is not None else None)
     if not isinstance(module, nn.Module):
-        raise EngineError("invalid_model", f"the uploaded {fmt} student is not a trainable PyTorch module")
+        raise InvalidModel(f"the uploaded {fmt} student is not a trainable PyTorch module")
     module.train()
     trainable = 0
     for p in module.parameters():
@@ -753,7 +744,7 @@ def load_uploaded(source: Any, load_module: Callable[[Path, str, Optional[dict]]
             p.requires_grad_(True)
             trainable += p.numel()
     if trainable == 0:
-        raise EngineError("invalid_model", f"the uploaded {fmt} student has no trainable floating-point parameters")
+        raise InvalidModel(f"the uploaded {fmt} student has no trainable floating-point parameters")
     if fmt == "safetensors" and arch_in is not None and arch_in.get("family") in _BUILDERS:
         architecture = {**dict(arch_in), "source": "uploaded"}
     else:

@@ -1,6 +1,7 @@
 """Data-free distillation: synthesise a transfer set with a generator trained against the teacher.
 
-DAFL (Chen et al., "Data-Free Learning of Student Networks", ICCV 2019; source 001). A generator
+DAFL (H. Chen, Y. Wang, C. Xu, Z. Yang, C. Liu, B. Shi, C. Xu, C. Xu, Q. Tian, "Data-Free Learning of
+Student Networks", ICCV 2019). A generator
 G(z), z ~ N(0, I), is trained against the FROZEN teacher T to minimise
 
     L = L_oh + ACTIVATION_WEIGHT · L_a + ENTROPY_WEIGHT · L_ie

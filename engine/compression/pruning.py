@@ -8,7 +8,8 @@ Entry points (the pipeline handles fine-tuning between iterations)::
         finetune(result.model)                              # between iterations, in place
     prune_step(model, config, k, of, example_inputs=...)    # iteration k of `of`, in place
 
-Config (registry ``pruners``, discriminator ``method``)::
+Config (registry ``pruners``, discriminator ``method``): the spec's :class:`jobspec.PruneStep`, or the same
+fields as a dict, validated by it::
 
     {"method": "magnitude" | "random" | "layer" | "channel",
      "amount": 0 < float < 1,          # final fraction of weights (channels for "channel") removed
@@ -30,6 +31,14 @@ Prunable weights are the ``weight`` of every ``nn.Linear``, ``nn.Conv1d`` and
 ``nn.Conv2d``. TorchScript and torch.export models are first rebuilt with
 :func:`editable.to_editable`; eager models are deep-copied (the input is never
 modified by :func:`prune`/:func:`prune_steps`).
+
+References: ``magnitude`` — S. Han, J. Pool, J. Tran, W. J. Dally, "Learning both Weights and Connections
+for Efficient Neural Networks", NeurIPS 2015; the iterative schedule — M. Zhu, S. Gupta, "To prune, or not
+to prune: exploring the efficacy of pruning for model compression", ICLR Workshop 2018; ``layer``
+(sensitivity-driven per-layer sparsity) — in the spirit of H. Li, A. Kadav, I. Durdanovic, H. Samet,
+H. P. Graf, "Pruning Filters for Efficient ConvNets", ICLR 2017 (per-layer sensitivity analysis);
+``channel`` — Li et al. 2017 (L-norm filter ranking) with the dependency graphs of G. Fang, X. Ma, M. Song,
+M. B. Mi, X. Wang, "DepGraph: Towards Any Structural Pruning", CVPR 2023 (the ``torch-pruning`` library).
 """
 
 from __future__ import annotations

@@ -23,6 +23,15 @@ CPU notes: int8 kernels (fbgemm/x86/onednn) are fast on x86 CPUs with AVX2/VNNI.
 fp16 on CPU halves the file size but is usually *slower* than fp32 (few CPUs have
 native fp16 GEMM; PyTorch upcasts internally); bf16 is fast only on CPUs with
 AVX512-BF16/AMX, otherwise also slower. Both are mainly for size or GPU serving.
+
+``Config`` of every quantizer is the spec's :class:`jobspec.QuantizeStep`; knobs the spec does not expose
+(FX backend, calibration batches, QAT epochs) are :class:`QuantizeOptions`.
+
+References: B. Jacob, S. Kligys, B. Chen, M. Zhu, M. Tang, A. Howard, H. Adam, D. Kalenichenko,
+"Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018
+(affine int8, calibration, quantization-aware training with fake quantization); R. Krishnamoorthi,
+"Quantizing deep convolutional networks for efficient inference: A whitepaper", arXiv:1806.08342, 2018
+(dynamic vs static post-training quantization, per-channel weights).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Hint losses: match an intermediate student feature to a teacher feature (FitNets, attention transfer).
 
-This is the β·D(knowledge, student) term of source 002. One :class:`HintLoss` per spec ``hints[i]``::
+Each hint adds w·D(adapter(student feature), teacher feature) to the step's loss. One :class:`HintLoss` per spec ``hints[i]``::
 
     hint = HintLoss("mse", teacher_shape=(256,), student_shape=(32,))
     loss = hint(student_feat, teacher_feat)          # [B, *student_shape], [B, *teacher_shape] -> scalar
@@ -22,6 +22,11 @@ Distances (means over the batch):
                   (over channels for C×H×W, over D for L×D, elementwise for vectors), pooled to the
                   smaller spatial size, flattened and L2-normalised; the loss is the mean over all
                   elements of (q_s − q_t)² (as the authors' reference code). No adapter.
+
+References: A. Romero, N. Ballas, S. E. Kahou, A. Chassang, C. Gatta, Y. Bengio, "FitNets: Hints for Thin
+Deep Nets", ICLR 2015 (hints through a learned regressor: ``mse`` with the adapter); S. Zagoruyko,
+N. Komodakis, "Paying More Attention to Attention: Improving the Performance of Convolutional Neural
+Networks via Attention Transfer", ICLR 2017 (``attention``).
 """
 
 from __future__ import annotations

@@ -20,6 +20,23 @@ Formulas (``p = softmax``, ``T`` the temperature, means over the batch):
 ``mse``     mean((s − t)²) over all elements; ``probabilities``: mean((p(s) − p(t))²)
 ``cosine``  mean(1 − cos(s, t)) + w·mean((s − t)²)
 ==========  ==================================================================================
+
+References:
+
+* ``kd``, ``soft_ce``: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network",
+  NIPS Deep Learning Workshop, 2015 (arXiv:1503.02531). The entropy term of ``soft_ce`` is entropy
+  minimisation (Y. Grandvalet, Y. Bengio, "Semi-supervised Learning by Entropy Minimization", NIPS 2004);
+  a negative weight is the confidence penalty (G. Pereyra et al., "Regularizing Neural Networks by
+  Penalizing Confident Output Distributions", ICLR Workshop 2017).
+* ``hard``: the teacher's argmax as pseudo-labels (D.-H. Lee, "Pseudo-Label", ICML Workshop 2013) with
+  label smoothing (C. Szegedy et al., "Rethinking the Inception Architecture for Computer Vision", CVPR 2016).
+* ``mse``: logit / output matching (J. Ba, R. Caruana, "Do Deep Nets Really Need to be Deep?", NIPS 2014;
+  T. Kim et al., "Comparing Kullback-Leibler Divergence and Mean Squared Error Loss in Knowledge
+  Distillation", IJCAI 2021).
+* ``cosine``: embedding distillation by direction, as DistilBERT's cosine loss on hidden states (V. Sanh et al.,
+  "DistilBERT, a distilled version of BERT", NeurIPS EMC² Workshop 2019) and with the MSE term of
+  N. Reimers, I. Gurevych, "Making Monolingual Sentence Embeddings Multilingual using Knowledge
+  Distillation", EMNLP 2020.
 """
 
 from __future__ import annotations
@@ -42,7 +59,7 @@ def _class_labels(labels: torch.Tensor | None) -> torch.Tensor | None:
 
 @losses.register("kd")
 class KDLoss:
-    """Hinton et al. knowledge distillation.
+    """Knowledge distillation of Hinton, Vinyals & Dean (2015), shapes [B, C] logits.
 
     With labels:    alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(s, y)
     Without labels: T^2 * KL(p_t || p_s)  (alpha is ignored)
@@ -78,7 +95,7 @@ class KDLoss:
 
 @losses.register("soft_ce")
 class SoftCELoss:
-    """Cross-entropy against the teacher's softened probabilities plus an entropy term (source 000).
+    """Cross-entropy against the teacher's softened probabilities plus an entropy term (Hinton et al. 2015; Grandvalet & Bengio 2004).
 
         L = T^2 * mean_i( -sum_c q_ic log p_ic )  +  w * mean_i( -sum_c r_ic log r_ic )
 
@@ -109,7 +126,7 @@ class SoftCELoss:
 
 @losses.register("hard")
 class HardLoss:
-    """Cross-entropy against the teacher's argmax (hard pseudo-labels, source 001).
+    """Cross-entropy against the teacher's argmax (hard pseudo-labels; Lee 2013).
 
         L = CE_ε(s, argmax_c t_c)
 
@@ -130,7 +147,7 @@ class HardLoss:
 
 @losses.register("mse")
 class MSELoss:
-    """Mean squared error between student and teacher (regression distillation, source 004).
+    """Mean squared error between student and teacher (regression / logit matching; Ba & Caruana 2014).
 
     ``target: outputs``:       mean over all B·D elements of (s − t)²
     ``target: probabilities``: mean over all B·C elements of (softmax(s) − softmax(t))²

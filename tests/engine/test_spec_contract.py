@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 import jobspec
 from engine.errors import InvalidSpec
 from engine.pipeline.job import plan_job
+from tests.support.docs_examples import job_examples
 
 # Mostly values inside every bound (so that whole specs are often valid), sometimes the bounds themselves
 # and values just past them.
@@ -90,9 +92,10 @@ def _same_job(body: dict[str, Any]) -> bool:
     return True
 
 
-def test_the_documented_example_is_accepted_by_both():
-    example = jobspec.JobSpec.model_config["json_schema_extra"]["examples"][0]
-    assert _same_job(example)
+@pytest.mark.parametrize("where,body", [("JobSpec example", jobspec.JobSpec.model_config["json_schema_extra"]
+                                           ["examples"][0]), *job_examples()])
+def test_the_documented_examples_are_accepted_by_both(where, body):
+    assert _same_job(body), where
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -95,7 +95,7 @@ class KDLoss:
 
 @losses.register("soft_ce")
 class SoftCELoss:
-    """Cross-entropy against the teacher's softened probabilities plus an entropy term (Hinton et al. 2015; Grandvalet & Bengio 2004).
+    """Cross-entropy against the teacher's softened probabilities plus an entropy term (Grandvalet & Bengio 2004).
 
         L = T^2 * mean_i( -sum_c q_ic log p_ic )  +  w * mean_i( -sum_c r_ic log r_ic )
 

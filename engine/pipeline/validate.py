@@ -64,14 +64,11 @@ class Validated:
 
 
 def dataset_map(job: JobPlan, datasets: Any) -> dict[str, DatasetSource]:
-    """``run()``'s ``datasets`` argument as ``{id: source}`` (a bare source becomes the job's dataset)."""
+    """``run()``'s ``datasets`` argument as ``{id: source}`` (a bare source is the job's dataset)."""
     if datasets is None:
         return {}
     if isinstance(datasets, DatasetSource):
-        key = job.dataset_id or DEFAULT_DATASET_KEY
-        if job.dataset_id is None:
-            job.dataset_id = key
-        return {key: datasets}
+        return {job.dataset_id or DEFAULT_DATASET_KEY: datasets}
     if not isinstance(datasets, Mapping):
         raise InvalidSpec(f"datasets must be a mapping of id -> DatasetSource, got {type(datasets).__name__}")
     return dict(datasets)
@@ -79,34 +76,14 @@ def dataset_map(job: JobPlan, datasets: Any) -> dict[str, DatasetSource]:
 
 def step_dataset_id(job: JobPlan, step: Any) -> str | None:
     """The dataset a step trains on (its own, else the job's); None for a data-free step."""
-    if getattr(step, "synthesize", None) is not None:
+    if step.synthesize is not None:
         return None
-    return getattr(step, "dataset_id", None) or job.dataset_id
+    return step.dataset_id or job.dataset_id
 
 
-def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, reporter: Reporter,
-              device: str, threads: int | None, out_dir: Path) -> Validated:
-    """Cheap checks that catch every mismatch before anything expensive runs."""
-    reporter.event("validate", "checking spec, datasets and teacher")
-    job = plan_job(spec)
-    dev = resolve_device(device)
-    if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")  # the worker's setting
-        torch.set_num_threads(threads)
-    sources = dataset_map(job, datasets)
-    task = getattr(teacher, "task", "classification")
-    if task not in TASKS:
-        raise Unsupported(f"teacher task {task!r} is not supported ({', '.join(TASKS)})")
-
-    # which datasets the job needs
-    needed: list[str] = []
-    for i, step in enumerate(job.steps):
-        ds_id = step_dataset_id(job, step)
-        if ds_id is None and getattr(step, "synthesize", None) is None:
-            raise InvalidSpec(f"steps[{i}] has no data: give 'dataset_id' (job or step) or 'synthesize'")
-        if ds_id is not None:
-            needed.append(ds_id)
+def _needed_datasets(job: JobPlan, sources: Mapping[str, DatasetSource]) -> list[str]:
+    """The ids of every dataset the job reads, the job's own first; each must have been provided."""
+    needed = [d for d in (step_dataset_id(job, step) for step in job.steps) if d is not None]
     if job.eval_dataset_id:
         needed.append(job.eval_dataset_id)
     if job.dataset_id and job.dataset_id in sources:
@@ -116,8 +93,10 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
     if missing:
         raise InvalidSpec(f"dataset {missing[0]!r} is named by the spec but was not provided "
                           f"(provided: {', '.join(sources) or 'none'})")
+    return needed
 
-    cache_dir = Path(out_dir) / "cache"
+
+def _load_datasets(needed: list[str], sources: Mapping[str, DatasetSource], cache_dir: Path) -> dict[str, Dataset]:
     loaded: dict[str, Dataset] = {}
     for ds_id in needed:
         try:
@@ -126,14 +105,13 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
             if len(needed) > 1:
                 raise EngineError.of(exc.code, f"dataset {ds_id!r}: {exc.message}") from None
             raise
-    tch = load_teacher(teacher, dev, threads)
-    # the spec's rules against what the files are (the API checked the same from their metadata)
-    facts = jobspec.Facts(task=task, teacher_format=teacher.format,
-                          labelled={ds_id: ds.y is not None for ds_id, ds in loaded.items()})
-    for problem in jobspec.conflicts(job.spec, facts):
-        raise (Unsupported if problem.unsupported else InvalidSpec)(str(problem))
+    return loaded
 
-    # inputs: every dataset must feed the same inputs
+
+def _inputs_and_width(job: JobPlan, loaded: Mapping[str, Dataset], teacher: Teacher
+                      ) -> tuple[list[str], dict[str, tuple[int, ...]], int]:
+    """The input names, their per-row shapes and the teacher's output width; every dataset must feed the
+    same inputs, and a data-free job's ``input_spec`` must match the data when there is some."""
     inputs: list[str] | None = None
     row_shapes: dict[str, tuple[int, ...]] = {}
     out_dim: int | None = None
@@ -141,28 +119,32 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
         if inputs is None:
             inputs, row_shapes = list(ds.inputs), ds.row_shapes()
         elif list(ds.inputs) != inputs or ds.row_shapes() != row_shapes:
-            raise ShapeMismatch(f"dataset {ds_id!r} has inputs "
-                              f"{ {k: list(v) for k, v in ds.row_shapes().items()} } but the job's first dataset has "
-                              f"{ {k: list(v) for k, v in row_shapes.items()} }")
-        width = probe_teacher(tch, first_rows(ds.x, 2))
+            raise ShapeMismatch(f"dataset {ds_id!r} has inputs {_shapes(ds.row_shapes())} but the job's first "
+                                f"dataset has {_shapes(row_shapes)}")
+        width = probe_teacher(teacher, first_rows(ds.x, 2))
         if out_dim is not None and width != out_dim:
             raise ShapeMismatch(f"teacher output width differs between datasets ({out_dim} vs {width})")
         out_dim = width
-    if inputs is None:  # data-free only
-        assert job.input_spec is not None
-        inputs = ["x"]
-        row_shapes = {"x": tuple(job.input_spec.shape)}
-        lo, hi = job.input_spec.range
-        probe = {"x": np.full((2, *row_shapes["x"]), (lo + hi) / 2, dtype=np.float32)}
-        out_dim = probe_teacher(tch, probe)
-    elif job.input_spec is not None and any(getattr(s, "synthesize", None) is not None for s in job.steps):
-        if len(inputs) != 1 or tuple(job.input_spec.shape) != row_shapes[inputs[0]]:
-            raise ShapeMismatch(f"input_spec.shape {job.input_spec.shape} does not match the "
-                              f"data's rows {[list(v) for v in row_shapes.values()]}")
+    shape = job.input_spec
+    if inputs is None:  # data-free only: the spec's input shape (guaranteed by the spec for synthesize)
+        assert shape is not None
+        inputs, row_shapes = ["x"], {"x": tuple(shape.shape)}
+        lo, hi = shape.range
+        out_dim = probe_teacher(teacher, {"x": np.full((2, *row_shapes["x"]), (lo + hi) / 2, dtype=np.float32)})
+    elif shape is not None and any(s.synthesize is not None for s in job.steps):
+        if len(inputs) != 1 or tuple(shape.shape) != row_shapes[inputs[0]]:
+            raise ShapeMismatch(f"input_spec.shape {shape.shape} does not match the data's rows "
+                                f"{[list(v) for v in row_shapes.values()]}")
     assert out_dim is not None
-    tch.bind(inputs)
+    return inputs, row_shapes, out_dim
 
-    # labels vs task
+
+def _shapes(row_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, list[int]]:
+    return {k: list(v) for k, v in row_shapes.items()}
+
+
+def _check_labels(loaded: Mapping[str, Dataset], task: str, out_dim: int) -> None:
+    """Class ids within the teacher's classes; regression targets as wide as its outputs (cast to float32)."""
     for ds_id, ds in loaded.items():
         where = f"dataset {ds_id!r}: " if len(loaded) > 1 else ""
         try:
@@ -170,16 +152,40 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
                 check_label_range(ds, out_dim)
             elif task == "regression":
                 for key, y in (("y", ds.y), ("y_val", ds.y_val)):
-                    if y is None:
-                        continue
-                    width = 1 if y.ndim == 1 else y.shape[1]
-                    if width != out_dim:
-                        raise InvalidDataset(f"array {key!r} has {width} target(s) per row but "
-                                          f"the teacher predicts {out_dim}")
-                    ds.y = ds.y.astype(np.float32) if ds.y is not None else None
-                    ds.y_val = ds.y_val.astype(np.float32) if ds.y_val is not None else None
+                    if y is not None and (1 if y.ndim == 1 else y.shape[1]) != out_dim:
+                        raise InvalidDataset(f"array {key!r} has {1 if y.ndim == 1 else y.shape[1]} target(s) per "
+                                             f"row but the teacher predicts {out_dim}")
+                ds.y = ds.y.astype(np.float32) if ds.y is not None else None
+                ds.y_val = ds.y_val.astype(np.float32) if ds.y_val is not None else None
         except EngineError as exc:
             raise EngineError.of(exc.code, where + exc.message) from None
+
+
+def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, reporter: Reporter,
+             device: str, threads: int | None, out_dir: Path) -> Validated:
+    """Cheap checks that catch every mismatch before anything expensive runs: the spec (its models and
+    rules), the device, the datasets it names, the teacher against the data, the labels against the task."""
+    reporter.event("validate", "checking spec, datasets and teacher")
+    job = plan_job(spec)
+    dev = resolve_device(device)
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")  # the worker's setting
+        torch.set_num_threads(threads)
+    task = teacher.task
+    if task not in TASKS:
+        raise Unsupported(f"teacher task {task!r} is not supported ({', '.join(TASKS)})")
+    sources = dataset_map(job, datasets)
+    loaded = _load_datasets(_needed_datasets(job, sources), sources, Path(out_dir) / "cache")
+    tch = load_teacher(teacher, dev, threads)
+    # the spec's rules against what the files are (the API checked the same from their metadata)
+    facts = jobspec.Facts(task=task, teacher_format=teacher.format,
+                          labelled={ds_id: ds.y is not None for ds_id, ds in loaded.items()})
+    for problem in jobspec.conflicts(job.spec, facts):
+        raise (Unsupported if problem.unsupported else InvalidSpec)(str(problem))
+    inputs, row_shapes, out_dim = _inputs_and_width(job, loaded, tch)
+    tch.bind(inputs)
+    _check_labels(loaded, task, out_dim)
     primary = loaded.get(job.dataset_id or "") or (next(iter(loaded.values())) if loaded else None)
     reporter.event(
         "validate",
@@ -191,10 +197,9 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
             "task": task,
             "datasets": {k: {"rows": v.num_rows, "labelled": v.y is not None, "has_val": v.x_val is not None}
                          for k, v in loaded.items()},
-            "inputs": {k: list(v) for k, v in row_shapes.items()},
+            "inputs": _shapes(row_shapes),
             "output_width": out_dim,
             "num_classes": out_dim if task == "classification" else None,
-            # kept for older readers
             "rows": primary.num_rows if primary else 0,
             "row_shape": list(row_shapes[inputs[0]]),
             "labelled": bool(primary is not None and primary.y is not None),

@@ -74,9 +74,7 @@ class Registry(Generic[T]):
         def decorator(cls: type[T]) -> type[T]:
             if name in self._items and self._items[name] is not cls:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
-            config = getattr(cls, "Config", None)
-            if config is None or not dataclasses.is_dataclass(config):
-                raise TypeError(f"{cls.__name__} needs a dataclass attribute 'Config'")
+            cls.Config = getattr(cls, "Config", None)  # type: ignore[attr-defined]
             cls.name = name  # type: ignore[attr-defined]
             self._items[name] = cls
             return cls

@@ -22,7 +22,6 @@ ERROR_CODES = (
 )
 
 
-
 class EngineError(Exception):
     """A failure the user can act on; ``code`` is one of :data:`ERROR_CODES`."""
 
@@ -51,3 +50,18 @@ class QualityGateFailed(EngineError):
     def __init__(self, message: str, result: EngineResult | None = None):
         super().__init__("quality_gate", message)
         self.result = result if result is not None else EngineResult(artifacts=[], metrics={}, report={})
+
+
+def error_summary(exc: BaseException, limit: int = 400) -> str:
+    """One line describing an exception from torch/onnx/onnxruntime.
+
+    TorchScript errors carry a multi-line interpreter traceback whose last line
+    is the actual reason, so that line is kept.
+    """
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    if not text:
+        text = type(exc).__name__
+    elif "Error" not in text.split(":", 1)[0]:
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from engine.inspection.model import error_summary
-from engine.errors import EngineError
+from engine.errors import EngineError, error_summary
 from engine.inspection.zipcheck import refuse_unsafe_zip
 
 # torch.export.load() unpickles in several places (weights/constants flagged use_pickle are read with

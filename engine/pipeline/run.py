@@ -42,7 +42,7 @@ from engine.students import families as _students
 from engine.teachers import loading as _teachers
 from engine.data.plan import DataPlan
 from engine.metrics import teacher_metrics
-from engine.inspection.model import error_summary
+from engine.errors import error_summary
 from engine.report.result import assemble_result
 from engine.report.measure import cpu_eval_copy, describe, student_latency, student_size_bytes, teacher_extras
 from engine.report.rows import measure_latency, model_row

@@ -367,7 +367,7 @@ def _onnx_int8(ctx: Any, step: Any, index: int, src: Path, feed_names: list[str]
     except EngineError:
         raise
     except Exception as exc:  # noqa: BLE001
-        from engine.inspection.model import error_summary
+        from engine.errors import error_summary
 
         raise EngineError("unsupported", f"steps[{index}] (quantize onnx_int8): ONNX Runtime cannot quantize this "
                           f"model: {error_summary(exc)}") from None

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.inspection.model import error_summary
+from engine.errors import error_summary
 from engine.inspection.pt2 import check_pt2_archive, safe_load_exported
 from engine.registry import teacher_formats
 from engine.teachers.base import Batch, Teacher, as_outputs

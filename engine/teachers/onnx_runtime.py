@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.inspection.model import count_onnx_parameters, error_summary, external_data_error
-from engine.registry import EmptyConfig, teacher_formats
+from engine.inspection.model_facts import count_onnx_parameters, external_data_error
+from engine.registry import teacher_formats
 from engine.teachers.base import Batch, Teacher
-from engine.errors import EngineError
+from engine.errors import EngineError, error_summary
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -36,7 +36,6 @@ _FLOAT_TYPES = ("tensor(float)", "tensor(double)", "tensor(float16)")
 @teacher_formats.register("onnx")
 class OnnxTeacher(Teacher):
     format = "onnx"
-    Config = EmptyConfig
 
     def __init__(self, path: Path, device: torch.device, threads: int | None = None, *,
                  task: str = "classification", architecture: dict | None = None):

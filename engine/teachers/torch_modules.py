@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.inspection.model import count_torchscript_parameters, error_summary, torchscript_load_error
+from engine.inspection.model_facts import count_torchscript_parameters, torchscript_load_error
 from engine.inspection.pt2 import safe_load_exported
-from engine.registry import EmptyConfig, teacher_formats
+from engine.registry import teacher_formats
 from engine.teachers.base import Batch, Teacher
-from engine.errors import EngineError
+from engine.errors import EngineError, error_summary
 from engine.inspection.zipcheck import refuse_unsafe_zip
 
 
@@ -147,7 +147,6 @@ class TorchTeacher(Teacher):
 @teacher_formats.register("torchscript")
 class TorchScriptTeacher(TorchTeacher):
     format = "torchscript"
-    Config = EmptyConfig
 
     def __init__(self, path: Path, device: torch.device, threads: int | None = None, *,
                  task: str = "classification", architecture: dict | None = None):
@@ -252,7 +251,6 @@ def _load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModul
 @teacher_formats.register("torch_export")
 class TorchExportTeacher(TorchTeacher):
     format = "torch_export"
-    Config = EmptyConfig
 
     def __init__(self, path: Path, device: torch.device, threads: int | None = None, *,
                  task: str = "classification", architecture: dict | None = None):
@@ -355,7 +353,6 @@ def load_safetensors_module(path: Path, architecture: dict | None, *, what: str 
 @teacher_formats.register("safetensors")
 class SafetensorsTeacher(TorchTeacher):
     format = "safetensors"
-    Config = EmptyConfig
 
     def __init__(self, path: Path, device: torch.device, threads: int | None = None, *,
                  task: str = "classification", architecture: dict | None = None):

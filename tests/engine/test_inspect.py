@@ -195,7 +195,7 @@ def test_onnx_with_external_data_is_refused_by_the_inspector_and_the_teacher(tmp
 def test_onnx_external_data_inside_a_subgraph_is_found():
     from onnx import TensorProto, helper
 
-    from engine.inspection.model import external_data_error
+    from engine.inspection.model_facts import external_data_error
 
     inner = TensorProto(name="k", data_type=TensorProto.FLOAT, dims=[1], data_location=TensorProto.EXTERNAL)
     branch = helper.make_graph([helper.make_node("Constant", [], ["c"], value=inner)], "then", [],

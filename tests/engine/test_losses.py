@@ -223,7 +223,7 @@ def test_every_loss_has_tasks_and_gradients():
 
 
 def test_configs_match_the_api_defaults():
-    from app.jobs.spec import LOSSES
+    from jobspec.losses import LOSSES
 
     for cls in LOSSES.values():
         stored = cls().model_dump(mode="json")

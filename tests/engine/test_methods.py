@@ -20,7 +20,7 @@ def _run(spec, teacher, data, tmp_path, reporter=None, **kw):
 
 
 def test_defaults_only_job_reaches_090(teacher_ts, digits_npz, tmp_path):
-    from app.jobs.spec import JobSpec
+    from jobspec.job import JobSpec
 
     spec = JobSpec.model_validate({"teacher_model_id": "m", "dataset_id": "d", "student": {"family": "mlp"},
                                    "exports": ["onnx"]}).model_dump(mode="json")

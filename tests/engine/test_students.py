@@ -105,7 +105,7 @@ def test_from_architecture_minimal_teacher_dicts():
 
 
 def test_legacy_shape_tuple_and_api_defaults():
-    from app.jobs.spec import STUDENT_FAMILIES
+    from jobspec.students import STUDENT_FAMILIES
 
     model, arch = students.build({"family": "mlp", "hidden": [8]}).create((64,), 10)
     assert arch["in_features"] == 64 and model(torch.rand(2, 64)).shape == (2, 10)

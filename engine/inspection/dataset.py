@@ -32,7 +32,7 @@ FORMATS = ("npz", "pt", "csv", "parquet", "image_folder")
 def _npz_headers(path: Path) -> dict[str, dict[str, Any]]:
     """``{name: {"shape", "dtype"}}`` from the array headers, after the archive and header checks of
     :func:`.data.npz_headers` (the same ones the job's loader applies)."""
-    from engine.data.formats import npz_headers
+    from engine.data.npz import npz_headers
 
     if not zipfile.is_zipfile(path):
         raise EngineError("invalid_dataset", "cannot read dataset as .npz: File is not a zip file")
@@ -66,7 +66,7 @@ def inspect_dataset(path: Path, format: str, options: dict | None = None,
     path = Path(path)
     options = options or {}
     inputs = list(inputs or ["x"])
-    from engine.data.formats import check_input_name
+    from engine.data.dataset import check_input_name
 
     try:
         for name in inputs:
@@ -93,9 +93,9 @@ def _inspect(path: Path, format: str, options: dict, inputs: list[str]) -> dict[
     if format == "pt":
         import torch
 
-        from engine.data.formats import _load_pt_dict
+        from engine.data.pt import load_pt_dict
 
-        obj = _load_pt_dict(path)
+        obj = load_pt_dict(path)
         arrays = {str(k): {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                   for k, v in obj.items() if isinstance(v, torch.Tensor)}
         return _check_arrays(arrays, inputs)
@@ -124,7 +124,7 @@ def _inspect(path: Path, format: str, options: dict, inputs: list[str]) -> dict[
         return {"num_rows": rows, "has_labels": label is not None,
                 "schema": {"inputs": inputs[:1], "arrays": arrays, "feature_columns": feats}}
     if format == "csv":
-        from engine.data.formats import load_dataset
+        from engine.data.loading import load_dataset
         from engine.values import DatasetSource
 
         ds = load_dataset(DatasetSource(path, "csv", inputs=tuple(inputs[:1]), options=options))
@@ -136,7 +136,7 @@ def _inspect(path: Path, format: str, options: dict, inputs: list[str]) -> dict[
     # image_folder
     from PIL import Image
 
-    from engine.data.formats import check_image_pixels, image_options, list_image_zip
+    from engine.data.image_folder import check_image_pixels, image_options, list_image_zip
 
     size, gray, _ = image_options(options)
     splits, classes = list_image_zip(path)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.data.formats import is_lazy
+from engine.data.split import is_lazy
 from engine.metrics import HIGHER_IS_BETTER, headline_metric, predict, task_metrics
 from engine.training.optim import Scheduler
 from engine.values import Reporter
@@ -88,9 +88,9 @@ class Table:
         return self._gather(slice(a, b))
 
     def subset(self, idx: np.ndarray) -> Table:
-        from engine.data.formats import _take
+        from engine.data.split import take_rows
 
-        return Table(_take(self.arrays, idx) if self.lazy else {k: np.asarray(v)[idx] for k, v in self.arrays.items()},
+        return Table(take_rows(self.arrays, idx) if self.lazy else {k: np.asarray(v)[idx] for k, v in self.arrays.items()},
                      self.device)
 
     def batch_dict(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

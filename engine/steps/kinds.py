@@ -167,7 +167,7 @@ class DistillStep:
         from engine.training.loop import fit
 
         if self.input_reduction is not None:
-            from engine.steps.compress import apply_input_reduction
+            from engine.compression.input_reduction import apply_input_reduction
 
             apply_input_reduction(ctx, self, index)
         fit(ctx, self, index, resumable=True)
@@ -276,7 +276,7 @@ class PruneStep:
         return out
 
     def run(self, ctx: Any, index: int) -> None:
-        from engine.steps.compress import run_prune
+        from engine.steps.prune import run_prune
 
         run_prune(ctx, self, index)
 
@@ -321,6 +321,6 @@ class QuantizeStep:
         return self.config.method
 
     def run(self, ctx: Any, index: int) -> None:
-        from engine.steps.compress import run_quantize
+        from engine.steps.quantize import run_quantize
 
         run_quantize(ctx, self, index)

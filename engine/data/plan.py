@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engine.data.split import split_dataset
-from engine.training.loop import StepData, Table, TeacherCache
+from engine.training.tables import StepData, Table, TeacherCache
 from engine.values import Reporter
 from engine.pipeline.validate import Validated, step_dataset_id
 

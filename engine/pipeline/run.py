@@ -48,7 +48,9 @@ from engine.report.measure import cpu_eval_copy, describe, student_latency, stud
 from engine.report.rows import measure_latency, model_row
 from engine.pipeline.resume import Resume, StudentSnapshots, checkpoint_identity, resume
 from engine.pipeline.run_steps import run_steps
-from engine.training.loop import ProgressTracker, TrainContext, fit
+from engine.training.context import TrainContext
+from engine.training.loop import fit
+from engine.training.progress import ProgressTracker
 from engine.values import DatasetSource, EngineResult, InputInfo, ModelSource, Reporter, TeacherInfo, TeacherSource
 from engine.errors import EngineError
 from engine.pipeline.validate import Validated, validate

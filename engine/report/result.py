@@ -19,7 +19,7 @@ from engine.errors import error_summary
 from engine.report.measure import describe, times
 from engine.report.rows import build_report, file_sha256, spec_sha256, versions, write_report
 from engine.pipeline.run_steps import StepsOutcome
-from engine.training.loop import TrainContext
+from engine.training.context import TrainContext
 from engine.values import ArtifactFile, EngineResult, Reporter, TeacherSource
 from engine.errors import QualityGateFailed
 from engine.pipeline.validate import Validated

@@ -8,7 +8,7 @@
   tracing and calibration, and what was used, noted in the step's report row.
 
 The steps themselves are :mod:`engine.steps.prune` and :mod:`engine.steps.quantize`; each works on
-the job's :class:`~engine.training.loop.TrainContext` and may REPLACE ``ctx.student`` /
+the job's :class:`~engine.training.context.TrainContext` and may REPLACE ``ctx.student`` /
 ``ctx.architecture``, leaving a :class:`~engine.training.context.StepOutput` in
 ``ctx.step_outputs[index]``. Fine-tuning (prune ``finetune``, ``qat``) is the shared
 :func:`~engine.training.loop.fit` loop distilling from the job's ORIGINAL teacher on the job's dataset.

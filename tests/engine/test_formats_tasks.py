@@ -252,10 +252,10 @@ def test_pt_dataset_and_multi_array_npz_val(digits, teacher_ts, tmp_path):
 def test_large_npz_is_memory_mapped_and_cache_spills_to_disk(digits, teacher_ts, tmp_path, monkeypatch):
     from engine.data import loading as data_loading
     from engine.data import npz as npz_format
-    from engine.training import loop as train_mod
+    from engine.training import tables as train_tables
 
     monkeypatch.setattr(npz_format, "NPZ_MMAP_THRESHOLD", 1)
-    monkeypatch.setattr(train_mod, "CACHE_MEMORY_LIMIT", 1)
+    monkeypatch.setattr(train_tables, "CACHE_MEMORY_LIMIT", 1)
     x, y = digits
     path = tmp_path / "big.npz"
     np.savez(path, x=x, y=y)

@@ -107,3 +107,17 @@ _BY_CODE = {cls.code: cls for cls in ERROR_CLASSES}
 #: Every code an engine error may carry. The worker copies it into the job's ``error.code``.
 ERROR_CODES = tuple(_BY_CODE)
 
+
+def error_summary(exc: BaseException, limit: int = 400) -> str:
+    """One line describing an exception from torch/onnx/onnxruntime.
+
+    TorchScript errors carry a multi-line interpreter traceback whose last line
+    is the actual reason, so that line is kept.
+    """
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    if not text:
+        text = type(exc).__name__
+    elif "Error" not in text.split(":", 1)[0]:
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -120,6 +120,3 @@ registries: dict[str, Registry[Any]] = {
     "exports": exports,
 }
 
-
-class EmptyConfig:
-    """Transitional marker for file-format classes (they take no config); removed with their last use."""

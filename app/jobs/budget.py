@@ -93,9 +93,9 @@ from app.settings import Settings, get_settings
 
 FLOAT_BYTES = 4
 INT_BYTES = 8  # token ids are int64 in the engine (``train._to_model_array``)
-#: The engine memory-maps npz files larger than this (``engine.data.formats.NPZ_MMAP_THRESHOLD``).
+#: The engine memory-maps npz files larger than this (``engine.data.npz.NPZ_MMAP_THRESHOLD``).
 NPZ_MMAP_THRESHOLD = 512 * 1024 * 1024
-#: Teacher-output caches larger than this go to disk (``engine.training.loop.CACHE_MEMORY_LIMIT``).
+#: Teacher-output caches larger than this go to disk (``engine.training.tables.CACHE_MEMORY_LIMIT``).
 CACHE_MEMORY_LIMIT = 1 << 30
 #: Optimizer-step FLOPs per parameter (Adam reads/writes two moments; SGD one momentum buffer).
 OPTIMIZER_FLOPS = {"adam": 10, "adamw": 10, "sgd": 4}

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.data.formats import split_dataset
-from engine.training.loop import StepData, Table, TeacherCache
+from engine.data.split import split_dataset
+from engine.training.tables import StepData, Table, TeacherCache
 from engine.values import Reporter
 from engine.pipeline.validate import Validated, step_dataset_id
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.inspection.model import error_summary
+from engine.errors import error_summary
 from engine.registry import exports
 from engine.students.families import from_architecture
 from engine.values import ArtifactFile

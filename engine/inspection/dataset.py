@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from engine.errors import EngineError
+from engine.errors import EngineError, InvalidDataset
 
 FORMATS = ("npz", "pt", "csv", "parquet", "image_folder")
 
@@ -32,28 +32,26 @@ FORMATS = ("npz", "pt", "csv", "parquet", "image_folder")
 def _npz_headers(path: Path) -> dict[str, dict[str, Any]]:
     """``{name: {"shape", "dtype"}}`` from the array headers, after the archive and header checks of
     :func:`.data.npz_headers` (the same ones the job's loader applies)."""
-    from engine.data.formats import npz_headers
+    from engine.data.npz import npz_headers
 
     if not zipfile.is_zipfile(path):
-        raise EngineError("invalid_dataset", "cannot read dataset as .npz: File is not a zip file")
+        raise InvalidDataset("cannot read dataset as .npz: File is not a zip file")
     return {name: {"shape": list(shape), "dtype": str(dtype)} for name, (shape, dtype) in npz_headers(path).items()}
 
 
 def _check_arrays(arrays: dict[str, dict[str, Any]], inputs: list[str]) -> dict[str, Any]:
     for name in inputs:
         if name not in arrays:
-            raise EngineError("invalid_dataset",
-                              f"dataset has no array {name!r} (found: {', '.join(sorted(arrays)) or 'none'})")
+            raise InvalidDataset(f"dataset has no array {name!r} (found: {', '.join(sorted(arrays)) or 'none'})")
         if len(arrays[name]["shape"]) < 2:
-            raise EngineError("invalid_dataset",
-                              f"array {name!r} must have shape [rows, features...], got {arrays[name]['shape']}")
+            raise InvalidDataset(f"array {name!r} must have shape [rows, features...], got {arrays[name]['shape']}")
     rows = arrays[inputs[0]]["shape"][0]
     for name in inputs[1:]:
         if arrays[name]["shape"][0] != rows:
-            raise EngineError("invalid_dataset", f"array {name!r} has {arrays[name]['shape'][0]} rows "
+            raise InvalidDataset(f"array {name!r} has {arrays[name]['shape'][0]} rows "
                               f"but {inputs[0]!r} has {rows}")
     if "y" in arrays and arrays["y"]["shape"][:1] != [rows]:
-        raise EngineError("invalid_dataset", f"array 'y' has {arrays['y']['shape'][:1]} rows but "
+        raise InvalidDataset(f"array 'y' has {arrays['y']['shape'][:1]} rows but "
                           f"{inputs[0]!r} has {rows}")
     keep = set(inputs) | {f"{n}_val" for n in inputs} | {"y", "y_val"}
     return {"num_rows": int(rows), "has_labels": "y" in arrays,
@@ -66,7 +64,7 @@ def inspect_dataset(path: Path, format: str, options: dict | None = None,
     path = Path(path)
     options = options or {}
     inputs = list(inputs or ["x"])
-    from engine.data.formats import check_input_name
+    from engine.data.dataset import check_input_name
 
     try:
         for name in inputs:
@@ -93,9 +91,9 @@ def _inspect(path: Path, format: str, options: dict, inputs: list[str]) -> dict[
     if format == "pt":
         import torch
 
-        from engine.data.formats import _load_pt_dict
+        from engine.data.pt import load_pt_dict
 
-        obj = _load_pt_dict(path)
+        obj = load_pt_dict(path)
         arrays = {str(k): {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                   for k, v in obj.items() if isinstance(v, torch.Tensor)}
         return _check_arrays(arrays, inputs)
@@ -106,16 +104,16 @@ def _inspect(path: Path, format: str, options: dict, inputs: list[str]) -> dict[
         try:
             pf = pq.ParquetFile(str(path))
         except Exception as exc:
-            raise EngineError("invalid_dataset", f"cannot read dataset as parquet: {str(exc)[:300]}") from None
+            raise InvalidDataset(f"cannot read dataset as parquet: {str(exc)[:300]}") from None
         schema = pf.schema_arrow
         label = options.get("label_column")
         names = list(schema.names)
         if label is not None and label not in names:
-            raise EngineError("invalid_dataset", f"label column {label!r} not found (columns: {', '.join(names)})")
+            raise InvalidDataset(f"label column {label!r} not found (columns: {', '.join(names)})")
         for f in schema:
             numeric = pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type)
             if not numeric:
-                raise EngineError("invalid_dataset", f"column {f.name!r} is not numeric ({f.type})")
+                raise InvalidDataset(f"column {f.name!r} is not numeric ({f.type})")
         rows = pf.metadata.num_rows
         feats = [n for n in names if n != label]
         arrays = {inputs[0]: {"shape": [rows, len(feats)], "dtype": "float32"}}
@@ -124,7 +122,7 @@ def _inspect(path: Path, format: str, options: dict, inputs: list[str]) -> dict[
         return {"num_rows": rows, "has_labels": label is not None,
                 "schema": {"inputs": inputs[:1], "arrays": arrays, "feature_columns": feats}}
     if format == "csv":
-        from engine.data.formats import load_dataset
+        from engine.data.loading import load_dataset
         from engine.values import DatasetSource
 
         ds = load_dataset(DatasetSource(path, "csv", inputs=tuple(inputs[:1]), options=options))
@@ -136,7 +134,7 @@ def _inspect(path: Path, format: str, options: dict, inputs: list[str]) -> dict[
     # image_folder
     from PIL import Image
 
-    from engine.data.formats import check_image_pixels, image_options, list_image_zip
+    from engine.data.image_folder import check_image_pixels, image_options, list_image_zip
 
     size, gray, _ = image_options(options)
     splits, classes = list_image_zip(path)
@@ -149,7 +147,7 @@ def _inspect(path: Path, format: str, options: dict, inputs: list[str]) -> dict[
         except EngineError:
             raise
         except Exception as exc:
-            raise EngineError("invalid_dataset", f"cannot decode image {member!r}: {str(exc)[:200]}") from None
+            raise InvalidDataset(f"cannot decode image {member!r}: {str(exc)[:200]}") from None
     c = 1 if gray else 3
     n = len(splits["train"])
     arrays = {inputs[0]: {"shape": [n, c, size[0], size[1]], "dtype": "float32"}, "y": {"shape": [n], "dtype": "int64"}}

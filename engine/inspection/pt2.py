@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from engine.inspection.model import error_summary
-from engine.errors import EngineError
+from engine.errors import EngineError, InvalidModel, error_summary
 from engine.inspection.zipcheck import refuse_unsafe_zip
 
 # torch.export.load() unpickles in several places (weights/constants flagged use_pickle are read with
@@ -88,17 +87,17 @@ def check_pt2_archive(path: Path) -> None:
     """Refuse a .pt2 whose loading would unpickle, run native code, or eval anything; else return."""
 
     def bad(reason: str) -> EngineError:
-        return EngineError("invalid_model", f"refusing torch.export archive: {reason}")
+        return InvalidModel(f"refusing torch.export archive: {reason}")
 
     if not zipfile.is_zipfile(path):
-        raise EngineError("invalid_model", "not a torch.export archive: the file is not a zip archive "
+        raise InvalidModel("not a torch.export archive: the file is not a zip archive "
                           "(save it with torch.export.save(exported_program, 'model.pt2'))")
     # Duplicate names first of all: zipfile (this check) and torch's reader could otherwise read different copies.
     refuse_unsafe_zip(path, "invalid_model", "torch.export archive")
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
-        raise EngineError("invalid_model", "not a torch.export archive: the file is not a zip archive "
+        raise InvalidModel("not a torch.export archive: the file is not a zip archive "
                           "(save it with torch.export.save(exported_program, 'model.pt2'))") from None
     with zf:
         names = zf.namelist()
@@ -158,7 +157,7 @@ def _walk_strings(obj: Any, key: str = ""):
 def safe_load_exported(path: Path) -> Any:
     """``torch.export.load`` after :func:`check_pt2_archive` (raises invalid_model)."""
     if not Path(path).is_file():
-        raise EngineError("invalid_model", f"model file not found: {path}")
+        raise InvalidModel(f"model file not found: {path}")
     check_pt2_archive(Path(path))
     try:
         with warnings.catch_warnings():
@@ -167,4 +166,4 @@ def safe_load_exported(path: Path) -> Any:
     except EngineError:
         raise
     except Exception as exc:
-        raise EngineError("invalid_model", f"cannot load torch.export archive: {error_summary(exc)}") from None
+        raise InvalidModel(f"cannot load torch.export archive: {error_summary(exc)}") from None

@@ -22,7 +22,7 @@ from engine.steps import compress as compress_mod
 from engine.students import families as _students
 from engine.report.rows import file_sha256, spec_sha256
 from engine.pipeline.job import JobPlan
-from engine.training.loop import TrainContext
+from engine.training.context import TrainContext
 from engine.values import ArtifactFile, ModelSource, TeacherSource
 from engine.pipeline.validate import Validated
 

@@ -42,13 +42,15 @@ from engine.students import families as _students
 from engine.teachers import loading as _teachers
 from engine.data.plan import DataPlan
 from engine.metrics import teacher_metrics
-from engine.inspection.model import error_summary
+from engine.errors import error_summary
 from engine.report.result import assemble_result
 from engine.report.measure import cpu_eval_copy, describe, student_latency, student_size_bytes, teacher_extras
 from engine.report.rows import measure_latency, model_row
 from engine.pipeline.resume import Resume, StudentSnapshots, checkpoint_identity, resume
 from engine.pipeline.run_steps import run_steps
-from engine.training.loop import ProgressTracker, TrainContext, fit
+from engine.training.context import TrainContext
+from engine.training.loop import fit
+from engine.training.progress import ProgressTracker
 from engine.values import DatasetSource, EngineResult, InputInfo, ModelSource, Reporter, TeacherInfo, TeacherSource
 from engine.errors import EngineError, InvalidSpec, ShapeMismatch, Unsupported
 from engine.pipeline.validate import Validated, validate

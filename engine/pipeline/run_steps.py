@@ -25,7 +25,7 @@ from engine.report.measure import cpu_eval_copy, describe, gzip_size, measure_ro
 from engine.registry import exports as export_registry
 from engine.pipeline.resume import Resume, StudentSnapshots
 from engine.pipeline.job import JobPlan
-from engine.training.loop import TrainContext
+from engine.training.context import TrainContext
 from engine.values import ArtifactFile
 from engine.errors import InvalidSpec
 

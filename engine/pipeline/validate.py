@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.data.formats import Dataset, check_label_range, load_dataset
 import jobspec
+from engine.data.dataset import Dataset, check_label_range
+from engine.data.loading import load_dataset
 from engine.pipeline.job import JobPlan, plan_job
 from engine.teachers.loading import Teacher, load_teacher, probe_teacher
 from engine.values import TASKS, DatasetSource, Reporter, TeacherSource

@@ -24,7 +24,7 @@ from engine.export import formats as export_mod
 from engine.students import families as _students
 from engine.metrics import METRIC_KEYS
 from engine.report.rows import measure_latency, model_row
-from engine.training.loop import TrainContext
+from engine.training.context import TrainContext
 from engine.values import TeacherSource
 from engine.pipeline.validate import Validated
 

@@ -15,11 +15,11 @@ import torch
 
 from engine.data.plan import DataPlan
 from engine.metrics import METRIC_KEYS
-from engine.inspection.model import error_summary
+from engine.errors import error_summary
 from engine.report.measure import describe, times
 from engine.report.rows import build_report, file_sha256, spec_sha256, versions, write_report
 from engine.pipeline.run_steps import StepsOutcome
-from engine.training.loop import TrainContext
+from engine.training.context import TrainContext
 from engine.values import ArtifactFile, EngineResult, Reporter, TeacherSource
 from engine.errors import QualityGateFailed
 from engine.pipeline.validate import Validated

@@ -64,7 +64,7 @@ class DistillStep(_TrainingOptions):
         from engine.training.loop import fit
 
         if self.input_reduction is not None:
-            from engine.steps.compress import apply_input_reduction
+            from engine.compression.input_reduction import apply_input_reduction
 
             apply_input_reduction(ctx, self, index)
         fit(ctx, self, index, resumable=True)
@@ -124,7 +124,7 @@ class PruneStep(_CompressionStep):
         return out
 
     def run(self, ctx: Any, index: int) -> None:
-        from engine.steps.compress import run_prune
+        from engine.steps.prune import run_prune
 
         run_prune(ctx, self, index)
 
@@ -153,6 +153,6 @@ class QuantizeStep(_CompressionStep):
         return self.config.method
 
     def run(self, ctx: Any, index: int) -> None:
-        from engine.steps.compress import run_quantize
+        from engine.steps.quantize import run_quantize
 
         run_quantize(ctx, self, index)

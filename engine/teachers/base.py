@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.errors import EngineError
+from engine.errors import ShapeMismatch, Unsupported
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -46,7 +46,7 @@ class Teacher(ABC):
         """Raw teacher output for a batch of named input tensors (logits, or a tuple/dict holding them)."""
 
     def _features(self, batch: Batch, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        raise EngineError("unsupported", f"{self.format} teachers do not support hints")
+        raise Unsupported(f"{self.format} teachers do not support hints")
 
     def feature_names(self) -> list[str]:
         return []
@@ -100,27 +100,25 @@ def as_outputs(out: Any, rows: int, task: str = "classification") -> torch.Tenso
                 out = out[key]
                 break
         else:
-            raise EngineError(
-                "shape_mismatch", f"teacher returned a dict with keys {sorted(out)}; expected a 'logits' entry"
+            raise ShapeMismatch(f"teacher returned a dict with keys {sorted(out)}; expected a 'logits' entry"
             )
     if isinstance(out, (tuple, list)):
         # (logits, aux...) outputs: the first element is the output by convention.
         if not out:
-            raise EngineError("shape_mismatch", "teacher returned an empty tuple; expected outputs [rows, D]")
+            raise ShapeMismatch("teacher returned an empty tuple; expected outputs [rows, D]")
         out = out[0]
     if isinstance(out, np.ndarray):
         out = torch.from_numpy(np.ascontiguousarray(out))
     if not isinstance(out, torch.Tensor):
-        raise EngineError("shape_mismatch", f"teacher returned {type(out).__name__}; expected a tensor [rows, D]")
+        raise ShapeMismatch(f"teacher returned {type(out).__name__}; expected a tensor [rows, D]")
     if not out.is_floating_point():
-        raise EngineError("shape_mismatch", f"teacher output has dtype {out.dtype}; expected float outputs")
+        raise ShapeMismatch(f"teacher output has dtype {out.dtype}; expected float outputs")
     if out.dim() == 1 and task == "regression" and out.shape[0] == rows:
         out = out.unsqueeze(1)
     if out.dim() != 2:
         what = "logits [rows, classes]" if task == "classification" else "outputs [rows, D]"
-        raise EngineError("shape_mismatch", f"teacher output has shape {list(out.shape)}; expected 2-D {what}")
+        raise ShapeMismatch(f"teacher output has shape {list(out.shape)}; expected 2-D {what}")
     if out.shape[0] != rows:
-        raise EngineError(
-            "shape_mismatch", f"teacher returned {out.shape[0]} output rows for {rows} input rows (shape {list(out.shape)})"
+        raise ShapeMismatch(f"teacher returned {out.shape[0]} output rows for {rows} input rows (shape {list(out.shape)})"
         )
     return out.float()

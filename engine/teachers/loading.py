@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.inspection.model import error_summary
+from engine.errors import InvalidModel, ShapeMismatch, Unsupported, error_summary
 from engine.inspection.pt2 import check_pt2_archive, safe_load_exported
 from engine.registry import teacher_formats
 from engine.teachers.base import Batch, Teacher, as_outputs
@@ -67,11 +67,9 @@ __all__ = [
 def load_teacher(source: TeacherSource, device: torch.device, threads: int | None = None) -> Teacher:
     task = getattr(source, "task", "classification")
     if task not in TASKS:
-        raise EngineError("unsupported", f"teacher task {task!r} is not supported ({', '.join(TASKS)})")
+        raise Unsupported(f"teacher task {task!r} is not supported ({', '.join(TASKS)})")
     if source.format not in teacher_formats:
-        raise EngineError(
-            "unsupported",
-            f"teacher format {source.format!r} is not supported ({', '.join(teacher_formats.names())})",
+        raise Unsupported(f"teacher format {source.format!r} is not supported ({', '.join(teacher_formats.names())})",
         )
     cls = teacher_formats.get(source.format)
     return cls(Path(source.path), device, threads, task=task, architecture=getattr(source, "architecture", None))
@@ -117,13 +115,11 @@ def probe_teacher(teacher: Teacher, x: Mapping[str, np.ndarray]) -> int:
                 )
         else:
             msg = f"dataset input {first!r} with per-row shape {list(row_shape)} does not fit the teacher"
-        raise EngineError("shape_mismatch", f"{msg}: teacher raised {reason}") from None
+        raise ShapeMismatch(f"{msg}: teacher raised {reason}") from None
     width = int(out.shape[1])
     if teacher.task == "classification" and width < 2:
-        raise EngineError(
-            "shape_mismatch",
-            f"teacher output has shape {list(out.shape)}: {width} value per row, but classification needs >= 2 classes",
-        )
+        raise ShapeMismatch(f"teacher output has shape {list(out.shape)}: {width} value per row, but "
+                            "classification needs >= 2 classes")
     return width
 
 
@@ -162,11 +158,10 @@ def teacher_outputs(
         except EngineError:
             raise
         except Exception as exc:
-            raise EngineError(
-                "invalid_model", f"teacher failed on rows {start}..{min(start + batch_size, n) - 1}: {error_summary(exc)}"
+            raise InvalidModel(f"teacher failed on rows {start}..{min(start + batch_size, n) - 1}: {error_summary(exc)}"
             ) from None
         if not torch.isfinite(out).all():
-            raise EngineError("invalid_model", "teacher produced NaN or infinite outputs")
+            raise InvalidModel("teacher produced NaN or infinite outputs")
         if on_batch is not None:
             on_batch(start, out, feats)
         else:

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.inspection.model import count_onnx_parameters, error_summary, external_data_error
-from engine.registry import EmptyConfig, teacher_formats
+from engine.inspection.model_facts import count_onnx_parameters, external_data_error
+from engine.registry import teacher_formats
 from engine.teachers.base import Batch, Teacher
-from engine.errors import EngineError
+from engine.errors import InvalidModel, InvalidSpec, ShapeMismatch, Unsupported, error_summary
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -36,7 +36,6 @@ _FLOAT_TYPES = ("tensor(float)", "tensor(double)", "tensor(float16)")
 @teacher_formats.register("onnx")
 class OnnxTeacher(Teacher):
     format = "onnx"
-    Config = EmptyConfig
 
     def __init__(self, path: Path, device: torch.device, threads: int | None = None, *,
                  task: str = "classification", architecture: dict | None = None):
@@ -55,12 +54,12 @@ class OnnxTeacher(Teacher):
         self.session_inputs = self.session.get_inputs()
         for i in self.session_inputs:
             if i.type not in _ORT_DTYPES:
-                raise EngineError("unsupported", f"ONNX teacher input {i.name!r} has type {i.type}")
+                raise Unsupported(f"ONNX teacher input {i.name!r} has type {i.type}")
         outputs = self.session.get_outputs()
         floats = [o.name for o in outputs if o.type in _FLOAT_TYPES]
         if not floats:
             kinds = ", ".join(f"{o.name}: {o.type}" for o in outputs)
-            raise EngineError("shape_mismatch", f"ONNX teacher has no floating-point output ({kinds})")
+            raise ShapeMismatch(f"ONNX teacher has no floating-point output ({kinds})")
         self.output_name = floats[0]
         batch = self.session_inputs[0].shape[0] if self.session_inputs[0].shape else None
         # Some exports pin the batch dimension (often to 1); run in chunks of it.
@@ -77,9 +76,7 @@ class OnnxTeacher(Teacher):
             return
         missing = [n for n in names if n not in inputs]
         if missing:
-            raise EngineError(
-                "shape_mismatch",
-                f"ONNX teacher inputs {names} are matched to dataset arrays by name, but the dataset has no "
+            raise ShapeMismatch(f"ONNX teacher inputs {names} are matched to dataset arrays by name, but the dataset has no "
                 f"{', '.join(map(repr, missing))} (dataset inputs: {list(inputs)})",
             )
         self.mapping = {n: n for n in names}
@@ -114,7 +111,7 @@ class OnnxTeacher(Teacher):
                 want_text = "[" + ", ".join(str(w) if isinstance(w, int) else "?" for w in want) + "]"
                 msg = (f"dataset input {data_name!r} has per-row shape {list(row_shape)} "
                        f"but the teacher expects per-row shape {want_text} {where}")
-            raise EngineError("shape_mismatch", msg)
+            raise ShapeMismatch(msg)
 
     def _feeds(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         feeds = {}
@@ -178,12 +175,12 @@ class OnnxTeacher(Teacher):
                 if name == "penultimate":
                     lin = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
                     if not lin:
-                        raise EngineError("invalid_spec", "'penultimate' needs an ONNX teacher with a Gemm/MatMul node")
+                        raise InvalidSpec("'penultimate' needs an ONNX teacher with a Gemm/MatMul node")
                     tensors.append(lin[-1].input[0])
                 elif name in produced or name in {i.name for i in model.graph.input}:
                     tensors.append(name)
                 else:
-                    raise EngineError("invalid_spec", f"ONNX teacher has no tensor named {name!r}; available: "
+                    raise InvalidSpec(f"ONNX teacher has no tensor named {name!r}; available: "
                                       "penultimate, " + ", ".join(produced[:60]))
             existing = {o.name for o in model.graph.output}
             for t in tensors:
@@ -210,13 +207,13 @@ def refuse_external_data(path: Path) -> None:
     import onnx
 
     if not Path(path).is_file():
-        raise EngineError("invalid_model", f"teacher file not found: {path}")
+        raise InvalidModel(f"teacher file not found: {path}")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise EngineError("invalid_model", f"cannot load teacher as ONNX: {error_summary(exc)}") from None
+        raise InvalidModel(f"cannot load teacher as ONNX: {error_summary(exc)}") from None
     if (refused := external_data_error(model)) is not None:
-        raise EngineError("invalid_model", refused)
+        raise InvalidModel(refused)
 
 
 def _ort_session(path: Path, providers: list[str], threads: int | None) -> Any:
@@ -228,8 +225,8 @@ def _ort_session(path: Path, providers: list[str], threads: int | None) -> Any:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     if not Path(path).is_file():
-        raise EngineError("invalid_model", f"teacher file not found: {path}")
+        raise InvalidModel(f"teacher file not found: {path}")
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:
-        raise EngineError("invalid_model", f"cannot load teacher as ONNX: {error_summary(exc)}") from None
+        raise InvalidModel(f"cannot load teacher as ONNX: {error_summary(exc)}") from None

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.inspection.model import count_torchscript_parameters, error_summary, torchscript_load_error
+from engine.inspection.model_facts import count_torchscript_parameters, torchscript_load_error
 from engine.inspection.pt2 import safe_load_exported
-from engine.registry import EmptyConfig, teacher_formats
+from engine.registry import teacher_formats
 from engine.teachers.base import Batch, Teacher
-from engine.errors import EngineError
+from engine.errors import EngineError, InvalidModel, InvalidSpec, ShapeMismatch, Unsupported, error_summary
 from engine.inspection.zipcheck import refuse_unsafe_zip
 
 
@@ -49,7 +49,7 @@ def capture_features(module: nn.Module, names: Sequence[str], run: Callable[[], 
             if name == "penultimate":
                 target = last_linear_name(module)
                 if target is None:
-                    raise EngineError("invalid_spec", "'penultimate' needs a model with an nn.Linear layer")
+                    raise InvalidSpec("'penultimate' needs a model with an nn.Linear layer")
 
                 def pre(_m, args, _name=name):
                     got[_name] = args[0]
@@ -58,7 +58,7 @@ def capture_features(module: nn.Module, names: Sequence[str], run: Callable[[], 
                 continue
             if name not in modules or name == "":
                 available = [n for n in modules if n]
-                raise EngineError("invalid_spec", f"no module named {name!r}; available: penultimate, "
+                raise InvalidSpec(f"no module named {name!r}; available: penultimate, "
                                   + ", ".join(available[:60]))
 
             def hook(_m, _args, output, _name=name):
@@ -86,7 +86,7 @@ class TorchTeacher(Teacher):
         args = []
         for name in self.inputs:
             if name not in batch:
-                raise EngineError("shape_mismatch", f"teacher input {name!r} is missing from the batch")
+                raise ShapeMismatch(f"teacher input {name!r} is missing from the batch")
             t = batch[name]
             t = t.to(device, self.input_dtype) if t.is_floating_point() else t.to(device, torch.int64)
             args.append(t)
@@ -147,7 +147,6 @@ class TorchTeacher(Teacher):
 @teacher_formats.register("torchscript")
 class TorchScriptTeacher(TorchTeacher):
     format = "torchscript"
-    Config = EmptyConfig
 
     def __init__(self, path: Path, device: torch.device, threads: int | None = None, *,
                  task: str = "classification", architecture: dict | None = None):
@@ -184,9 +183,7 @@ class TorchScriptTeacher(TorchTeacher):
                 except Exception:
                     rebuilt = None
             if rebuilt is None:
-                raise EngineError(
-                    "unsupported",
-                    "hints on this TorchScript teacher need forward hooks, which TorchScript does not allow on a "
+                raise Unsupported("hints on this TorchScript teacher need forward hooks, which TorchScript does not allow on a "
                     "loaded module, and it is not a plain Sequential chain that could be rebuilt; "
                     "upload it as torch_export or ONNX to use hints",
                 )
@@ -215,9 +212,9 @@ def _run_chain(chain: list[tuple[str, Any, str]], x: torch.Tensor, names: Sequen
     for name in names:
         if name == "penultimate":
             if last_linear is None:
-                raise EngineError("invalid_spec", "'penultimate' needs a teacher with a Linear layer")
+                raise InvalidSpec("'penultimate' needs a teacher with a Linear layer")
         elif name not in known:
-            raise EngineError("invalid_spec", f"teacher has no module named {name!r}; available: penultimate, "
+            raise InvalidSpec(f"teacher has no module named {name!r}; available: penultimate, "
                               + ", ".join(n for n, _, _ in chain))
     got = {}
     for i, (name, child, _) in enumerate(chain):
@@ -231,7 +228,7 @@ def _run_chain(chain: list[tuple[str, Any, str]], x: torch.Tensor, names: Sequen
 
 def _load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModule:
     if not path.is_file():
-        raise EngineError("invalid_model", f"teacher file not found: {path}")
+        raise InvalidModel(f"teacher file not found: {path}")
     if zipfile.is_zipfile(path):  # torch's reader and zipfile must see the same members
         refuse_unsafe_zip(path, "invalid_model", "TorchScript archive")
     try:
@@ -239,9 +236,9 @@ def _load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModul
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:  # torch raises RuntimeError/ValueError/... for junk files
-        raise EngineError("invalid_model", f"cannot load teacher: {torchscript_load_error(path, exc)}") from None
+        raise InvalidModel(f"cannot load teacher: {torchscript_load_error(path, exc)}") from None
     if not hasattr(module, "forward"):
-        raise EngineError("invalid_model", "TorchScript teacher has no forward() method")
+        raise InvalidModel("TorchScript teacher has no forward() method")
     return module.eval()
 
 
@@ -252,7 +249,6 @@ def _load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModul
 @teacher_formats.register("torch_export")
 class TorchExportTeacher(TorchTeacher):
     format = "torch_export"
-    Config = EmptyConfig
 
     def __init__(self, path: Path, device: torch.device, threads: int | None = None, *,
                  task: str = "classification", architecture: dict | None = None):
@@ -261,7 +257,7 @@ class TorchExportTeacher(TorchTeacher):
         try:
             self.module = self.program.module().to(device)
         except Exception as exc:
-            raise EngineError("invalid_model", f"cannot build the exported program: {error_summary(exc)}") from None
+            raise InvalidModel(f"cannot build the exported program: {error_summary(exc)}") from None
         self._post_init()
 
     @property
@@ -292,13 +288,13 @@ class TorchExportTeacher(TorchTeacher):
                 lin = [n for n in self.module.graph.nodes if n.op == "call_function"
                        and str(n.target) in ("aten.linear.default", "aten.addmm.default", "aten.mm.default")]
                 if not lin:
-                    raise EngineError("invalid_spec", "'penultimate' needs a teacher with a linear layer")
+                    raise InvalidSpec("'penultimate' needs a teacher with a linear layer")
                 node = lin[-1]
                 wanted[name] = node.args[1] if str(node.target) == "aten.addmm.default" else node.args[0]
             elif name in nodes:
                 wanted[name] = nodes[name]
             else:
-                raise EngineError("invalid_spec", f"teacher has no module named {name!r}; available: penultimate, "
+                raise InvalidSpec(f"teacher has no module named {name!r}; available: penultimate, "
                                   + ", ".join(sorted(nodes)))
         interp = torch.fx.Interpreter(self.module, garbage_collect_values=False)
         with torch.inference_mode():
@@ -314,40 +310,38 @@ def load_safetensors_module(path: Path, architecture: dict | None, *, what: str 
     from safetensors.torch import load_file
 
     if architecture is None:
-        raise EngineError("invalid_model", f"a safetensors {what} needs an 'architecture' "
+        raise InvalidModel(f"a safetensors {what} needs an 'architecture' "
                           "(e.g. {\"family\": \"mlp\", \"in_features\": 64, \"hidden\": [256], \"out_features\": 10})")
     if not Path(path).is_file():
-        raise EngineError("invalid_model", f"model file not found: {path}")
+        raise InvalidModel(f"model file not found: {path}")
     from engine.students import families as students
 
     try:
         module = students.from_architecture(dict(architecture))
     except EngineError as exc:
-        raise EngineError("invalid_model", f"cannot build the {what} architecture: {exc.message}") from None
+        raise InvalidModel(f"cannot build the {what} architecture: {exc.message}") from None
     except Exception as exc:
-        raise EngineError("invalid_model", f"cannot build the {what} architecture: {error_summary(exc)}") from None
+        raise InvalidModel(f"cannot build the {what} architecture: {error_summary(exc)}") from None
     try:
         state = load_file(str(path))
     except Exception as exc:
-        raise EngineError("invalid_model", f"cannot read safetensors file: {error_summary(exc)}") from None
+        raise InvalidModel(f"cannot read safetensors file: {error_summary(exc)}") from None
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        raise EngineError(
-            "invalid_model",
-            f"safetensors weights do not match the architecture: missing keys {missing[:20]}, "
+        raise InvalidModel(f"safetensors weights do not match the architecture: missing keys {missing[:20]}, "
             f"unexpected keys {unexpected[:20]}",
         )
     wrong = [f"{k} {list(state[k].shape)} (architecture: {list(own[k].shape)})" for k in own
              if tuple(state[k].shape) != tuple(own[k].shape)]
     if wrong:
-        raise EngineError("invalid_model", "safetensors weights do not match the architecture: shape mismatch for "
+        raise InvalidModel("safetensors weights do not match the architecture: shape mismatch for "
                           + ", ".join(wrong[:10]))
     try:
         module.load_state_dict(state, strict=True)
     except Exception as exc:
-        raise EngineError("invalid_model", f"safetensors weights do not match the architecture: "
+        raise InvalidModel(f"safetensors weights do not match the architecture: "
                           f"{error_summary(exc)}") from None
     return module
 
@@ -355,7 +349,6 @@ def load_safetensors_module(path: Path, architecture: dict | None, *, what: str 
 @teacher_formats.register("safetensors")
 class SafetensorsTeacher(TorchTeacher):
     format = "safetensors"
-    Config = EmptyConfig
 
     def __init__(self, path: Path, device: torch.device, threads: int | None = None, *,
                  task: str = "classification", architecture: dict | None = None):
@@ -376,11 +369,11 @@ def load_module(path: Path, format: str, architecture: dict | None = None) -> nn
         except EngineError:
             raise
         except Exception as exc:
-            raise EngineError("invalid_model", f"cannot build the exported program: {error_summary(exc)}") from None
+            raise InvalidModel(f"cannot build the exported program: {error_summary(exc)}") from None
     elif format == "safetensors":
         module = load_safetensors_module(path, architecture, what="student")
     else:
-        raise EngineError("unsupported", f"a student model must be torchscript, torch_export or safetensors, "
+        raise Unsupported(f"a student model must be torchscript, torch_export or safetensors, "
                           f"got {format!r}")
     for p in module.parameters():
         p.requires_grad_(True)

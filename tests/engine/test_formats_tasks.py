@@ -250,11 +250,12 @@ def test_pt_dataset_and_multi_array_npz_val(digits, teacher_ts, tmp_path):
 
 
 def test_large_npz_is_memory_mapped_and_cache_spills_to_disk(digits, teacher_ts, tmp_path, monkeypatch):
-    from engine.data import formats as data_mod
-    from engine.training import loop as train_mod
+    from engine.data import loading as data_loading
+    from engine.data import npz as npz_format
+    from engine.training import tables as train_tables
 
-    monkeypatch.setattr(data_mod, "NPZ_MMAP_THRESHOLD", 1)
-    monkeypatch.setattr(train_mod, "CACHE_MEMORY_LIMIT", 1)
+    monkeypatch.setattr(npz_format, "NPZ_MMAP_THRESHOLD", 1)
+    monkeypatch.setattr(train_tables, "CACHE_MEMORY_LIMIT", 1)
     x, y = digits
     path = tmp_path / "big.npz"
     np.savez(path, x=x, y=y)
@@ -264,7 +265,7 @@ def test_large_npz_is_memory_mapped_and_cache_spills_to_disk(digits, teacher_ts,
     assert result.metrics["student"]["accuracy"] >= 0.9
     assert list((tmp_path / "out" / "cache").glob("npz-*/x.npy"))
     assert any(e[0] == "teacher_outputs" and (e[3] or {}).get("on_disk") for e in reporter.events)
-    ds = data_mod.load_dataset(DatasetSource(path), tmp_path / "c2")
+    ds = data_loading.load_dataset(DatasetSource(path), tmp_path / "c2")
     assert isinstance(ds.x["x"], np.memmap)
 
 

@@ -195,7 +195,7 @@ def test_onnx_with_external_data_is_refused_by_the_inspector_and_the_teacher(tmp
 def test_onnx_external_data_inside_a_subgraph_is_found():
     from onnx import TensorProto, helper
 
-    from engine.inspection.model import external_data_error
+    from engine.inspection.model_facts import external_data_error
 
     inner = TensorProto(name="k", data_type=TensorProto.FLOAT, dims=[1], data_location=TensorProto.EXTERNAL)
     branch = helper.make_graph([helper.make_node("Constant", [], ["c"], value=inner)], "then", [],
@@ -215,7 +215,8 @@ def test_engine_refuses_unsafe_input_names_and_lying_npy_headers(tmp_path):
 
     import numpy as np
 
-    from engine.data.formats import _cache_file, load_dataset
+    from engine.data.loading import load_dataset
+    from engine.data.npz import _cache_file
     from engine.inspection.dataset import inspect_dataset
     from engine.values import DatasetSource
     from engine.errors import EngineError
@@ -248,7 +249,7 @@ def test_engine_refuses_an_image_whose_header_declares_too_many_pixels(tmp_path)
     import zipfile
     import zlib
 
-    from engine.data.formats import load_dataset
+    from engine.data.loading import load_dataset
     from engine.inspection.dataset import inspect_dataset
     from engine.values import DatasetSource
     from engine.errors import EngineError

@@ -83,7 +83,7 @@ def test_early_stopping_restores_best(teacher_ts, digits_npz, tmp_path):
     try:
         result = _run(spec, teacher_ts, digits_npz, tmp_path, reporter)
     except EngineError as exc:  # diverged: acceptable only as a clear error
-        assert "diverged" in exc.message
+        assert exc.code == "training_diverged" and "diverged" in exc.message
         return
     accs = [m["value"] for m in reporter.metrics if m["name"] == "val_accuracy"]
     es = result.report["steps"][0]["early_stopping"]

@@ -13,7 +13,8 @@ from engine import DatasetSource
 from engine import EngineError
 from engine import TeacherSource
 from engine import run
-from engine.data.formats import Dataset, check_dataset, split_dataset
+from engine.data.dataset import Dataset, check_dataset
+from engine.data.split import split_dataset
 
 from .helpers import RecordingReporter, make_spec
 

@@ -244,7 +244,7 @@ _FAMILIES = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet, "embedding_bag": _embe
 
 
 def architecture_cost(architecture: Mapping[str, Any] | None) -> ModelCost | None:
-    """Cost of a built-in family's architecture dict (:func:`engine.students.families.from_architecture`
+    """Cost of a built-in family's architecture dict (:func:`engine.students.architecture.from_architecture`
     keys, plus ``seq_len`` for token families); None when it is not one."""
     fn = _FAMILIES.get(str(architecture.get("family"))) if isinstance(architecture, Mapping) else None
     if fn is None:

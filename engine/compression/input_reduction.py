@@ -42,7 +42,7 @@ def f_scores(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def apply_input_reduction(ctx: Any, step: Any, index: int) -> None:
     """Fit PCA / select_k_best on the step's transfer set and REPLACE the student by a fresh one of the
     job's family built for ``k`` inputs, behind a fixed first layer taking the original features."""
-    from engine.students.families import ReducedInput
+    from engine.students.architecture import ReducedInput
 
     cfg = step.input_reduction
     if ctx.make_student is None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from engine.errors import error_summary
 from engine.registry import exports
-from engine.students.families import from_architecture
+from engine.students.architecture import from_architecture
 from engine.values import ArtifactFile
 from engine.errors import EngineError, ExportFailed, InvalidModel
 

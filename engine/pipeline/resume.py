@@ -19,9 +19,9 @@ from torch import nn
 
 from engine.training import checkpoint as ckpt_mod
 from engine.steps import compress as compress_mod
-from engine.students import families as _students
 from engine.report.rows import file_sha256, spec_sha256
 from engine.pipeline.job import JobPlan
+from engine.students.architecture import from_architecture
 from engine.training.context import TrainContext
 from engine.values import ArtifactFile, ModelSource, TeacherSource
 from engine.pipeline.validate import Validated
@@ -34,7 +34,7 @@ class StudentSnapshots:
 
     A student can be rebuilt when its architecture is the job's initial one with the initial
     state_dict layout (it is then loaded into the freshly created initial student), or when
-    :func:`.students.from_architecture` builds a module with exactly its state_dict layout.
+    :func:`engine.students.architecture.from_architecture` builds a module with exactly its state_dict layout.
     """
 
     def __init__(self, initial: nn.Module, architecture: Mapping[str, Any], device: torch.device):
@@ -63,7 +63,7 @@ class StudentSnapshots:
             try:
                 with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    self.built[key] = self._sig(_students.from_architecture(architecture))
+                    self.built[key] = self._sig(from_architecture(architecture))
             except Exception:  # noqa: BLE001 - not rebuildable
                 self.built[key] = None
         return self.built[key]
@@ -100,7 +100,7 @@ class StudentSnapshots:
         if self._key(architecture) == self.initial_arch:
             model = self.initial
         else:
-            model = _students.from_architecture(architecture)
+            model = from_architecture(architecture)
         model.load_state_dict(state)
         frozen = set(saved["frozen"])
         for n, p in model.named_parameters():

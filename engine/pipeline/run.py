@@ -38,7 +38,7 @@ from engine.export import formats as _export  # noqa: F401
 from engine.losses import outputs as _losses  # noqa: F401
 from engine.training import optim as _optim  # noqa: F401
 from engine.steps import kinds as _steps  # noqa: F401
-from engine.students import families as _students
+from engine.students import common, uploaded
 from engine.teachers import loading as _teachers
 from engine.data.plan import DataPlan
 from engine.metrics import teacher_metrics
@@ -118,7 +118,7 @@ def _create_student(v: Validated, models: Mapping[str, ModelSource] | None,
         model_id = v.job.uploaded_student.model_id
         if not models or model_id not in models:
             raise InvalidSpec(f"student model {model_id!r} was not provided")
-        return _students.load_uploaded(models[model_id], _teachers.load_module)
+        return uploaded.load_uploaded(models[model_id], _teachers.load_module)
     info = TeacherInfo(v.teacher.module, getattr(v.teacher, "architecture", None), v.teacher.format, v.task)
     return student.create(_input_infos(v), v.out_dim, info)
 
@@ -267,7 +267,7 @@ def run(
             fit(bctx, step, index)
         bmetrics = bctx.evaluate()
         cpu_twin = cpu_eval_copy(bctx.student)
-        baseline_row = model_row(_students.num_parameters(twin), student_size_bytes(cpu_twin, example_cpu),
+        baseline_row = model_row(common.num_parameters(twin), student_size_bytes(cpu_twin, example_cpu),
                                  student_latency(cpu_twin, val_x_np), bmetrics)
         reporter.event("baseline", "baseline finished: " + describe(bmetrics), data=bmetrics)
     ctx.check_stop("before the report")

@@ -21,7 +21,7 @@ from torch import nn
 
 from engine.steps import compress as compress_mod
 from engine.export import formats as export_mod
-from engine.students import families as _students
+from engine.students import common
 from engine.metrics import METRIC_KEYS
 from engine.report.rows import measure_latency, model_row
 from engine.training.context import TrainContext
@@ -32,7 +32,7 @@ from engine.pipeline.validate import Validated
 def student_size_bytes(model: nn.Module, example: list[torch.Tensor]) -> int:
     """Size of the student as shipped (see :func:`_serialized`); raw tensor bytes if it cannot be serialized."""
     data = _serialized(model, example)
-    return len(data) if data is not None else _students.state_dict_bytes(model)
+    return len(data) if data is not None else common.state_dict_bytes(model)
 
 
 def cpu_eval_copy(model: nn.Module) -> nn.Module:
@@ -94,7 +94,7 @@ def measure_row(ctx: TrainContext, example: list[torch.Tensor], val_x: Mapping[s
     cpu_model = cpu_eval_copy(ctx.student)
     total, nonzero = compress_mod.parameter_counts(cpu_model)
     data = _serialized(cpu_model, example)
-    size = len(data) if data is not None else _students.state_dict_bytes(cpu_model)
+    size = len(data) if data is not None else common.state_dict_bytes(cpu_model)
     row = model_row(total, size, student_latency(cpu_model, val_x), metrics)
     row["nonzero_parameters"] = int(nonzero)
     row["size_gzip_bytes"] = gzip_size(data) if data is not None else None

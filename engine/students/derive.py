@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.students import families
+from engine.students import architecture, common, teacher_init
 import jobspec
 from engine.errors import InvalidSpec, Unsupported
 
@@ -62,17 +62,17 @@ class DerivedStudent:
         if isinstance(arch, Mapping) and arch.get("family") in ("mlp", "cnn", "resnet", "embedding_bag",
                                                                  "text_transformer"):
             new = derive_architecture(arch, self.config.width, self.config.depth, out_dim)
-            model = families.from_architecture(new)
+            model = architecture.from_architecture(new)
             if self.init == "teacher":
                 if module is None:
                     raise Unsupported("init 'teacher' needs the teacher's weights")
-                new["init_from_teacher"] = families.init_from_teacher(model, module)
+                new["init_from_teacher"] = teacher_init.init_from_teacher(model, module)
             new["derived_from"] = arch.get("family")
             return model, new
         if module is None:
             raise Unsupported("cannot derive a student from an ONNX teacher without an architecture; "
                                              "choose a student family")
-        inputs = families.normalize_inputs(inputs)
+        inputs = common.normalize_inputs(inputs)
         if len(inputs) != 1:
             raise Unsupported("derive from a layer chain needs a single input")
         chain = rebuild_chain(module)
@@ -113,7 +113,7 @@ def derive_architecture(arch: Mapping[str, Any], width: float, depth: float, out
 
 
 def _leaves(module: nn.Module) -> list[nn.Module]:
-    name = families._type_name(module)
+    name = common._type_name(module)
     if name == "Sequential":
         out: list[nn.Module] = []
         for child in module.children():
@@ -130,7 +130,7 @@ def _attr(m: nn.Module, name: str, default: Any = None) -> Any:
 
 
 def _layer_dict(m: nn.Module) -> dict[str, Any] | None:
-    t = families._type_name(m)
+    t = common._type_name(m)
     if t == "Linear":
         return {"type": "linear", "in": int(m.weight.shape[1]), "out": int(m.weight.shape[0]),
                 "bias": _attr(m, "bias") is not None}
@@ -178,7 +178,7 @@ def _chain_dicts(module: nn.Module) -> tuple[list[nn.Module], list[dict[str, Any
         d = _layer_dict(leaf)
         if d is None:
             raise Unsupported(
-                f"cannot derive a student from this teacher: layer type {families._type_name(leaf)!r} is not supported "
+                f"cannot derive a student from this teacher: layer type {common._type_name(leaf)!r} is not supported "
                 "(a plain chain of Linear/Conv2d/BatchNorm/activation/Flatten/Dropout/pooling layers is)",
             )
         dicts.append(d)
@@ -192,7 +192,7 @@ def rebuild_chain(module: nn.Module) -> nn.Sequential:
     first unsupported layer type. The copy's architecture is :func:`chain_architecture`.
     """
     leaves, dicts = _chain_dicts(module)
-    seq = families.build_sequential({"layers": dicts})
+    seq = architecture.build_sequential({"layers": dicts})
     with torch.no_grad():
         for src, dst in zip(leaves, seq):
             dst_state = dst.state_dict()
@@ -255,7 +255,7 @@ def shrink_chain(chain: nn.Sequential, input_shape: tuple[int, ...], width: floa
                     d["out"] = int(out_dim)
             elif d["type"] in ("batchnorm1d", "batchnorm2d"):
                 d["num_features"] = int(x.shape[1])
-            layer = families._layer_from_dict(d)
+            layer = architecture._layer_from_dict(d)
             name = str(pos)
             if init_teacher:
                 sel = _init_slice(layer, src, d, sel, x, copied, name)
@@ -312,7 +312,7 @@ def _init_slice(layer: nn.Module, src: nn.Module, d: dict, sel: torch.Tensor | N
 
 
 def num_parameters(model: nn.Module) -> int:
-    return families.num_parameters(model)
+    return common.num_parameters(model)
 
 
 def build(config: jobspec.DerivedStudent | Mapping[str, Any]) -> DerivedStudent:

@@ -9,7 +9,6 @@ A family instance turns its config plus the data/teacher dimensions into a fresh
   and returns [B, out_dim]. Float families (``mlp``, ``cnn``, ``resnet``) take one input;
   token families (``embedding_bag``, ``text_transformer``) take ``input_ids`` [B, L] int64 and
   optionally ``attention_mask`` [B, L] (second input; 0 = padding).
-* (legacy) ``inputs`` may also be a plain per-row shape tuple such as ``(64,)``.
 * ``architecture`` is a JSON-able dict that :func:`from_architecture` turns back into the
   same (untrained) module, so weights saved as safetensors can be reloaded without the spec.
   With ``init: "teacher"`` it also lists the copied state-dict keys in ``init_from_teacher``.
@@ -26,117 +25,37 @@ A family instance turns its config plus the data/teacher dimensions into a fresh
 ``sequential``      layers* (list of layer dicts, see :func:`build_sequential`) - derived chains
 ==================  ====================================================================================
 
-Other entry points: :func:`init_from_teacher` (the ``init: teacher`` weight copy),
-:func:`load_uploaded` (a trainable uploaded student), :func:`parse_student` (the whole
-``student`` spec object: family, ``derive`` or ``model_id``).
+Next to this module: :mod:`.architecture` (``from_architecture``, derived chains, input reduction),
+:mod:`.teacher_init` (the ``init: teacher`` weight copy), :mod:`.derive` (shrink the teacher),
+:mod:`.uploaded` (a trainable uploaded student), :mod:`.builder` (the spec's student → its builder),
+:mod:`.common` (input checks, parameter counts).
+
+References: ``resnet`` — K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition",
+CVPR 2016; ``text_transformer`` — A. Vaswani et al., "Attention Is All You Need", NeurIPS 2017;
+``embedding_bag`` — A. Joulin, E. Grave, P. Bojanowski, T. Mikolov, "Bag of Tricks for Efficient Text
+Classification", EACL 2017.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any, Literal, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 import jobspec
 from engine.registry import students
-from engine.values import InputInfo
-from engine.errors import InvalidModel, InvalidSpec, ShapeMismatch, Unsupported
-
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
-Init = Literal["random", "teacher"]
-
-
-# ---- helpers -------------------------------------------------------------------------------------
-
-
-def normalize_inputs(inputs: Any) -> list[InputInfo]:
-    """``list[InputInfo]``, or a legacy per-row shape tuple -> one float input named ``x``."""
-    if isinstance(inputs, (tuple, list)) and all(isinstance(d, int) for d in inputs):
-        return [InputInfo("x", tuple(int(d) for d in inputs), False, None)]
-    out = list(inputs)
-    if not out:
-        raise ShapeMismatch("the student needs at least one input")
-    return out
-
-
-def _single_float_input(inputs: list[InputInfo], family: str) -> InputInfo:
-    if len(inputs) != 1:
-        raise Unsupported(f"student family {family!r} takes exactly one input, the data has {len(inputs)} "
-            f"({', '.join(i.name for i in inputs)}); use embedding_bag or text_transformer for token ids + mask",
-        )
-    return inputs[0]
-
-
-def _image_shape(shape: tuple[int, ...] | list[int], family: str) -> tuple[int, int, int]:
-    shape = tuple(int(d) for d in shape)
-    if len(shape) == 3:
-        return shape  # type: ignore[return-value]
-    if len(shape) == 2:
-        return (1, shape[0], shape[1])
-    raise ShapeMismatch(
-        f"student family {family!r} needs image rows of shape C×H×W or H×W, the data has rows of shape {list(shape)}",
-    )
-
-
-def _token_inputs(inputs: list[InputInfo], family: str) -> tuple[InputInfo, InputInfo | None]:
-    if not 1 <= len(inputs) <= 2:
-        raise Unsupported(f"student family {family!r} takes input_ids and optionally attention_mask")
-    ids = inputs[0]
-    if not ids.is_integer or len(ids.row_shape) != 1:
-        raise ShapeMismatch(f"student family {family!r} needs token ids (integer rows of shape [L]) as its first input; "
-            f"{ids.name!r} has {'integer' if ids.is_integer else 'float'} rows of shape {list(ids.row_shape)}",
-        )
-    mask = inputs[1] if len(inputs) == 2 else None
-    if mask is not None and tuple(mask.row_shape) != tuple(ids.row_shape):
-        raise ShapeMismatch(f"{mask.name!r} must have the shape of {ids.name!r}")
-    return ids, mask
-
-
-def _type_name(module: nn.Module) -> str:
-    """The Python class name, also for TorchScript modules (``original_name``)."""
-    if isinstance(module, torch.jit.ScriptModule):
-        return str(getattr(module, "original_name", type(module).__name__))
-    return type(module).__name__
-
-
-def _teacher_module(teacher: Any) -> nn.Module | None:
-    return None if teacher is None else getattr(teacher, "module", None)
-
-
-def _teacher_vocab(teacher: Any) -> tuple[int, int] | None:
-    """(num_embeddings, dim) of the teacher's token-embedding table, when there is one."""
-    module = _teacher_module(teacher)
-    if module is not None:
-        for name, kind, m in _units(module):
-            if kind == "embedding" and not _is_position(name):
-                w = m.weight
-                return int(w.shape[0]), int(w.shape[1])
-    arch = getattr(teacher, "architecture", None) if teacher is not None else None
-    if isinstance(arch, Mapping) and arch.get("vocab_size"):
-        return int(arch["vocab_size"]), int(arch.get("embedding_dim", arch.get("d_model", 64)))
-    return None
-
-
-def _resolve_vocab(config_vocab: int | None, ids: InputInfo, teacher: Any, family: str) -> int:
-    needed = None if ids.max_value is None else int(ids.max_value) + 1
-    if config_vocab is not None:
-        vocab = int(config_vocab)
-    else:
-        tv = _teacher_vocab(teacher)
-        if tv is not None and (needed is None or tv[0] >= needed):
-            vocab = tv[0]
-        elif needed is not None:
-            vocab = max(needed, 2)
-        else:
-            raise InvalidSpec(f"student.vocab_size: cannot infer the vocabulary for {family!r}; set it")
-    if needed is not None and vocab < needed:
-        raise ShapeMismatch(f"student.vocab_size is {vocab} but {ids.name!r} contains token id {needed - 1}",
-        )
-    return vocab
+from engine.errors import ShapeMismatch, Unsupported
+from engine.students.common import (
+    _ACTIVATIONS,
+    _image_shape,
+    _single_float_input,
+    _token_inputs,
+    normalize_inputs,
+)
+from engine.students.teacher_init import _resolve_vocab, _teacher_module, _teacher_vocab, init_from_teacher
 
 
 def _finish(model: nn.Module, architecture: dict[str, Any], init: str, teacher: Any) -> tuple[nn.Module, dict]:
@@ -451,311 +370,3 @@ def build_text_transformer(architecture: Mapping[str, Any]) -> TextTransformer:
                            int(a["out_features"]))
 
 
-# ---- sequential (derived chains) -----------------------------------------------------------------
-
-
-def build_sequential(architecture: Mapping[str, Any]) -> nn.Sequential:
-    """A chain from ``{"family": "sequential", "layers": [...]}``; layer dicts by ``type``:
-
-    ``linear`` (in, out, bias), ``conv2d`` (in, out, kernel_size, stride, padding, dilation, groups, bias),
-    ``batchnorm1d``/``batchnorm2d`` (num_features, eps, momentum, affine), ``relu``, ``gelu``, ``tanh``,
-    ``sigmoid``, ``leakyrelu`` (negative_slope), ``elu``, ``silu``, ``softplus``, ``identity``, ``flatten``
-    (start_dim, end_dim), ``float_flatten``, ``unflatten`` (dim, sizes), ``dropout`` (p), ``maxpool2d`` /
-    ``avgpool2d`` (kernel_size, stride, padding), ``adaptiveavgpool2d`` (output_size).
-    """
-    return nn.Sequential(*[_layer_from_dict(d) for d in architecture["layers"]])
-
-
-_SIMPLE = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "elu": nn.ELU,
-           "silu": nn.SiLU, "softplus": nn.Softplus, "identity": nn.Identity}
-
-
-def _pair(v: Any) -> Any:
-    return tuple(v) if isinstance(v, (list, tuple)) else v
-
-
-def _layer_from_dict(d: Mapping[str, Any]) -> nn.Module:
-    t = d.get("type")
-    if t == "linear":
-        return nn.Linear(int(d["in"]), int(d["out"]), bias=bool(d.get("bias", True)))
-    if t == "conv2d":
-        return nn.Conv2d(int(d["in"]), int(d["out"]), _pair(d["kernel_size"]), stride=_pair(d.get("stride", 1)),
-                         padding=_pair(d.get("padding", 0)), dilation=_pair(d.get("dilation", 1)),
-                         groups=int(d.get("groups", 1)), bias=bool(d.get("bias", True)))
-    if t in ("batchnorm1d", "batchnorm2d"):
-        cls = nn.BatchNorm1d if t == "batchnorm1d" else nn.BatchNorm2d
-        return cls(int(d["num_features"]), eps=float(d.get("eps", 1e-5)), momentum=d.get("momentum", 0.1),
-                   affine=bool(d.get("affine", True)))
-    if t in _SIMPLE:
-        return _SIMPLE[t]()
-    if t == "leakyrelu":
-        return nn.LeakyReLU(float(d.get("negative_slope", 0.01)))
-    if t == "flatten":
-        return nn.Flatten(int(d.get("start_dim", 1)), int(d.get("end_dim", -1)))
-    if t == "float_flatten":
-        return FloatFlatten(int(d.get("start_dim", 1)), int(d.get("end_dim", -1)))
-    if t == "unflatten":
-        return nn.Unflatten(int(d["dim"]), tuple(int(s) for s in d["sizes"]))
-    if t == "dropout":
-        return nn.Dropout(float(d.get("p", 0.5)))
-    if t in ("maxpool2d", "avgpool2d"):
-        cls = nn.MaxPool2d if t == "maxpool2d" else nn.AvgPool2d
-        return cls(_pair(d["kernel_size"]), stride=_pair(d.get("stride")), padding=_pair(d.get("padding", 0)))
-    if t == "adaptiveavgpool2d":
-        return nn.AdaptiveAvgPool2d(_pair(d["output_size"]))
-    raise Unsupported(f"unknown layer type {t!r} in a sequential architecture")
-
-
-# ---- input reduction -----------------------------------------------------------------------------
-
-
-class ReducedInput(nn.Module):
-    """A student behind a fixed (non-trainable) first layer: flatten -> Linear(in, k) -> student.
-
-    The Linear holds a PCA projection (centering folded into its bias) or a 0/1 selection matrix
-    (select_k_best), so the model takes the ORIGINAL features while the student sees k.
-    """
-
-    def __init__(self, in_features: int, components: int, student: nn.Module):
-        super().__init__()
-        self.flatten = FloatFlatten()
-        self.reduce = nn.Linear(in_features, components)
-        self.reduce.requires_grad_(False)
-        self.student = student
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.student(self.reduce(self.flatten(x)))
-
-
-def build_input_reduction(architecture: Mapping[str, Any]) -> ReducedInput:
-    """``{"family": "input_reduction", "in_features", "components", "student": {...}}``."""
-    return ReducedInput(int(architecture["in_features"]), int(architecture["components"]),
-                        from_architecture(architecture["student"]))
-
-
-# ---- rebuild -------------------------------------------------------------------------------------
-
-_BUILDERS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
-    "mlp": build_mlp,
-    "cnn": build_cnn,
-    "resnet": build_resnet,
-    "embedding_bag": build_embedding_bag,
-    "text_transformer": build_text_transformer,
-    "sequential": build_sequential,
-    "input_reduction": build_input_reduction,
-}
-
-
-def from_architecture(architecture: Mapping[str, Any]) -> nn.Module:
-    """Rebuild an (untrained) model from its architecture dict (defaults fill optional keys)."""
-    family = architecture.get("family") if isinstance(architecture, Mapping) else None
-    if family not in _BUILDERS:
-        raise Unsupported(f"cannot rebuild model family {family!r}; known: {', '.join(_BUILDERS)}")
-    try:
-        return _BUILDERS[family](architecture)
-    except KeyError as exc:
-        raise InvalidModel(f"{family} architecture is missing the key {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
-        raise InvalidModel(f"{family} architecture is invalid: {exc}") from None
-
-
-# ---- init: teacher -------------------------------------------------------------------------------
-
-_KINDS = {"Linear": "linear", "Conv2d": "conv", "Conv1d": "conv", "BatchNorm1d": "bn", "BatchNorm2d": "bn",
-          "Embedding": "embedding", "TransformerEncoderLayer": "encoder_layer",
-          "MultiheadAttention": "attention", "LayerNorm": "norm"}
-
-
-def _is_position(name: str) -> bool:
-    return "pos" in name.lower().rsplit(".", 1)[-1] or "position" in name.lower()
-
-
-def _plain_kind(module: nn.Module) -> str | None:
-    """Role of a parameter-only leaf module (torch.export flattens modules to plain ``Module``)."""
-    if any(True for _ in module.children()):
-        return None
-    params = dict(module.named_parameters(recurse=False))
-    buffers = dict(module.named_buffers(recurse=False))
-    w = params.get("weight")
-    if w is None:
-        return None
-    if "running_mean" in buffers:
-        return "bn"
-    if w.dim() == 4 or w.dim() == 3:
-        return "conv"
-    if w.dim() == 2:
-        return "linear" if "bias" in params else None
-    return None
-
-
-def _units(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
-    """Ordered (name, kind, module) of the modules weights can be copied between."""
-    out: list[tuple[str, str, nn.Module]] = []
-
-    def walk(prefix: str, module: nn.Module) -> None:
-        for name, child in module.named_children():
-            full = f"{prefix}{name}"
-            kind = _KINDS.get(_type_name(child)) or (_plain_kind(child) if _type_name(child) == "Module" else None)
-            if kind in ("attention", "norm"):
-                continue
-            if kind is not None:
-                out.append((full, kind, child))
-            else:
-                walk(full + ".", child)
-
-    walk("", model)
-    return out
-
-
-def _align(k: int, n: int, keep_ends: bool) -> list[tuple[int, int]]:
-    """Pairs (student i, teacher j): identity when k == n; first/last kept and the middle by stride
-    (``keep_ends``), else i <- i·(n // k) (DistilBERT: student layer i <- teacher layer 2i)."""
-    if k == 0 or n == 0:
-        return []
-    if k == n:
-        return [(i, i) for i in range(k)]
-    if not keep_ends:
-        stride = max(1, n // k)
-        return [(i, i * stride) for i in range(k) if i * stride < n]
-    pairs = [(0, 0)]
-    if k >= 2:
-        pairs.append((k - 1, n - 1))
-    mid_s, mid_t = k - 2, n - 2
-    if mid_s > 0 and mid_t > 0:
-        stride = max(1, mid_t // mid_s)
-        pairs += [(1 + i, 1 + i * stride) for i in range(mid_s) if i * stride < mid_t]
-    return sorted(pairs)
-
-
-def _copy_state(dst: nn.Module, src: nn.Module, prefix: str) -> list[str]:
-    """Copy every tensor of ``src``'s state into ``dst`` when all names and shapes agree; else nothing."""
-    d_state, s_state = dst.state_dict(), dict(src.state_dict())
-    if set(d_state) != set(s_state) or any(tuple(d_state[k].shape) != tuple(s_state[k].shape) for k in d_state):
-        return []
-    with torch.no_grad():
-        for k, v in d_state.items():
-            v.copy_(s_state[k].to(v.dtype))
-    return [f"{prefix}.{k}" for k in d_state]
-
-
-def project_embedding(table: torch.Tensor, dim: int) -> torch.Tensor:
-    """[V, D] -> [V, dim] (dim < D): the table in the basis of its top-``dim`` right singular vectors
-    (uncentred PCA), which keeps the most of the rows' energy and their inner products."""
-    table = table.detach().to(torch.float64)
-    _, _, vh = torch.linalg.svd(table, full_matrices=False)
-    return (table @ vh[:dim].T).to(torch.float32)
-
-
-def init_from_teacher(student: nn.Module, teacher: nn.Module) -> list[str]:
-    """Copy teacher weights into ``student`` where shape and role match; returns the copied state keys.
-
-    * token embedding: the teacher's ``nn.Embedding`` with the same vocabulary; a wider table is
-      projected to the student's width with :func:`project_embedding`; position tables share the
-      first ``max_len`` rows when widths match;
-    * Transformer encoder layers: student layer i <- teacher layer i·(n // k) (every other layer when
-      the student has half the depth, the DistilBERT recipe), whole layers whose shapes all match;
-    * Linear / Conv layers (outside encoder layers), in order: first <- first, last <- last, middle
-      layers by stride; a BatchNorm that follows a copied layer in both models is copied with it.
-    """
-    s_units, t_units = _units(student), _units(teacher)
-    copied: list[str] = []
-
-    def by_kind(units, kinds):
-        return [(n, m) for n, k, m in units if k in kinds]
-
-    # embeddings
-    s_emb = [(n, m) for n, m in by_kind(s_units, {"embedding"})]
-    t_emb = [(n, m) for n, m in by_kind(t_units, {"embedding"})]
-    t_tokens = [(n, m) for n, m in t_emb if not _is_position(n)]
-    t_pos = [(n, m) for n, m in t_emb if _is_position(n)]
-    with torch.no_grad():
-        for name, m in s_emb:
-            w = m.weight
-            if _is_position(name):
-                for _, tm in t_pos:
-                    tw = tm.weight
-                    if tw.shape[1] == w.shape[1]:
-                        rows = min(w.shape[0], tw.shape[0])
-                        w[:rows].copy_(tw[:rows].to(w.dtype))
-                        copied.append(f"{name}.weight")
-                        break
-                continue
-            for _, tm in t_tokens:
-                tw = tm.weight
-                if tw.shape[0] != w.shape[0]:
-                    continue
-                if tw.shape[1] == w.shape[1]:
-                    w.copy_(tw.to(w.dtype))
-                elif tw.shape[1] > w.shape[1]:
-                    w.copy_(project_embedding(tw, w.shape[1]).to(w.dtype))
-                else:
-                    continue
-                copied.append(f"{name}.weight")
-                break
-
-    # transformer layers
-    s_layers, t_layers = by_kind(s_units, {"encoder_layer"}), by_kind(t_units, {"encoder_layer"})
-    for i, j in _align(len(s_layers), len(t_layers), keep_ends=False):
-        copied += _copy_state(s_layers[i][1], t_layers[j][1], s_layers[i][0])
-
-    # linear / conv chains, each with the BatchNorm that follows it
-    def weighted(units):
-        out = []
-        for idx, (n, k, m) in enumerate(units):
-            if k in ("linear", "conv"):
-                bn = None
-                if idx + 1 < len(units) and units[idx + 1][1] == "bn":
-                    bn = units[idx + 1]
-                out.append((n, k, m, bn))
-        return out
-
-    for kind in ("conv", "linear"):
-        s_w = [u for u in weighted(s_units) if u[1] == kind]
-        t_w = [u for u in weighted(t_units) if u[1] == kind]
-        for i, j in _align(len(s_w), len(t_w), keep_ends=True):
-            got = _copy_state(s_w[i][2], t_w[j][2], s_w[i][0])
-            copied += got
-            if got and s_w[i][3] is not None and t_w[j][3] is not None:
-                copied += _copy_state(s_w[i][3][2], t_w[j][3][2], s_w[i][3][0])
-    return copied
-
-
-# ---- uploaded students ---------------------------------------------------------------------------
-
-
-def load_uploaded(source: Any, load_module: Callable[[Path, str, Optional[dict]], nn.Module]
-                  ) -> tuple[nn.Module, dict[str, Any]]:
-    """An uploaded trainable student (``student: {"model_id": ...}``).
-
-    ``load_module(path, format, architecture)`` does the file I/O (the teacher loader); the module
-    comes back in train mode with every floating-point parameter trainable. The architecture is
-    ``{"family": "uploaded", "format": ...}``, or for safetensors the uploaded architecture itself
-    (so the exported student can be rebuilt by :func:`from_architecture`).
-    """
-    fmt = str(source.format)
-    arch_in = getattr(source, "architecture", None)
-    module = load_module(Path(source.path), fmt, dict(arch_in) if arch_in is not None else None)
-    if not isinstance(module, nn.Module):
-        raise InvalidModel(f"the uploaded {fmt} student is not a trainable PyTorch module")
-    module.train()
-    trainable = 0
-    for p in module.parameters():
-        if p.dtype.is_floating_point:
-            p.requires_grad_(True)
-            trainable += p.numel()
-    if trainable == 0:
-        raise InvalidModel(f"the uploaded {fmt} student has no trainable floating-point parameters")
-    if fmt == "safetensors" and arch_in is not None and arch_in.get("family") in _BUILDERS:
-        architecture = {**dict(arch_in), "source": "uploaded"}
-    else:
-        architecture = {"family": "uploaded", "format": fmt}
-    return module, architecture
-
-
-def num_parameters(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
-
-
-def state_dict_bytes(model: nn.Module) -> int:
-    """Raw tensor bytes of the state dict (fallback size when nothing is exported)."""
-    return int(sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t)))

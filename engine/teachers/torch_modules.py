@@ -314,10 +314,10 @@ def load_safetensors_module(path: Path, architecture: dict | None, *, what: str 
                           "(e.g. {\"family\": \"mlp\", \"in_features\": 64, \"hidden\": [256], \"out_features\": 10})")
     if not Path(path).is_file():
         raise InvalidModel(f"model file not found: {path}")
-    from engine.students import families as students
+    from engine.students.architecture import from_architecture
 
     try:
-        module = students.from_architecture(dict(architecture))
+        module = from_architecture(dict(architecture))
     except EngineError as exc:
         raise InvalidModel(f"cannot build the {what} architecture: {exc.message}") from None
     except Exception as exc:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from engine.students import derive as D
-from engine.students import families as S
+from engine.students import architecture, common
 from engine.values import InputInfo, TeacherInfo
 from engine.errors import EngineError
 
@@ -38,7 +38,7 @@ def test_rebuild_chain_is_an_exact_eager_copy(scripted):
         copy = D.rebuild_chain(src).eval()
         assert not isinstance(copy, torch.jit.ScriptModule)
         assert torch.allclose(copy(x), teacher(x), atol=1e-6)
-        rebuilt = S.from_architecture(D.chain_architecture(copy))
+        rebuilt = architecture.from_architecture(D.chain_architecture(copy))
         rebuilt.load_state_dict(copy.state_dict())
         assert torch.allclose(rebuilt.eval()(x), teacher(x), atol=1e-6)
 
@@ -60,18 +60,18 @@ def test_derive_from_known_architectures_has_fewer_parameters():
          [InputInfo("ids", (12,), True, 49)], (0.5, 1.0), {"embedding_dim": 16, "hidden": [32]}),
     ]
     for arch, inputs, (w, d), want in cases:
-        teacher = S.from_architecture(arch)
+        teacher = architecture.from_architecture(arch)
         model, new = _derive(w, d).create(inputs, arch["out_features"], TeacherInfo(None, arch, "safetensors"))
         for k, v in want.items():
             assert new[k] == v, (arch["family"], k, new[k])
-        assert S.num_parameters(model) < S.num_parameters(teacher)
-        print(arch["family"], S.num_parameters(teacher), "->", S.num_parameters(model))
+        assert common.num_parameters(model) < common.num_parameters(teacher)
+        print(arch["family"], common.num_parameters(teacher), "->", common.num_parameters(model))
 
 
 def test_derive_depth_halved_transformer_copies_every_other_layer():
     arch = {"family": "text_transformer", "vocab_size": 50, "d_model": 32, "heads": 4, "ff": 64, "layers": 4,
             "max_len": 12, "out_features": 3}
-    teacher = S.from_architecture(arch)
+    teacher = architecture.from_architecture(arch)
     model, new = _derive(1.0, 0.5, "teacher").create([InputInfo("ids", (12,), True, 49)], 3,
                                                      TeacherInfo(teacher, arch, "safetensors"))
     assert new["layers"] == 2
@@ -85,19 +85,19 @@ def test_derive_from_a_chain(scripted):
     src = torch.jit.script(teacher) if scripted else teacher
     model, arch = _derive(0.5, 1.0, "teacher").create(X64, 10, TeacherInfo(src, None, "torchscript"))
     assert arch["family"] == "sequential" and [layer["out"] for layer in arch["layers"] if layer["type"] == "linear"] == [128, 128, 10]
-    assert S.num_parameters(model) == 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10 < S.num_parameters(teacher)
+    assert common.num_parameters(model) == 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10 < common.num_parameters(teacher)
     assert arch["init_from_teacher"] == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
     # the kept first-layer units are the teacher's strongest, in order
     keep = torch.sort(torch.topk(teacher[0].weight.norm(dim=1), 128).indices).values
     assert torch.equal(model[0].weight, teacher[0].weight[keep])
-    rebuilt = S.from_architecture(arch)
+    rebuilt = architecture.from_architecture(arch)
     rebuilt.load_state_dict(model.state_dict())
 
 
 def test_derive_cnn_chain_and_identity_at_full_size():
     teacher = _cnn()
     model, arch = _derive(0.5, 1.0, "teacher").create(IMG, 10, TeacherInfo(torch.jit.script(teacher), None, "ts"))
-    assert S.num_parameters(model) < S.num_parameters(teacher)
+    assert common.num_parameters(model) < common.num_parameters(teacher)
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
     assert "8.weight" in arch["init_from_teacher"]  # the Linear after Flatten, sliced by kept channels
     full, _ = _derive(1.0, 1.0, "teacher").create(IMG, 10, TeacherInfo(teacher, None, "ts"))

@@ -89,7 +89,7 @@ def test_safetensors_teacher_with_architecture(teacher_module, digits_npz, tmp_p
     save_file({k: v.contiguous() for k, v in teacher_module.state_dict().items()}, str(path))
     # built-in mlp layout: Flatten at index 0, so the keys shift by one
     arch = {"family": "mlp", "in_features": 64, "hidden": [256, 256], "out_features": 10}
-    from engine.students.families import from_architecture
+    from engine.students.architecture import from_architecture
 
     keys = list(from_architecture(arch).state_dict())
     state = dict(zip(keys, [v.contiguous() for v in teacher_module.state_dict().values()]))

@@ -106,7 +106,7 @@ def test_inspect_torch_export_and_safetensors(teacher_module, tmp_path):
     from safetensors.torch import save_file
 
     from engine.inspection.model import inspect_model
-    from engine.students.families import from_architecture
+    from engine.students.architecture import from_architecture
 
     ep = torch.export.export(teacher_module, (torch.zeros(4, 64),),
                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))

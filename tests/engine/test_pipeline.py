@@ -15,7 +15,7 @@ from engine import Cancelled
 from engine import EngineResult
 from engine import run
 from engine.export.formats import load_safetensors_student
-from engine.students.families import from_architecture
+from engine.students.architecture import from_architecture
 
 from .helpers import RecordingReporter, make_spec
 

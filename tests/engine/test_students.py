@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.students import families as S
+from engine.students import architecture, common, uploaded
 from engine.registry import students
 from engine.values import InputInfo, ModelSource, TeacherInfo
 from engine.errors import EngineError
@@ -57,7 +57,7 @@ def test_family_shapes_script_onnx_and_rebuild(cfg, inputs, make):
         assert out.shape == (3, 10) and torch.isfinite(out).all()
         scripted = torch.jit.script(model)
         assert torch.allclose(scripted(*xs), out, atol=1e-5)
-        rebuilt = S.from_architecture(arch)
+        rebuilt = architecture.from_architecture(arch)
         rebuilt.load_state_dict(model.state_dict())
         assert torch.allclose(rebuilt.eval()(*xs), out, atol=1e-6)
     f = io.BytesIO()
@@ -86,21 +86,21 @@ def test_text_transformer_respects_the_mask_and_survives_an_empty_row():
 
 
 def test_from_architecture_minimal_teacher_dicts():
-    m = S.from_architecture({"family": "mlp", "in_features": 64, "hidden": [256, 256], "out_features": 10})
-    assert m(torch.rand(2, 64)).shape == (2, 10) and S.num_parameters(m) == 64 * 256 + 256 + 256 * 256 + 256 + 2570
-    assert S.from_architecture({"family": "cnn", "input_shape": [1, 8, 8], "out_features": 3})(
+    m = architecture.from_architecture({"family": "mlp", "in_features": 64, "hidden": [256, 256], "out_features": 10})
+    assert m(torch.rand(2, 64)).shape == (2, 10) and common.num_parameters(m) == 64 * 256 + 256 + 256 * 256 + 256 + 2570
+    assert architecture.from_architecture({"family": "cnn", "input_shape": [1, 8, 8], "out_features": 3})(
         torch.rand(2, 1, 8, 8)).shape == (2, 3)
-    assert S.from_architecture({"family": "resnet", "input_shape": [3, 8, 8], "out_features": 3})(
+    assert architecture.from_architecture({"family": "resnet", "input_shape": [3, 8, 8], "out_features": 3})(
         torch.rand(2, 3, 8, 8)).shape == (2, 3)
-    assert S.from_architecture({"family": "embedding_bag", "vocab_size": 50, "out_features": 3})(
+    assert architecture.from_architecture({"family": "embedding_bag", "vocab_size": 50, "out_features": 3})(
         torch.randint(0, 50, (2, 5))).shape == (2, 3)
-    assert S.from_architecture({"family": "text_transformer", "vocab_size": 50, "out_features": 3})(
+    assert architecture.from_architecture({"family": "text_transformer", "vocab_size": 50, "out_features": 3})(
         torch.randint(0, 50, (2, 5))).shape == (2, 3)
     with pytest.raises(EngineError) as e:
-        S.from_architecture({"family": "nope"})
+        architecture.from_architecture({"family": "nope"})
     assert e.value.code == "unsupported"
     with pytest.raises(EngineError) as e:
-        S.from_architecture({"family": "mlp", "hidden": [3]})
+        architecture.from_architecture({"family": "mlp", "hidden": [3]})
     assert e.value.code == "invalid_model"
 
 
@@ -172,7 +172,7 @@ def test_text_transformer_every_other_layer_from_a_deeper_teacher():
 
 def test_embedding_bag_projects_a_wider_teacher_table_by_svd():
     torch.manual_seed(0)
-    teacher = S.from_architecture({"family": "embedding_bag", "vocab_size": 100, "embedding_dim": 32,
+    teacher = architecture.from_architecture({"family": "embedding_bag", "vocab_size": 100, "embedding_dim": 32,
                                    "out_features": 3})
     info = TeacherInfo(torch.jit.script(teacher), None, "torchscript")
     model, arch = students.build({"family": "embedding_bag", "embedding_dim": 8, "init": "teacher"}).create(
@@ -200,16 +200,16 @@ def test_load_uploaded_wraps_the_loader(tmp_path):
             p.requires_grad_(False)
         return m.eval()
 
-    model, arch = S.load_uploaded(ModelSource(tmp_path / "s.pt", "torchscript"), loader)
+    model, arch = uploaded.load_uploaded(ModelSource(tmp_path / "s.pt", "torchscript"), loader)
     assert arch == {"family": "uploaded", "format": "torchscript"} and seen["fmt"] == "torchscript"
     assert model.training and all(p.requires_grad for p in model.parameters())
 
     def st_loader(path, fmt, arch):
-        return S.from_architecture(arch)
+        return architecture.from_architecture(arch)
 
     a = {"family": "mlp", "in_features": 4, "hidden": [8], "out_features": 2}
-    model, arch = S.load_uploaded(ModelSource(tmp_path / "s.safetensors", "safetensors", a), st_loader)
-    assert arch["family"] == "mlp" and S.from_architecture(arch)(torch.rand(1, 4)).shape == (1, 2)
+    model, arch = uploaded.load_uploaded(ModelSource(tmp_path / "s.safetensors", "safetensors", a), st_loader)
+    assert arch["family"] == "mlp" and architecture.from_architecture(arch)(torch.rand(1, 4)).shape == (1, 2)
 
 
 def test_student_builder_dispatches_on_the_spec_type():

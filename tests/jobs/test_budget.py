@@ -16,7 +16,7 @@ from app.settings import Settings
 from tests.support.jobs import job_body
 from tests.support.students import build_student
 from engine.students import derive as D
-from engine.students import families as S
+from engine.students import architecture, families
 from engine.compression.datafree import make_generator
 from engine.values import InputInfo, TeacherInfo
 
@@ -115,7 +115,7 @@ RATIOS = [{"width": 0.5}, {"width": 0.3, "depth": 0.5}, {"width": 1.0, "depth": 
 @pytest.mark.parametrize("ratios", RATIOS, ids=lambda r: f"w{r['width']}-d{r.get('depth', 1.0)}")
 @pytest.mark.parametrize("arch,inputs", TEACHER_ARCHS, ids=[a["family"] for a, _ in TEACHER_ARCHS])
 def test_derive_of_a_builtin_teacher_equals_the_engine_module(arch, inputs, ratios):
-    teacher_module = S.from_architecture(arch)
+    teacher_module = architecture.from_architecture(arch)
     out = arch["out_features"]
     model, derived = D.build({"derive": ratios}).create(inputs, out, TeacherInfo(None, arch, "safetensors"))
     teacher = _teacher(_numel(teacher_module), out=out, fmt="safetensors", architecture=arch)
@@ -148,7 +148,7 @@ def test_derive_of_a_layer_chain_is_sized_within_2x(widths, ratios):
                                    ({"family": "mlp"}, 64)])
 def test_input_reduction_equals_the_engine_module(cfg, k):
     inner, _ = build_student(cfg).create([InputInfo("x", (k,))], 10, None)
-    model = S.ReducedInput(64, k, inner)
+    model = architecture.ReducedInput(64, k, inner)
     est = _estimate({"student": cfg, "steps": [{"kind": "distill", "input_reduction": {"components": k}}]},
                     _teacher(out=10), _dataset([InputInfo("x", (64,))]))
     assert _student(est) == _numel(model)
@@ -156,7 +156,7 @@ def test_input_reduction_equals_the_engine_module(cfg, k):
 
 def test_input_reduction_of_a_derived_student_is_sized():
     arch = {"family": "mlp", "in_features": 64, "hidden": [64], "out_features": 10}
-    teacher = _teacher(_numel(S.from_architecture(arch)), fmt="safetensors", architecture=arch)
+    teacher = _teacher(_numel(architecture.from_architecture(arch)), fmt="safetensors", architecture=arch)
     est = _estimate({"student": {"derive": {"width": 0.5}},
                      "steps": [{"kind": "distill", "input_reduction": {"components": 8}}]},
                     teacher, _dataset([InputInfo("x", (64,))]))
@@ -319,7 +319,7 @@ def test_ordinary_jobs_fit_the_default_budget(client, make_key, uploaded, digits
                 reduced = any(step.get("input_reduction") for step in body.get("steps", []))
                 if (body.get("student") or {}).get("family") == "mlp" and not reduced:
                     hidden = body["student"].get("hidden", [128])
-                    real = _numel(S.build_mlp({"in_features": 64, "hidden": hidden, "out_features": 10}))
+                    real = _numel(families.build_mlp({"in_features": 64, "hidden": hidden, "out_features": 10}))
                     assert 0.5 <= _student(est) / real <= 2, (fmt, why, _student(est), real)
                     if fmt == "onnx":
                         assert _student(est) == real, why  # ONNX declares its 10 outputs: exact

@@ -11,7 +11,7 @@ from torch import nn
 from worker.engine.editable import to_editable
 from worker.engine.types import EngineError
 
-from .compression_fixtures import make_cnn, split, teacher  # noqa: F401
+from .compression_fixtures import make_cnn
 
 
 def _reloaded(scripted):

@@ -9,7 +9,6 @@ import torch
 from worker.engine import DatasetSource, TeacherSource, run
 
 from .helpers import RecordingReporter, make_spec
-from .test_formats_tasks import token_data  # noqa: F401  (fixture: a two-input transformer embedding teacher)
 
 
 def _run(spec, teacher, data, tmp_path):
@@ -48,7 +47,7 @@ def test_resnet_student_on_digit_images(image_teacher, tmp_path):
     assert result.metrics["student"]["accuracy"] >= 0.85, result.metrics
 
 
-def test_text_transformer_student_on_token_embeddings(token_data, tmp_path):  # noqa: F811
+def test_text_transformer_student_on_token_embeddings(token_data, tmp_path):
     teacher, data = token_data
     spec = make_spec(exports=["onnx"], step__loss={"type": "cosine", "mse_weight": 0.0}, step__epochs=25,
                      step__batch_size=64,
@@ -57,7 +56,7 @@ def test_text_transformer_student_on_token_embeddings(token_data, tmp_path):  # 
     assert result.metrics["student"]["cosine"] >= 0.8, result.metrics
 
 
-def test_embedding_bag_with_init_from_teacher_reaches_cosine_08(token_data, tmp_path):  # noqa: F811
+def test_embedding_bag_with_init_from_teacher_reaches_cosine_08(token_data, tmp_path):
     teacher, data = token_data
     spec = make_spec(exports=["onnx"], step__loss={"type": "cosine", "mse_weight": 0.0}, step__epochs=20,
                      step__batch_size=64, student={"family": "embedding_bag", "hidden": [64], "init": "teacher"})

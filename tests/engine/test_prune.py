@@ -12,7 +12,7 @@ from torch import nn
 from worker.engine.prune import prune, prune_step, prune_steps, pruners, reapply_masks, schedule_amounts, zero_masks
 from worker.engine.types import EngineError
 
-from .compression_fixtures import accuracy, cnn, kd_finetune, predict, split, teacher, ts_roundtrip  # noqa: F401
+from .compression_fixtures import accuracy, kd_finetune, predict, ts_roundtrip
 
 
 def _linear_zero_fraction(module) -> float:

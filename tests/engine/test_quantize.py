@@ -18,7 +18,7 @@ from worker.engine.quantize import (
 )
 from worker.engine.types import EngineError
 
-from .compression_fixtures import accuracy, cnn, kd_finetune, predict, split, teacher  # noqa: F401
+from .compression_fixtures import accuracy, kd_finetune, predict
 
 
 def _calibration(x, n=8, bs=32):

@@ -15,6 +15,7 @@ def _run(spec, teacher, data, tmp_path):
     return run(spec, teacher, data, tmp_path / "out", RecordingReporter(), device="cpu", threads=1)
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 @pytest.mark.parametrize("loss", [
     {"type": "soft_ce", "temperature": 2.0, "entropy_weight": 0.1},
     {"type": "hard", "label_smoothing": 0.0},
@@ -39,6 +40,7 @@ def image_teacher(teacher_module, tmp_path_factory, digits):
     return TeacherSource(path, "torchscript"), DatasetSource(npz)
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 def test_resnet_student_on_digit_images(image_teacher, tmp_path):
     teacher, data = image_teacher
     spec = make_spec(exports=["torchscript"], student={"family": "resnet", "depth": 3, "width": 8},
@@ -47,6 +49,7 @@ def test_resnet_student_on_digit_images(image_teacher, tmp_path):
     assert result.metrics["student"]["accuracy"] >= 0.85, result.metrics
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 def test_text_transformer_student_on_token_embeddings(token_data, tmp_path):
     teacher, data = token_data
     spec = make_spec(exports=["onnx"], step__loss={"type": "cosine", "mse_weight": 0.0}, step__epochs=25,
@@ -56,6 +59,7 @@ def test_text_transformer_student_on_token_embeddings(token_data, tmp_path):
     assert result.metrics["student"]["cosine"] >= 0.8, result.metrics
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 def test_embedding_bag_with_init_from_teacher_reaches_cosine_08(token_data, tmp_path):
     teacher, data = token_data
     spec = make_spec(exports=["onnx"], step__loss={"type": "cosine", "mse_weight": 0.0}, step__epochs=20,

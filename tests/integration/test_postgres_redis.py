@@ -16,6 +16,7 @@ from tests.support.wait import wait_until
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_kd_job_end_to_end(http, teacher_files, digits, fmt):
     job, files = distill_digits(http, teacher_files[fmt], digits)

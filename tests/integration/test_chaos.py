@@ -19,7 +19,7 @@ from tests.support.fixtures import start_process, stop_process, wait_for_log
 from tests.support.jobs import job_body
 from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the chaos suite
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -54,7 +54,7 @@ def test_sigterm_releases_the_job_and_another_worker_finishes_it(client, make_ke
     m, d = uploaded(h, fmt="torchscript")
     first = _worker(tmp_path, "a", env)
     job_id = client.post("/v1/jobs", headers=h, json=job_body(
-        m, d, steps=[{"kind": "distill", "epochs": 60, "batch_size": 16}], exports=["torchscript"])).json()["id"]
+        m, d, steps=[{"kind": "distill", "epochs": 20, "batch_size": 16}], exports=["torchscript"])).json()["id"]
     wait_until(lambda: _job(job_id)["progress"].get("epoch", 0) >= 2, 90, "training to start")
     began = time.monotonic()
     os.killpg(first.pid, signal.SIGTERM)

@@ -15,7 +15,7 @@ from tests.support.fixtures import start_process, stop_process, wait_for_log
 from tests.support.jobs import job_body
 from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the chaos suite
 
 
 def _job(job_id: str) -> dict:
@@ -39,7 +39,7 @@ def test_job_survives_a_killed_worker(client, make_key, uploaded, monkeypatch, t
     first = start_process([sys.executable, "-m", "app.cli", "worker"], tmp_path / "a.log", env=env)
     wait_for_log(first, tmp_path / "a.log", "ready.", timeout=60)
     job_id = client.post("/v1/jobs", headers=h, json=job_body(
-        m, d, steps=[{"kind": "distill", "epochs": 40, "batch_size": 16}], exports=["torchscript"])).json()["id"]
+        m, d, steps=[{"kind": "distill", "epochs": 20, "batch_size": 16}], exports=["torchscript"])).json()["id"]
     wait_until(lambda: _job(job_id)["progress"].get("epoch", 0) >= 3, 60, "three epochs of training")
     os.killpg(first.pid, signal.SIGKILL)  # no goodbye: no ack, no status change, the lease simply runs out
     first.wait()

@@ -1,10 +1,11 @@
-# Two commands: `make run` (a working Distillery) and `make test` (the whole suite).
+# Two commands: `make run` (a working Distillery) and `make test` (the whole suite); `make test-fast` skips
+# the tests marked slow (whole jobs trained to accuracy floors, the chaos suite).
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_WHEEL_DIR ?= /opt/wheels
 
-.PHONY: run test install install-dev lint clean bench sandbox
+.PHONY: run test test-fast install install-dev lint clean bench sandbox
 
 # Reinstall only when the project's install files change (stamp files), so re-running is fast.
 $(VENV)/.stamp-install: pyproject.toml
@@ -29,9 +30,15 @@ sandbox:
 	  (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null) ; } || \
 	  echo "warning: bubblewrap is not installed; the sandbox falls back to plain child processes"
 
+# PYTEST_ARGS: extra pytest options, e.g. PYTEST_ARGS="-n 3" (pytest-xdist) or "-x".
+PYTEST_ARGS ?=
+
 test: install-dev sandbox
 	$(VENV)/bin/ruff check app worker engine jobspec safezip tests benchmarks migrations
-	$(PY) -m pytest -q --durations=12
+	$(PY) -m pytest -q --durations=12 $(PYTEST_ARGS)
+
+test-fast: install-dev sandbox
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install-dev
 	$(VENV)/bin/ruff check app worker engine jobspec safezip tests benchmarks migrations

@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import delete
 
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.postgres  # against PostgreSQL, as in production with several workers
+
 HOUR = 3600.0
 
 
@@ -30,7 +34,7 @@ def _file(path: Path, age: float, size: int = 100) -> Path:
 
 
 @pytest.fixture()
-def env(migrated, tmp_path):
+def env(backend, tmp_path):
     """(settings, storage, data_dir) for a data dir of this test only, with the default ages."""
     from app.settings import Settings
     from app.storage import LocalStorage
@@ -41,7 +45,7 @@ def env(migrated, tmp_path):
 
 
 @pytest.fixture()
-def tenant_id(migrated):
+def tenant_id(backend):
     from app.db.models import Tenant
     from app.db.session import session_scope
     from app.ids import new_id
@@ -254,7 +258,7 @@ def test_symlinks_are_never_followed_nor_removed(env, tmp_path):
     assert sorted(p.name for p in outside.rglob("*")) == ["checkpoint.pt", "precious", "tree", "upload-x", "x.partial"]
 
 
-def test_nothing_outside_the_data_dir(migrated, tmp_path, caplog):
+def test_nothing_outside_the_data_dir(backend, tmp_path, caplog):
     """A blob store that is a link out of the data dir is not swept (and says so)."""
     from app.settings import Settings
     from app.storage import LocalStorage
@@ -301,7 +305,7 @@ def test_start_sweeper_sweeps_at_once_then_periodically(env):
     assert not sweeper.thread.is_alive()
 
 
-def test_cli_sweep_once(migrated, capsys):
+def test_cli_sweep_once(backend, capsys):
     from app.cli import main
     from app.settings import get_settings
 
@@ -312,7 +316,4 @@ def test_cli_sweep_once(migrated, capsys):
 
 
 def _until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
+    wait_until(condition, timeout, "the sweeper", every=0.02)

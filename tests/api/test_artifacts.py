@@ -4,29 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+from tests.support.api import make_artifact
 from tests.support.jobs import job_body
-
-
-def make_artifact(job_id: str, content: bytes) -> str:
-    """Store ``content`` as a student artifact of ``job_id`` the way the worker does."""
-    import tempfile
-    from pathlib import Path
-
-    from app.db.models import Artifact, Job
-    from app.db.session import session_scope
-    from app.ids import new_id
-    from app.storage import get_storage
-
-    art_id = new_id("artifact")
-    with tempfile.NamedTemporaryFile(delete=False) as f:
-        f.write(content)
-    blob = get_storage().put_file(f"artifacts/{job_id}/{art_id}/student.onnx", Path(f.name))
-    with session_scope() as s:
-        tenant = s.get(Job, job_id).tenant_id
-        s.add(Artifact(id=art_id, tenant_id=tenant, job_id=job_id, kind="student", format="onnx", step_index=0,
-                       filename="student.onnx", media_type="application/octet-stream", size_bytes=blob.size_bytes,
-                       sha256=blob.sha256, storage_key=blob.key))
-    return art_id
 
 
 def test_content_etag_and_ranges(client, make_key, uploaded):

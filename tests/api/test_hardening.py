@@ -313,6 +313,7 @@ def test_job_replay_reuse_and_claim_order(client, make_key, uploaded):
     assert _jobs_with_key("harden-1") == _jobs_with_key("harden-2") == 1
 
 
+@pytest.mark.postgres  # a row lock with a lock_timeout (SQLite locks the whole file)
 def test_claim_in_flight_past_the_lock_timeout_is_409_with_retry_after(client, make_key, uploaded, monkeypatch):
     h = make_key("harden-inflight")
     m, d = uploaded(h)
@@ -337,6 +338,7 @@ def test_claim_in_flight_past_the_lock_timeout_is_409_with_retry_after(client, m
     assert r.status_code == 202 and "Idempotent-Replayed" not in r.headers, r.text
 
 
+@pytest.mark.postgres  # waiters on a row lock, counted in pg_stat_activity
 def test_losers_waiting_on_a_claim_replay_the_winner(client, make_key, uploaded):
     """Two requests find the key claimed by an uncommitted winner; once it commits, the identical one
     replays the winner's job and the one with another body gets idempotency_key_reused."""

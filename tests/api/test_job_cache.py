@@ -4,23 +4,22 @@ by whichever process — is seen by the next read once PostgreSQL's notification
 from __future__ import annotations
 
 import logging
-import time
 
+import pytest
 from sqlalchemy import text, update
 
 from app.api.job_cache import JobCache, get_cache
 from app.db.models import Job
 from app.db.session import session_scope
 from tests.support.jobs import job_body
+from tests.support.wait import wait_until as poll_until
+
+pytestmark = pytest.mark.postgres  # the cache follows the row through PostgreSQL's LISTEN/NOTIFY
 
 
 def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> float:
-    """Poll ``predicate`` until true; returns the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout, f"timed out waiting for {what}"
-        time.sleep(0.002)
-    return time.monotonic() - start
+    """Poll ``predicate`` every 2 ms until true (the lag measured is milliseconds); returns the seconds it took."""
+    return poll_until(predicate, timeout, what, every=0.002)
 
 
 def test_a_read_that_predates_an_invalidation_is_not_stored():

@@ -8,7 +8,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
-from tests.api.test_models import _Payload, upload
+from tests.support.api import Payload, upload
 
 PARAMS = 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
 
@@ -66,7 +66,7 @@ def test_pickle_inside_torch_export_archive_is_refused(client, make_key, tmp_pat
         for name in src.namelist():
             data = src.read(name)
             if name.endswith("sample_inputs/model.pt"):
-                data = pickle.dumps(_Payload(marker))
+                data = pickle.dumps(Payload(marker))
             dst.writestr(name, data)
     r = upload(client, make_key("fmt-c"), evil.getvalue(), filename="t.pt2")
     assert r.status_code == 422 and "other than tensors" in r.json()["detail"], r.text

@@ -6,14 +6,10 @@ import hashlib
 import io
 import pickle
 import zipfile
-from pathlib import Path
 
 import pytest
 
-
-def upload(client, headers, content: bytes, name="teacher", filename="teacher.bin", **fields):
-    return client.post("/v1/models", headers=headers, files={"file": (filename, content)},
-                       data={"name": name, **fields})
+from tests.support.api import Payload, upload
 
 
 def test_torchscript_upload_detects_format_and_counts_parameters(client, make_key, teacher_files):
@@ -43,16 +39,6 @@ def test_claimed_format_must_match_content(client, make_key, teacher_files):
     assert "torchscript" in r.json()["detail"]
 
 
-class _Payload:
-    """Unpickling this would create a marker file: proof that code ran."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def _torch_save_like_zip(pickled: bytes) -> bytes:
     # The zip layout torch.save writes: <name>/data.pkl, <name>/version, <name>/data/...
     buf = io.BytesIO()
@@ -80,7 +66,7 @@ def _torchscript_like_zip(pickled: bytes) -> bytes:
 ])
 def test_malicious_pickles_are_refused_and_never_executed(client, make_key, tmp_path, wrap, expect):
     marker = tmp_path / "pwned"
-    r = upload(client, make_key("models-evil"), wrap(pickle.dumps(_Payload(marker))))
+    r = upload(client, make_key("models-evil"), wrap(pickle.dumps(Payload(marker))))
     assert r.status_code == 422, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
     assert expect in r.json()["detail"]

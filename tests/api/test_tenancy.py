@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.api import make_artifact
 from tests.support.jobs import job_body
-from tests.api.test_artifacts import make_artifact
 
 
 @pytest.fixture()

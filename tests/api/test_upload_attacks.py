@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import pytest
 
-from tests.api.test_models import upload
+from tests.support.api import upload
 
 
 def post_dataset(client, headers, content: bytes, fmt: str = "npz", **fields):

@@ -1,8 +1,8 @@
-"""Fixtures and helpers for the compression tests: digits split, a trained teacher MLP
-(64-1200-1200-10) and a small trained CNN on 1x8x8 digits, a tiny KD fine-tune loop.
+"""Helpers of the compression tests: digits split, a trained teacher MLP (64-1200-1200-10) and a small
+trained CNN on 1x8x8 digits, a tiny KD fine-tune loop.
 
-Import the fixtures into a test module with ``from .compression_fixtures import *``.
-Everything is module-cached and seeded, so the models train once per session.
+The fixtures ``split``, ``teacher`` and ``cnn`` (tests/engine/conftest.py) return these; test modules import
+only the helper functions. Everything is cached and seeded, so the models train once per session.
 """
 
 from __future__ import annotations
@@ -12,15 +12,11 @@ import warnings
 from functools import lru_cache
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 __all__ = [
-    "split",
-    "teacher",
-    "cnn",
     "accuracy",
     "predict",
     "kd_finetune",
@@ -89,24 +85,6 @@ def _cnn() -> nn.Module:
     xtr, ytr, _, _ = _split()
     torch.manual_seed(0)
     return _train(make_cnn(), xtr.view(-1, 1, 8, 8), ytr, epochs=10, lr=3e-3)
-
-
-@pytest.fixture(scope="session")
-def split():
-    """(x_train [1347, 64], y_train, x_test [450, 64], y_test) float32 / int64 tensors."""
-    return _split()
-
-
-@pytest.fixture(scope="session")
-def teacher():
-    """Trained 64-1200-1200-10 MLP (eval mode); do not modify it in a test."""
-    return _teacher()
-
-
-@pytest.fixture(scope="session")
-def cnn():
-    """Trained small CNN on [N, 1, 8, 8] digits (eval mode)."""
-    return _cnn()
 
 
 def predict(model, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from sklearn.datasets import load_digits
 from engine import DatasetSource
 from engine import TeacherSource
 
+from . import compression_fixtures
 from .helpers import RecordingReporter, make_spec
 
 torch.set_num_threads(1)
@@ -132,3 +133,72 @@ def onnx_run(teacher_onnx, digits_npz, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx_run")
     result = run(make_spec(), teacher_onnx, digits_npz, out, reporter, device="cpu", threads=1)
     return result, reporter, out
+
+
+# ---- shared with the compression tests (tests/engine/compression_fixtures.py) ----------------------
+@pytest.fixture(scope="session")
+def split():
+    """(x_train [1347, 64], y_train, x_test [450, 64], y_test) float32 / int64 tensors."""
+    return compression_fixtures._split()
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    """Trained 64-1200-1200-10 MLP (eval mode); do not modify it in a test."""
+    return compression_fixtures._teacher()
+
+
+@pytest.fixture(scope="session")
+def cnn():
+    """Trained small CNN on [N, 1, 8, 8] digits (eval mode)."""
+    return compression_fixtures._cnn()
+
+
+# ---- an embedding teacher on token sequences (tests/engine/test_formats_tasks.py, test_method_matrix.py) ---
+class TinyEncoder(torch.nn.Module):
+    def __init__(self, vocab=50, d=32, out=16, max_len=12):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.pos = torch.nn.Parameter(torch.randn(max_len, d) * 0.1)
+        self.layer = torch.nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True)
+        self.proj = torch.nn.Linear(d, out)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) + self.pos[: input_ids.shape[1]]
+        h = self.layer(h, src_key_padding_mask=attention_mask == 0)
+        m = attention_mask.unsqueeze(-1).float()
+        return self.proj((h * m).sum(1) / m.sum(1).clamp_min(1.0))
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory):
+    """(embedding teacher: a two-input transformer traced to TorchScript, npz of input_ids + attention_mask)."""
+    g = np.random.default_rng(0)
+    n, L, vocab = 1200, 12, 50
+    lengths = g.integers(4, L + 1, n)
+    ids = g.integers(1, vocab, (n, L)).astype(np.int64)
+    mask = (np.arange(L)[None] < lengths[:, None]).astype(np.int64)
+    ids = ids * mask
+    # "train" the teacher briefly: predict which of 4 token ranges dominates (gives it structure)
+    torch.manual_seed(0)
+    model = TinyEncoder()
+    head = torch.nn.Linear(16, 4)
+    target = torch.from_numpy(np.stack([((ids >= lo) & (ids < lo + 13) & (mask == 1)).sum(1)
+                                        for lo in (1, 13, 26, 38)], 1).argmax(1))
+    opt = torch.optim.Adam(list(model.parameters()) + list(head.parameters()), lr=3e-3)
+    ti, tm = torch.from_numpy(ids), torch.from_numpy(mask)
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(head(model(ti, tm)), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    base = tmp_path_factory.mktemp("tokens")
+    path = base / "encoder.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (ti[:4], tm[:4]), check_trace=False)
+        torch.jit.save(traced, str(path))
+    npz = base / "tokens.npz"
+    np.savez(npz, input_ids=ids, attention_mask=mask)
+    return TeacherSource(path, "torchscript", task="embedding"), DatasetSource(npz, inputs=("input_ids", "attention_mask"))

@@ -11,7 +11,7 @@ from torch import nn
 from engine.compression.editable import to_editable
 from engine.errors import EngineError
 
-from .compression_fixtures import make_cnn, split, teacher  # noqa: F401
+from .compression_fixtures import make_cnn
 
 
 def _reloaded(scripted):

@@ -11,13 +11,13 @@ from engine import TeacherSource
 from engine import run
 
 from .helpers import RecordingReporter, make_spec
-from .test_formats_tasks import token_data  # noqa: F401  (fixture: a two-input transformer embedding teacher)
 
 
 def _run(spec, teacher, data, tmp_path):
     return run(spec, teacher, data, tmp_path / "out", RecordingReporter(), device="cpu", threads=1)
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 @pytest.mark.parametrize("loss", [
     {"type": "soft_ce", "temperature": 2.0, "entropy_weight": 0.1},
     {"type": "hard", "label_smoothing": 0.0},
@@ -42,6 +42,7 @@ def image_teacher(teacher_module, tmp_path_factory, digits):
     return TeacherSource(path, "torchscript"), DatasetSource(npz)
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 def test_resnet_student_on_digit_images(image_teacher, tmp_path):
     teacher, data = image_teacher
     spec = make_spec(exports=["torchscript"], student={"family": "resnet", "depth": 3, "width": 8},
@@ -50,7 +51,8 @@ def test_resnet_student_on_digit_images(image_teacher, tmp_path):
     assert result.metrics["student"]["accuracy"] >= 0.85, result.metrics
 
 
-def test_text_transformer_student_on_token_embeddings(token_data, tmp_path):  # noqa: F811
+@pytest.mark.slow  # trains a whole job to an accuracy floor
+def test_text_transformer_student_on_token_embeddings(token_data, tmp_path):
     teacher, data = token_data
     spec = make_spec(exports=["onnx"], step__loss={"type": "cosine", "mse_weight": 0.0}, step__epochs=25,
                      step__batch_size=64,
@@ -59,7 +61,8 @@ def test_text_transformer_student_on_token_embeddings(token_data, tmp_path):  # 
     assert result.metrics["student"]["cosine"] >= 0.8, result.metrics
 
 
-def test_embedding_bag_with_init_from_teacher_reaches_cosine_08(token_data, tmp_path):  # noqa: F811
+@pytest.mark.slow  # trains a whole job to an accuracy floor
+def test_embedding_bag_with_init_from_teacher_reaches_cosine_08(token_data, tmp_path):
     teacher, data = token_data
     spec = make_spec(exports=["onnx"], step__loss={"type": "cosine", "mse_weight": 0.0}, step__epochs=20,
                      step__batch_size=64, student={"family": "embedding_bag", "hidden": [64], "init": "teacher"})

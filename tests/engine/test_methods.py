@@ -19,6 +19,7 @@ def _run(spec, teacher, data, tmp_path, reporter=None, **kw):
     return run(spec, teacher, data, tmp_path / "out", reporter or RecordingReporter(), device="cpu", threads=1, **kw)
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 def test_defaults_only_job_reaches_090(teacher_ts, digits_npz, tmp_path):
     from jobspec import JobSpec
 
@@ -28,6 +29,7 @@ def test_defaults_only_job_reaches_090(teacher_ts, digits_npz, tmp_path):
     assert result.metrics["student"]["accuracy"] >= 0.9, result.metrics
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 def test_kd_with_hints_reaches_088(teacher_ts, digits_npz, tmp_path):
     spec = make_spec(exports=["onnx"], step__epochs=20,
                      step__hints=[{"teacher": "penultimate", "student": "penultimate", "weight": 0.5, "distance": "mse"},
@@ -175,6 +177,7 @@ def test_kmeans_is_deterministic():
     assert np.array_equal(a, b) and len(a) == 30 and len(set(a.tolist())) == 30
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 def test_data_free_on_digits(teacher_ts, digits, write_npz, tmp_path):
     x, y = digits
     held = write_npz("heldout", x=x[1400:], y=y[1400:])

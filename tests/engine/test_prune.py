@@ -20,7 +20,7 @@ from engine.compression.pruning import (
 )
 from engine.errors import EngineError
 
-from .compression_fixtures import accuracy, cnn, kd_finetune, predict, split, teacher, ts_roundtrip  # noqa: F401
+from .compression_fixtures import accuracy, kd_finetune, predict, ts_roundtrip
 
 
 def _linear_zero_fraction(module) -> float:

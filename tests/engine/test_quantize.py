@@ -18,7 +18,7 @@ from engine.compression.quantization import (
 )
 from engine.errors import EngineError
 
-from .compression_fixtures import accuracy, cnn, kd_finetune, predict, split, teacher  # noqa: F401
+from .compression_fixtures import accuracy, kd_finetune, predict
 
 
 def _calibration(x, n=8, bs=32):

@@ -13,7 +13,7 @@ from tests.support.flow import wait_http
 
 
 @pytest.fixture(scope="session")
-def api_url(migrated, tmp_path_factory, celery_worker):
+def api_url(postgres_backend, tmp_path_factory, celery_worker):
     """Base URL of a `distillery serve` process on a free port (PostgreSQL + Redis)."""
     import socket
 
@@ -21,7 +21,7 @@ def api_url(migrated, tmp_path_factory, celery_worker):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("api") / "api.log"
-    proc = start_process([sys.executable, "-m", "app.cli", "serve"], log, env={"DISTILLERY_PORT": str(port)})
+    proc = start_process([sys.executable, "-m", "app.cli", "serve"], log, env={**postgres_backend.env, "DISTILLERY_PORT": str(port)})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,8 +17,9 @@ import pytest
 
 from tests.support.fixtures import start_process, stop_process, wait_for_log
 from tests.support.jobs import job_body
+from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the chaos suite
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -34,20 +34,6 @@ def _job(job_id: str) -> dict:
         events = list(s.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))
         return {"status": job.status, "attempts": job.attempts, "progress": job.progress or {},
                 "error": job.error_message, "events": events}
-
-
-def _wait(predicate, timeout: float, what: str) -> float:
-    began = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - began < timeout, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.1)
-    return time.monotonic() - began
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(tmp_path: Path, name: str, env: dict[str, str]) -> subprocess.Popen:
@@ -68,8 +54,8 @@ def test_sigterm_releases_the_job_and_another_worker_finishes_it(client, make_ke
     m, d = uploaded(h, fmt="torchscript")
     first = _worker(tmp_path, "a", env)
     job_id = client.post("/v1/jobs", headers=h, json=job_body(
-        m, d, steps=[{"kind": "distill", "epochs": 60, "batch_size": 16}], exports=["torchscript"])).json()["id"]
-    _wait(lambda: _job(job_id)["progress"].get("epoch", 0) >= 2, 90, "training to start")
+        m, d, steps=[{"kind": "distill", "epochs": 20, "batch_size": 16}], exports=["torchscript"])).json()["id"]
+    wait_until(lambda: _job(job_id)["progress"].get("epoch", 0) >= 2, 90, "training to start")
     began = time.monotonic()
     os.killpg(first.pid, signal.SIGTERM)
     first.wait(timeout=20)
@@ -78,7 +64,7 @@ def test_sigterm_releases_the_job_and_another_worker_finishes_it(client, make_ke
     assert released["status"] == "queued" and released["attempts"] == 0 and "released" in released["events"], released
     second = _worker(tmp_path, "b", env)
     try:
-        took = _wait(lambda: _job(job_id)["status"] in TERMINAL, 120, "the second worker to finish the job")
+        took = wait_until(lambda: _job(job_id)["status"] in TERMINAL, 120, "the second worker to finish the job")
     finally:
         stop_process(second)
     final = _job(job_id)

@@ -32,6 +32,7 @@ def _torchscript_accuracy(blob: bytes, digits) -> float:
     return float((pred == digits.y_test).mean())
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 def test_pipeline_with_passing_gates_reports_every_step(http, teacher_files, digits):
     model_id, dataset_id = upload_inputs(http, teacher_files["torchscript"], digits)
     job = http.post("/v1/jobs", json={

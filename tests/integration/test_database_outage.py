@@ -17,7 +17,7 @@ import pytest
 from tests.support.chaos import Stack, throwaway_postgres, throwaway_redis, upload_inputs, wait_until
 from tests.support.jobs import job_body
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the chaos suite
 
 OUTAGE = 20.0
 LEASE = 10  # shorter than the outage: every lease expires while the database is away

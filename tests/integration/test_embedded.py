@@ -38,6 +38,7 @@ def embedded(tmp_path_factory):
         stop_process(proc)
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 def test_embedded_flow_and_clean_shutdown(embedded, teacher_files, digits):
     assert "listening on http://127.0.0.1" in embedded["log"].read_text()
     assert (embedded["data"] / "distillery.db").exists() and (embedded["data"] / "queue.db").exists()

@@ -11,7 +11,7 @@ import pytest
 from tests.integration.chaos_stack import client_of, db_now, first_sent, long, tiny
 from tests.support.chaos import TERMINAL, assert_each_ran_once, submit_many, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the chaos suite
 
 
 def test_a_hung_broker_never_slows_submission_and_jobs_go_out_when_it_answers(chaos_stack):

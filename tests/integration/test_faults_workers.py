@@ -11,7 +11,7 @@ import pytest
 from tests.integration.chaos_stack import LEASE, client_of, long, tiny
 from tests.support.chaos import TERMINAL, signal_tree, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the chaos suite
 
 
 def test_a_frozen_worker_is_replaced_and_its_stale_attempt_changes_nothing(chaos_stack):
@@ -19,7 +19,7 @@ def test_a_frozen_worker_is_replaced_and_its_stale_attempt_changes_nothing(chaos
     finishes it; when the frozen one wakes, its attempt is fenced out and writes nothing."""
     m, d = chaos_stack.inputs
     with client_of(chaos_stack) as c:
-        job_id = c.post("/v1/jobs", json=long(m, d, epochs=60)).json()["id"]
+        job_id = c.post("/v1/jobs", json=long(m, d, epochs=20)).json()["id"]
     wait_until(lambda: chaos_stack.job(job_id)["progress"].get("epoch", 0) >= 2, 90, "training to start")
     holder = chaos_stack._rows("SELECT worker_id FROM jobs WHERE id = :id", id=job_id)[0].worker_id
     frozen = next(p for p in chaos_stack.workers if holder.endswith(f":{p.pid}"))

@@ -24,6 +24,8 @@ from tests.support.fixtures import PARKED_QUEUE, start_process, stop_process
 from tests.support.flow import wait_http
 from tests.support.jobs import job_body
 
+pytestmark = pytest.mark.integration
+
 MiB = 1024 * 1024
 UPLOAD_LIMIT = 10 * MiB
 
@@ -55,7 +57,7 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(migrated, tmp_path_factory) -> Server:
+def server(postgres_backend, tmp_path_factory) -> Server:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -64,7 +66,7 @@ def server(migrated, tmp_path_factory) -> Server:
     spool.mkdir(parents=True)
     log = base / "api.log"
     proc = start_process([sys.executable, "-m", "app.cli", "serve"], log, env={
-        "DISTILLERY_PORT": str(port), "DISTILLERY_DATA_DIR": str(data_dir),
+        **postgres_backend.env, "DISTILLERY_PORT": str(port), "DISTILLERY_DATA_DIR": str(data_dir),
         "DISTILLERY_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT), "DISTILLERY_JOB_QUEUE": PARKED_QUEUE,
         "TMPDIR": str(spool)})
     url = f"http://127.0.0.1:{port}"
@@ -78,9 +80,9 @@ def server(migrated, tmp_path_factory) -> Server:
 
 
 @pytest.fixture(scope="module")
-def tenant(server, make_key, teacher_files, digits_npz) -> dict:
+def tenant(server, postgres_backend, teacher_files, digits_npz) -> dict:
     """A tenant with a teacher and a dataset on this server (plain uploads with a Content-Length)."""
-    headers = make_key("hardening-e2e")
+    headers = postgres_backend.key("hardening-e2e")
     with httpx.Client(base_url=server.url, headers=headers, timeout=60) as c:
         m = c.post("/v1/models", files={"file": ("t.onnx", teacher_files["onnx"].read_bytes())},
                    data={"name": "teacher"})

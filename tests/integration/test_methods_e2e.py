@@ -31,6 +31,7 @@ def _report(http, job_id: str) -> dict:
     return json.loads(http.get(f"/v1/artifacts/{report['id']}/content").content)
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 def test_two_stage_regime_on_csv_and_npz_then_baseline(http, teacher_files, digits):
     """Pre-train on unlabeled transfer data (npz), fine-tune on labeled csv; a baseline job proves the gain."""
     teacher = _model(http, teacher_files["torchscript"].read_bytes(), "t.pt")
@@ -59,6 +60,7 @@ def test_two_stage_regime_on_csv_and_npz_then_baseline(http, teacher_files, digi
     assert "accuracy" in report["baseline"] and "accuracy" in report["teacher_gain"]
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 def test_safetensors_teacher_and_uploaded_student(http, digits, tmp_path):
     import torch
     from safetensors.torch import save_file
@@ -87,6 +89,7 @@ def test_safetensors_teacher_and_uploaded_student(http, digits, tmp_path):
     assert http.delete(f"/v1/models/{student_id}").status_code == 204
 
 
+@pytest.mark.slow  # trains a whole job to an accuracy floor
 def test_data_free_job_scored_on_real_digits(http, teacher_files, digits):
     teacher = _model(http, teacher_files["torchscript"].read_bytes(), "t.pt")
     real = _dataset(http, npz_bytes(x=digits.x_test, y=digits.y_test))

@@ -23,6 +23,7 @@ import pytest
 
 from tests.support.fixtures import PARKED_QUEUE, start_process, stop_process
 from tests.support.flow import wait_http
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -86,20 +87,13 @@ def _leftovers(data: Path, planted: list[Path]) -> list[Path]:
     return temp + partial + [p for p in planted if p.exists()]
 
 
-def _wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout}s"
-        time.sleep(0.05)
-
-
 def _age_tree(path: Path, seconds: float) -> None:
     t = time.time() - seconds
     for p in [*path.rglob("*"), path] if path.is_dir() else [path]:
         os.utime(p, (t, t), follow_symlinks=False)
 
 
-def test_restart_after_kill_9_mid_upload_sweeps_temp_partial_and_orphans(migrated, make_key, teacher_files,
+def test_restart_after_kill_9_mid_upload_sweeps_temp_partial_and_orphans(backend, make_key, teacher_files,
                                                                          digits_npz, tmp_path):
     data = tmp_path / "data"
     headers = make_key("sweep-e2e")
@@ -119,8 +113,8 @@ def test_restart_after_kill_9_mid_upload_sweeps_temp_partial_and_orphans(migrate
         slow = _upload_in_background(url, headers, _junk_onnx(1024 * MiB, stop_streaming, pause=0.05))
         fast = _upload_in_background(url, headers, _junk_onnx(96 * MiB, stop_streaming))
         tmp = data / "tmp"
-        _wait_until(lambda: tmp.exists() and any(p.name.startswith("upload-") for p in tmp.iterdir()), 60,
-                    "the complete upload's temp file did not appear")
+        wait_until(lambda: tmp.exists() and any(p.name.startswith("upload-") for p in tmp.iterdir()), 60,
+                   "the complete upload's temp file to appear")
         os.killpg(proc.pid, signal.SIGKILL)  # mid-request: no finally, no lifespan shutdown
         proc.wait()
     finally:
@@ -144,8 +138,7 @@ def test_restart_after_kill_9_mid_upload_sweeps_temp_partial_and_orphans(migrate
     proc, url = _serve(data, log, DISTILLERY_SWEEP_TEMP_AGE_SECONDS="1", DISTILLERY_SWEEP_ORPHAN_AGE_SECONDS="1",
                        DISTILLERY_SWEEP_INTERVAL_SECONDS="0.5")
     try:
-        _wait_until(lambda: not _leftovers(data, [orphan]), 60,
-                    f"the restarted API did not sweep {_leftovers(data, [orphan])}")
+        wait_until(lambda: not _leftovers(data, [orphan]), 60, "the restarted API to sweep what was left")
         assert all(p.is_file() for p in referenced)
         with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
             assert c.get(f"/v1/models/{model.json()['id']}").status_code == 200

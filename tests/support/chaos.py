@@ -17,9 +17,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import httpx
 from tests.support import services
 from tests.support.fixtures import ROOT, start_process, stop_process, wait_for_log
 from tests.support.flow import wait_http
+from tests.support.wait import wait_until
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -38,17 +38,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> float:
-    """Poll ``predicate`` until truthy; returns the seconds it took. Fails with ``what`` after ``timeout``."""
-    began = time.monotonic()
-    while True:
-        if predicate():
-            return time.monotonic() - began
-        if time.monotonic() - began > timeout:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
 
 
 # ---- process trees -------------------------------------------------------------------------------------

@@ -29,6 +29,15 @@ def digits(seed: int = 0) -> Digits:
     return Digits(x[:cut], y[:cut], x[cut:], y[cut:])
 
 
+def save_digits(d: Digits, path: Path) -> None:
+    np.savez(path, x_train=d.x_train, y_train=d.y_train, x_test=d.x_test, y_test=d.y_test)
+
+
+def load_digits(path: Path) -> Digits:
+    with np.load(path) as f:
+        return Digits(f["x_train"], f["y_train"], f["x_test"], f["y_test"])
+
+
 def train_mlp_teacher(d: Digits, hidden: int = 256, epochs: int = 40, seed: int = 0):
     """A 64→hidden→hidden→10 MLP trained to ≥0.95 test accuracy in a few seconds on a CPU."""
     import torch

@@ -12,6 +12,8 @@ from sqlalchemy import select, update
 
 from tests.support.jobs import job_body
 
+pytestmark = pytest.mark.postgres  # against PostgreSQL, as in production with several workers
+
 
 @pytest.fixture()
 def dispatcher_paused(celery_worker):
@@ -142,7 +144,7 @@ def test_lost_messages_are_resent_as_many_as_are_missing(jobs_on_own_queue):
     assert last == ids[2]
 
 
-def test_one_leader_at_a_time_and_a_frozen_leader_is_replaced(migrated, monkeypatch):
+def test_one_leader_at_a_time_and_a_frozen_leader_is_replaced(backend, monkeypatch):
     """Two processes' Leadership objects on one lease row: only one holds it; when the holder stops renewing
     (it froze), the other takes over once the lease expires, and the old holder, asked again, knows it lost."""
     from app.db.models import LeaderLease
@@ -165,7 +167,7 @@ def test_one_leader_at_a_time_and_a_frozen_leader_is_replaced(migrated, monkeypa
         assert s.get(LeaderLease, name).holder == "a"
 
 
-def test_queue_depth_counts_waiting_messages_and_a_queue_redis_dropped_is_empty(migrated):
+def test_queue_depth_counts_waiting_messages_and_a_queue_redis_dropped_is_empty(backend):
     """Redis deletes a list with its last message (and FLUSHALL deletes everything): such a queue has depth 0,
     not "unknown" — which would make lost messages wait a minute for the no-depth fallback. And a publish
     after the binding was flushed still reaches the queue."""

@@ -11,7 +11,12 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from sqlalchemy import select
+
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.postgres  # against PostgreSQL, as in production with several workers
 
 
 def _job(job_id: str):
@@ -26,13 +31,6 @@ def _settings(**changes):
     from app.settings import get_settings
 
     return get_settings().model_copy(update=changes)
-
-
-def _wait(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _event_types(job_id: str) -> list[str]:
@@ -86,19 +84,22 @@ def test_a_stale_attempt_changes_nothing(queued_job, executor):
     executor("""
         import time
         send({"type": "progress", "progress": {"fraction": 0.1}})
-        time.sleep(3)
+        while not os.path.exists("requeued"):  # the test takes the job away meanwhile, then says so here
+            time.sleep(0.05)
         send({"type": "event", "event": "late", "message": "written after the requeue"})
         send({"type": "result", "status": "succeeded", "metrics": {}, "artifacts": []})
     """)
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("ended", runner.run_job(queued_job, _settings())))
     t.start()
-    _wait(lambda: (_job(queued_job).progress or {}).get("fraction") == 0.1, what="the first attempt's progress")
+    wait_until(lambda: (_job(queued_job).progress or {}).get("fraction") == 0.1, 30, "the first attempt's progress")
     stale = _job(queued_job)
     with session_scope() as s:  # what the reaper does when it believes the worker lost, then a new claim
         state.transition(s, queued_job, state.QUEUED, allowed_from={state.RUNNING}, fence=stale.lease_token)
     second = runner._claim(queued_job, _settings())
     assert second is not None
+    # The first attempt's scratch dir is its executor's working directory (work/<job>/<its lease token>).
+    (_settings().data_dir / "work" / queued_job / stale.lease_token / "requeued").touch()
     t.join(30)
     assert result["ended"] == "skipped"
     job = _job(queued_job)
@@ -138,7 +139,7 @@ def test_release_checkpoints_requeues_and_the_next_attempt_resumes(queued_job, e
     t = threading.Thread(target=lambda: result.setdefault("ended", runner.run_job(queued_job, _settings())))
     t.start()
     try:
-        _wait(lambda: (_job(queued_job).progress or {}).get("fraction") == 0.3, what="the job running")
+        wait_until(lambda: (_job(queued_job).progress or {}).get("fraction") == 0.3, 30, "the job running")
         began = time.monotonic()
         runner.RELEASE.set()
         t.join(30)

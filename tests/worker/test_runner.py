@@ -14,6 +14,8 @@ from sqlalchemy.exc import OperationalError
 
 from tests.support.jobs import job_body
 
+pytestmark = pytest.mark.postgres  # against PostgreSQL, as in production with several workers
+
 
 def _job(job_id: str):
     from app.db.models import Job
@@ -171,7 +173,7 @@ def test_a_lost_database_leaves_the_job_to_the_reaper(queued_job, executor, monk
     executor("""
         os.makedirs("checkpoints", exist_ok=True)
         open("checkpoints/checkpoint.pt", "wb").write(b"progress so far")
-        import time; time.sleep(1.5)  # the supervisor mirrors checkpoints twice a second
+        send({"type": "event", "event": "checkpoint_saved", "message": "saved", "level": "debug"})  # mirrored now
         send({"type": "progress", "progress": {"fraction": 0.5}})
         time.sleep(60)
     """)

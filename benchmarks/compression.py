@@ -33,7 +33,8 @@ from engine import NullReporter
 from engine import TeacherSource
 from engine import run
 from engine.compression.pruning import prune
-from engine.compression.quantization import export_onnx, quantize, quantize_onnx, size_bytes, to_torchscript
+from engine.compression.onnx_quantization import export_onnx, quantize_onnx
+from engine.compression.quantization import quantize, size_bytes, to_torchscript
 
 
 def median_latency(fn, repeats: int, warmup: int = 20) -> float:

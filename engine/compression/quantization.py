@@ -41,19 +41,18 @@ import io
 import itertools
 import os
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import ValidationError
 from torch import nn
 
 import jobspec
 import jobspec.base
+from engine.compression.onnx_quantization import Quiet, export_onnx, quantize_onnx
 from engine.registry import Registry
 from engine.errors import InvalidSpec, Unsupported
 
@@ -95,27 +94,12 @@ class QuantResult:
 # ----------------------------------------------------------------------- helpers
 
 
-class _Quiet:
-    """Silences torch.ao's deprecation chatter (FX/eager quantization still work in 2.13)."""
-
-    def __enter__(self) -> None:
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao.*")
-        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*")
-        warnings.filterwarnings("ignore", message=r".*reduce_range will be deprecated.*")
-
-    def __exit__(self, *exc: Any) -> None:
-        self._ctx.__exit__(*exc)
-
-
 def to_torchscript(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> torch.jit.ScriptModule:
     """Trace (with ``example_inputs``) or else script ``model``; ScriptModules pass through."""
     if isinstance(model, torch.jit.ScriptModule):
         return model
     model.eval()
-    with _Quiet(), torch.no_grad():
+    with Quiet(), torch.no_grad():
         if example_inputs is not None:
             return torch.jit.trace(model, tuple(example_inputs), check_trace=False)
         return torch.jit.script(model)
@@ -123,7 +107,7 @@ def to_torchscript(model: nn.Module, example_inputs: Sequence[torch.Tensor] | No
 
 def torchscript_bytes(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> bytes:
     buf = io.BytesIO()
-    with _Quiet():
+    with Quiet():
         torch.jit.save(to_torchscript(model, example_inputs), buf)
     return buf.getvalue()
 
@@ -135,7 +119,7 @@ def save_torchscript(model: nn.Module, path: str | os.PathLike, example_inputs: 
 
 
 def load_torchscript(path_or_bytes: str | os.PathLike | bytes) -> torch.jit.ScriptModule:
-    with _Quiet():
+    with Quiet():
         if isinstance(path_or_bytes, bytes):
             return torch.jit.load(io.BytesIO(path_or_bytes), map_location="cpu")
         return torch.jit.load(str(path_or_bytes), map_location="cpu")
@@ -161,9 +145,8 @@ def _batches(calibration: Iterable[Sequence[torch.Tensor]] | None, limit: int) -
 # ----------------------------------------------------------------------- plugins
 
 
-@quantizers.register("dynamic_int8")
-class DynamicInt8:
-    """Weights int8 ahead of time, activations quantized on the fly per batch."""
+class _Quantizer:
+    """A quantization method: ``config`` is the spec's step, ``options`` the knobs it does not expose."""
 
     Config = jobspec.QuantizeStep
 
@@ -171,9 +154,30 @@ class DynamicInt8:
         self.config = config
         self.options = options
 
+
+def _fx_quantize(what: str, prepare: Callable, mapping: Any, model: nn.Module, example_inputs: Sequence[torch.Tensor],
+                 fill: Callable[[nn.Module], None]) -> nn.Module:
+    """FX graph mode: ``prepare(model, mapping, example)`` inserts observers (or fake quantization),
+    ``fill(prepared)`` calibrates or trains them, ``convert_fx`` makes the int8 model."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    with Quiet():
+        try:
+            prepared = prepare(model, mapping, tuple(example_inputs))
+        except Exception as exc:  # noqa: BLE001
+            raise Unsupported(f"{what}: FX cannot trace this model ({type(exc).__name__}: {exc})") from None
+        fill(prepared)
+        return convert_fx(prepared)
+
+
+@quantizers.register("dynamic_int8")
+class DynamicInt8(_Quantizer):
+    """Weights int8 ahead of time, activations quantized on the fly per batch."""
+
+
     def run(self, model: nn.Module, **_: Any) -> QuantResult:
         types = {"linear": nn.Linear, "lstm": nn.LSTM, "gru": nn.GRU}
-        with _Quiet():
+        with Quiet():
             q = torch.ao.quantization.quantize_dynamic(
                 copy.deepcopy(model).eval(), {types[n] for n in self.options.layers}, dtype=torch.qint8
             )
@@ -189,40 +193,32 @@ def _fx_engine(backend: str) -> None:
 
 
 @quantizers.register("static_int8")
-class StaticInt8:
+class StaticInt8(_Quantizer):
     """FX graph mode post-training static quantization with calibration."""
 
-    Config = jobspec.QuantizeStep
-
-    def __init__(self, config: jobspec.QuantizeStep, options: QuantizeOptions):
-        self.config = config
-        self.options = options
 
     def run(self, model: nn.Module, *, calibration=None, example_inputs=None, **_: Any) -> QuantResult:
         from torch.ao.quantization import get_default_qconfig_mapping
-        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+        from torch.ao.quantization.quantize_fx import prepare_fx
 
         if calibration is None:
             raise InvalidSpec("static_int8 needs calibration data")
         _fx_engine(self.options.backend)
-        with _Quiet():
-            try:
-                prepared = prepare_fx(
-                    copy.deepcopy(model).eval(), get_default_qconfig_mapping(self.options.backend), tuple(example_inputs)
-                )
-            except Exception as exc:  # noqa: BLE001
-                raise Unsupported(f"static_int8: FX cannot trace this model ({type(exc).__name__}: {exc})") from None
+        seen: list[int] = []  # calibration batches run (a list: TorchScript's parser refuses ``nonlocal``)
+
+        def calibrate(prepared: nn.Module) -> None:
             with torch.no_grad():
-                n = 0
                 for batch in _batches(calibration, self.options.calibration_batches):
                     prepared(*batch)
-                    n += 1
-            if n == 0:
+                    seen.append(1)
+            if not seen:
                 raise InvalidSpec("static_int8: calibration data is empty")
-            q = convert_fx(prepared)
+
+        q = _fx_quantize("static_int8", prepare_fx, get_default_qconfig_mapping(self.options.backend),
+                         copy.deepcopy(model).eval(), example_inputs, calibrate)
         return QuantResult(
             q,
-            f"int8 weights and activations, FX graph mode, {self.options.backend} engine, {n} calibration batches; "
+            f"int8 weights and activations, FX graph mode, {self.options.backend} engine, {len(seen)} calibration batches; "
             "saves with torch.jit.trace (set torch.backends.quantized.engine to the same engine to run)",
             "static_int8",
         )
@@ -243,15 +239,9 @@ class CastWrapper(nn.Module):
 
 
 @quantizers.register("fp16")
-class FP16:
-    Config = jobspec.QuantizeStep
-
+class FP16(_Quantizer):
     dtype = torch.float16
     note = "float16 weights (half the size); on most CPUs slower than float32 (no native fp16 GEMM)"
-
-    def __init__(self, config: jobspec.QuantizeStep, options: QuantizeOptions):
-        self.config = config
-        self.options = options
 
     def run(self, model: nn.Module, **_: Any) -> QuantResult:
         return QuantResult(CastWrapper(copy.deepcopy(model).eval(), self.dtype).eval(), self.note, self.name, "torchscript")  # type: ignore[attr-defined]
@@ -259,56 +249,41 @@ class FP16:
 
 @quantizers.register("bf16")
 class BF16(FP16):
-    Config = jobspec.QuantizeStep
-
     dtype = torch.bfloat16
     note = "bfloat16 weights (half the size); fast only on CPUs with AVX512-BF16/AMX, otherwise slower than float32"
 
 
 @quantizers.register("qat")
-class QAT:
+class QAT(_Quantizer):
     """FX quantization-aware training: fake-quant modules are inserted, ``train_fn(model)``
     fine-tunes the prepared model in place (the pipeline's KD loop; ``epochs`` is for it),
     then the model is converted to int8 like ``static_int8``."""
 
-    Config = jobspec.QuantizeStep
-
-    def __init__(self, config: jobspec.QuantizeStep, options: QuantizeOptions):
-        self.config = config
-        self.options = options
 
     def run(self, model: nn.Module, *, example_inputs=None, train_fn=None, **_: Any) -> QuantResult:
         from torch.ao.quantization import get_default_qat_qconfig_mapping
-        from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
         if train_fn is None:
             raise InvalidSpec("qat needs a train_fn(model) callback")
         _fx_engine(self.options.backend)
-        with _Quiet():
-            try:
-                prepared = prepare_qat_fx(
-                    copy.deepcopy(model).train(), get_default_qat_qconfig_mapping(self.options.backend), tuple(example_inputs)
-                )
-            except Exception as exc:  # noqa: BLE001
-                raise Unsupported(f"qat: FX cannot trace this model ({type(exc).__name__}: {exc})") from None
+
+        def train(prepared: nn.Module) -> None:
             prepared.train()
             train_fn(prepared)
             prepared.eval()
-            q = convert_fx(prepared)
+
+        q = _fx_quantize("qat", prepare_qat_fx, get_default_qat_qconfig_mapping(self.options.backend),
+                         copy.deepcopy(model).train(), example_inputs, train)
         return QuantResult(
             q, f"int8 after quantization-aware training (FX, {self.options.backend}); saves with torch.jit.trace", "qat"
         )
 
 
 @quantizers.register("onnx_int8")
-class OnnxInt8:
+class OnnxInt8(_Quantizer):
     """ONNX Runtime quantization of an ONNX file (see :func:`quantize_onnx`)."""
 
-    Config = jobspec.QuantizeStep
-
-    def __init__(self, config: jobspec.QuantizeStep, options: QuantizeOptions):
-        self.config = config
-        self.options = options
 
     def run(self, model: nn.Module, *, calibration=None, example_inputs=None, work_dir=None, **_: Any) -> QuantResult:
         work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="distillery-onnx-"))
@@ -322,86 +297,6 @@ class OnnxInt8:
             feeds = [{"input": b[0].numpy()} for b in _batches(calibration, self.options.calibration_batches)]
         quantize_onnx(fp32, out, self.config.mode, feeds)
         return QuantResult(None, f"ONNX Runtime int8 ({self.config.mode}, QDQ for static)", "onnx_int8", "onnx", out)
-
-
-# --------------------------------------------------------------------------- ONNX
-
-
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Sequence[torch.Tensor]) -> Path:
-    """Legacy (TorchScript-based) ONNX export with input ``input`` / output ``output`` and a dynamic batch."""
-    path = Path(path)
-    with _Quiet(), torch.no_grad():
-        torch.onnx.export(
-            model.eval(),
-            tuple(example_inputs),
-            str(path),
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    return path
-
-
-class _Reader:
-    """``CalibrationDataReader`` over a list of feed dicts."""
-
-    def __init__(self, feeds: Iterable[dict[str, np.ndarray]]):
-        self._it = iter(feeds)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:  # onnxruntime may call it; one pass is all we need
-        pass
-
-
-def quantize_onnx(
-    onnx_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    mode: Literal["dynamic", "static"] = "dynamic",
-    calibration: Iterable[dict[str, np.ndarray]] | None = None,
-) -> Path:
-    """Quantize an ONNX model file to int8 with ONNX Runtime; returns ``out_path``.
-
-    ``dynamic``: ``quantize_dynamic`` (int8 weights, QInt8). ``static``: ``quantize_static``
-    in QDQ format (QUInt8 activations, QInt8 per-channel weights) calibrated on
-    ``calibration`` (feed dicts ``{input_name: array}``). The model is first run
-    through ``quant_pre_process`` (shape inference + graph optimisation); if that
-    fails, the original file is quantized.
-    """
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    onnx_path, out_path = Path(onnx_path), Path(out_path)
-    with tempfile.TemporaryDirectory(prefix="distillery-q-") as tmp:
-        src = Path(tmp) / "pre.onnx"
-        try:
-            quant_pre_process(str(onnx_path), str(src), skip_symbolic_shape=False)
-        except Exception:  # noqa: BLE001 - pre-processing is an optimisation only
-            src = onnx_path
-        if mode == "dynamic":
-            quantize_dynamic(str(src), str(out_path), weight_type=QuantType.QInt8)
-        elif mode == "static":
-            if calibration is None:
-                raise InvalidSpec("onnx_int8 static needs calibration data")
-
-            class Reader(_Reader, CalibrationDataReader):
-                pass
-
-            quantize_static(
-                str(src),
-                str(out_path),
-                Reader(calibration),
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-            )
-        else:
-            raise InvalidSpec(f"onnx_int8 mode must be dynamic or static, got {mode!r}")
-    return out_path
 
 
 # ---------------------------------------------------------------------------- API

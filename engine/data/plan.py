@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from engine.data.split import split_dataset
+from engine.training.plan import TrainingPlan
 from engine.training.tables import StepData, Table, TeacherCache
 from engine.values import Reporter
 from engine.pipeline.validate import Validated, step_dataset_id
@@ -136,13 +137,13 @@ class DataPlan:
             self.caches[key] = cache
         return self.caches[key]
 
-    def step_data(self, step: Any, index: int, features: Sequence[str]) -> StepData:
+    def step_data(self, step: TrainingPlan, index: int, features: Sequence[str]) -> StepData:
         key = (index, tuple(features))
         if key not in self.step_memo:
             self.step_memo[key] = self._step_data(step, index, features)
         return self.step_memo[key]
 
-    def _step_data(self, step: Any, index: int, features: Sequence[str]) -> StepData:
+    def _step_data(self, step: TrainingPlan, index: int, features: Sequence[str]) -> StepData:
         v = self.v
         dev = v.device
         augmenting = step.augment is not None and step.augment.active

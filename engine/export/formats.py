@@ -174,7 +174,7 @@ class OnnxExport(_Exporter):
             target = path if mode is None else inp.out_dir / (inp.prefix + "float-" + self.filename)
             export_onnx_file(source, target, inp.examples, inp.names, inp.output_name, self.opset)
             if mode is not None:
-                from engine.compression.quantization import quantize_onnx
+                from engine.compression.onnx_quantization import quantize_onnx
 
                 calibration = plan.get("calibration")
                 quantize_onnx(target, path, mode, calibration)

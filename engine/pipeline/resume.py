@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.devices import is_cpu_only
 from engine.training import checkpoint as ckpt_mod
-from engine.steps import compress as compress_mod
 from engine.report.rows import file_sha256, spec_sha256
 from engine.pipeline.job import JobPlan
 from engine.students.architecture import from_architecture
@@ -50,7 +50,7 @@ class StudentSnapshots:
 
     @staticmethod
     def _sig(model: nn.Module) -> dict[str, Any] | None:
-        if getattr(model, "cpu_only", False) or isinstance(model, compress_mod.OrtModule):
+        if is_cpu_only(model):
             return None
         try:
             return {k: (tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()}

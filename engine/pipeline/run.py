@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 # Importing the plugin modules registers them.
+from engine.devices import is_cpu_only
 from engine.training import checkpoint as ckpt_mod
 from engine.steps import compress as compress_mod
 from engine.export import formats as _export  # noqa: F401
@@ -43,7 +44,7 @@ from engine.teachers import loading as _teachers
 from engine.data.plan import DataPlan
 from engine.metrics import teacher_metrics
 from engine.errors import error_summary
-from engine.report.result import assemble_result
+from engine.report.result import FinishedSteps, assemble_result
 from engine.report.measure import cpu_eval_copy, describe, student_latency, student_size_bytes, teacher_extras
 from engine.report.rows import measure_latency, model_row
 from engine.pipeline.resume import Resume, StudentSnapshots, checkpoint_identity, resume
@@ -119,8 +120,7 @@ def _create_student(v: Validated, models: Mapping[str, ModelSource] | None,
         if not models or model_id not in models:
             raise InvalidSpec(f"student model {model_id!r} was not provided")
         return uploaded.load_uploaded(models[model_id], _teachers.load_module)
-    info = TeacherInfo(v.teacher.module, getattr(v.teacher, "architecture", None), v.teacher.format, v.task)
-    return student.create(_input_infos(v), v.out_dim, info)
+    return student.create(_input_infos(v), v.out_dim, _teacher_info(v))
 
 
 def _check_student(model: nn.Module, v: Validated, example: list[torch.Tensor]) -> None:
@@ -177,18 +177,8 @@ def run(
     v = validate(spec, teacher, datasets, reporter, device, threads, out_dir)
     job, dev = v.job, v.device
     plan = DataPlan(v, reporter, out_dir)
-    t_val = plan.t_val
-    teacher_row_metrics = teacher_metrics(v.task, t_val, plan.y_val)
-    reporter.event(
-        "load",
-        f"{plan.val.n} held-out rows ({plan.val_source}) on {dev}; training rows: "
-        + ", ".join(f"{k} {plan.train_arrays[k][0][v.inputs[0]].shape[0]}" for k in plan.train_arrays) or "synthetic",
-        data={"val_rows": plan.val.n, "val_source": plan.val_source, "device": str(dev),
-              "teacher_format": v.teacher.format,
-              "train_rows": {k: int(a[0][v.inputs[0]].shape[0]) for k, a in plan.train_arrays.items()}},
-    )
-    reporter.event("teacher_outputs", f"teacher outputs cached for {plan.val.n} held-out rows in "
-                   f"{plan.teacher_seconds:.2f}s", data={"seconds": plan.teacher_seconds, **teacher_row_metrics})
+    teacher_row_metrics = teacher_metrics(v.task, plan.t_val, plan.y_val)
+    _report_loaded(v, plan, teacher_row_metrics, reporter)
 
     example = plan.val.slice(0, VERIFY_ROWS)
     example_cpu = [e.detach().cpu() for e in example]
@@ -197,52 +187,25 @@ def run(
     # Seed right before anything random: weight init, dropout, batch order.
     torch.manual_seed(job.seed)
     student, architecture = _create_student(v, models, example_cpu)
-    if not getattr(student, "cpu_only", False):
+    if not is_cpu_only(student):
         student = student.to(dev)
-    _check_student(student, v, example if not getattr(student, "cpu_only", False) else example_cpu)
+    _check_student(student, v, example if not is_cpu_only(student) else example_cpu)
     init_state = copy.deepcopy(student.state_dict()) if job.baseline else None
     total_epochs = sum(s.epochs for s in job.steps) * (2 if job.baseline else 1)
     progress = ProgressTracker(reporter, total_epochs)
 
     def make_student(infos: list[InputInfo]) -> tuple[nn.Module, dict[str, Any]]:
-        info = TeacherInfo(v.teacher.module, getattr(v.teacher, "architecture", None), v.teacher.format, v.task)
         torch.manual_seed(job.seed)
-        return job.student.create(infos, v.out_dim, info)
+        return job.student.create(infos, v.out_dim, _teacher_info(v))
 
-    ctx = TrainContext(
-        student=student, architecture=architecture, device=dev, task=v.task, teacher=v.teacher,
-        val=plan.val, t_val=t_val, y_val=plan.y_val, reporter=reporter,
-        generator=torch.Generator().manual_seed(job.seed), progress=progress, step_data=plan.step_data,
-        make_student=make_student if hasattr(job.student, "create") else None, seed=job.seed,
-        work_dir=out_dir / "work",
-    )
+    ctx = _train_context(v, plan, reporter, progress, student, architecture,
+                         make_student=make_student if hasattr(job.student, "create") else None,
+                         work_dir=out_dir / "work")
     out_dir.mkdir(parents=True, exist_ok=True)
-    students: StudentSnapshots | None = None
-    resumed: Resume | None = None
-    if checkpoint_dir is not None:
-        try:
-            identity = checkpoint_identity(spec, v, teacher, models)
-        except OSError as exc:
-            reporter.event("checkpoint", f"checkpoints are off: cannot hash the job's inputs ({exc})", level="warning")
-        else:
-            ckpts = ckpt_mod.JobCheckpoints(Path(checkpoint_dir), checkpoint_every_seconds, identity, reporter)
-            ckpts.ctx = ctx
-            ctx.checkpoint = ckpts
-            students = StudentSnapshots(ctx.student, ctx.architecture, dev)
-            resumed = resume(ckpts, students, job, ctx, out_dir)
-            if resumed is not None:
-                where = (f"step {resumed.step}, epoch {resumed.epoch}" if resumed.step < len(job.steps)
-                         else "the end of the steps")
-                reporter.event("resumed", f"resuming from {where} (checkpoint of {resumed.created_at})",
-                               data={"step": resumed.step, "epoch": resumed.epoch, "steps": len(job.steps),
-                                     "completed_steps": resumed.step, "checkpoint_time": resumed.created_at,
-                                     "done_epochs": ctx.progress.done_epochs})
-    teacher_row = model_row(
-        v.teacher.num_parameters,
-        v.teacher.size_bytes,
-        measure_latency(v.teacher.latency_fn, val_x_np),
-        teacher_row_metrics,
-    )
+    students, resumed = _start_checkpoints(spec, v, teacher, models, ctx, out_dir, reporter,
+                                           checkpoint_dir, checkpoint_every_seconds)
+    teacher_row = model_row(v.teacher.num_parameters, v.teacher.size_bytes,
+                            measure_latency(v.teacher.latency_fn, val_x_np), teacher_row_metrics)
     teacher_row.update(teacher_extras(v, teacher))
     try:
         outcome = run_steps(job, ctx, example_cpu, val_x_np, teacher_row, v.inputs, out_dir, students, resumed)
@@ -251,24 +214,89 @@ def run(
 
     baseline_row = None
     if job.baseline and outcome.failed is None:
-        reporter.event("baseline", "training the same student on labels alone (same steps, epochs, optimizer, seed)")
-        torch.manual_seed(job.seed)
-        twin, _ = _create_student(v, models, example_cpu)
-        twin = twin.to(dev)
         assert init_state is not None
-        twin.load_state_dict(init_state)
-        bctx = TrainContext(
-            student=twin, architecture=architecture, device=dev, task=v.task, teacher=v.teacher,
-            val=plan.val, t_val=t_val, y_val=plan.y_val, reporter=reporter,
-            generator=torch.Generator().manual_seed(job.seed), progress=progress, step_data=plan.step_data,
-            baseline=True,
-        )
-        for index, step in enumerate(job.steps):
-            fit(bctx, step, index)
-        bmetrics = bctx.evaluate()
-        cpu_twin = cpu_eval_copy(bctx.student)
-        baseline_row = model_row(common.num_parameters(twin), student_size_bytes(cpu_twin, example_cpu),
-                                 student_latency(cpu_twin, val_x_np), bmetrics)
-        reporter.event("baseline", "baseline finished: " + describe(bmetrics), data=bmetrics)
+        baseline_row = _run_baseline(v, plan, models, init_state, architecture, progress, reporter,
+                                     example_cpu, val_x_np)
     ctx.check_stop("before the report")
-    return assemble_result(spec, teacher, v, plan, ctx, outcome, teacher_row, baseline_row, out_dir, reporter)
+    done = FinishedSteps(spec, teacher, v, plan, ctx, outcome, teacher_row, baseline_row)
+    return assemble_result(done, out_dir, reporter)
+
+
+def _teacher_info(v: Validated) -> TeacherInfo:
+    return TeacherInfo(v.teacher.module, getattr(v.teacher, "architecture", None), v.teacher.format, v.task)
+
+
+def _report_loaded(v: Validated, plan: DataPlan, teacher_row_metrics: Mapping[str, Any], reporter: Reporter) -> None:
+    """The ``load`` and ``teacher_outputs`` events: held-out and training rows, the teacher's own metrics."""
+    first = v.inputs[0]
+    reporter.event(
+        "load",
+        f"{plan.val.n} held-out rows ({plan.val_source}) on {v.device}; training rows: "
+        + ", ".join(f"{k} {plan.train_arrays[k][0][first].shape[0]}" for k in plan.train_arrays) or "synthetic",
+        data={"val_rows": plan.val.n, "val_source": plan.val_source, "device": str(v.device),
+              "teacher_format": v.teacher.format,
+              "train_rows": {k: int(a[0][first].shape[0]) for k, a in plan.train_arrays.items()}},
+    )
+    reporter.event("teacher_outputs", f"teacher outputs cached for {plan.val.n} held-out rows in "
+                   f"{plan.teacher_seconds:.2f}s", data={"seconds": plan.teacher_seconds, **teacher_row_metrics})
+
+
+def _train_context(v: Validated, plan: DataPlan, reporter: Reporter, progress: ProgressTracker, student: nn.Module,
+                   architecture: dict[str, Any], *, baseline: bool = False,
+                   make_student: Any = None, work_dir: Path | None = None) -> TrainContext:
+    """The state the steps train in: one per student (the job's, and the baseline's twin)."""
+    return TrainContext(
+        student=student, architecture=architecture, device=v.device, task=v.task, teacher=v.teacher,
+        val=plan.val, t_val=plan.t_val, y_val=plan.y_val, reporter=reporter,
+        generator=torch.Generator().manual_seed(v.job.seed), progress=progress, step_data=plan.step_data,
+        baseline=baseline, make_student=make_student, seed=v.job.seed,
+        **({"work_dir": work_dir} if work_dir is not None else {}),
+    )
+
+
+def _start_checkpoints(spec: Mapping[str, Any], v: Validated, teacher: TeacherSource,
+                       models: Mapping[str, ModelSource] | None, ctx: TrainContext, out_dir: Path,
+                       reporter: Reporter, checkpoint_dir: Path | None, every_seconds: float
+                       ) -> tuple[StudentSnapshots | None, Resume | None]:
+    """Attach the job's checkpoints to ``ctx`` and resume from a matching one (see :mod:`.resume`)."""
+    if checkpoint_dir is None:
+        return None, None
+    try:
+        identity = checkpoint_identity(spec, v, teacher, models)
+    except OSError as exc:
+        reporter.event("checkpoint", f"checkpoints are off: cannot hash the job's inputs ({exc})", level="warning")
+        return None, None
+    ckpts = ckpt_mod.JobCheckpoints(Path(checkpoint_dir), every_seconds, identity, reporter, journal=ctx.journal)
+    ctx.checkpoint = ckpts
+    students = StudentSnapshots(ctx.student, ctx.architecture, v.device)
+    resumed = resume(ckpts, students, v.job, ctx, out_dir)
+    if resumed is not None:
+        steps = len(v.job.steps)
+        where = f"step {resumed.step}, epoch {resumed.epoch}" if resumed.step < steps else "the end of the steps"
+        reporter.event("resumed", f"resuming from {where} (checkpoint of {resumed.created_at})",
+                       data={"step": resumed.step, "epoch": resumed.epoch, "steps": steps,
+                             "completed_steps": resumed.step, "checkpoint_time": resumed.created_at,
+                             "done_epochs": ctx.progress.done_epochs})
+    return students, resumed
+
+
+def _run_baseline(v: Validated, plan: DataPlan, models: Mapping[str, ModelSource] | None,
+                  init_state: Mapping[str, torch.Tensor], architecture: dict[str, Any], progress: ProgressTracker,
+                  reporter: Reporter, example_cpu: list[torch.Tensor], val_x_np: Mapping[str, np.ndarray]
+                  ) -> dict[str, Any]:
+    """The same student, from the same initial weights, trained on labels alone with the same steps and
+    budget; its report row."""
+    reporter.event("baseline", "training the same student on labels alone (same steps, epochs, optimizer, seed)")
+    torch.manual_seed(v.job.seed)
+    twin, _ = _create_student(v, models, example_cpu)
+    twin = twin.to(v.device)
+    twin.load_state_dict(init_state)
+    bctx = _train_context(v, plan, reporter, progress, twin, architecture, baseline=True)
+    for index, step in enumerate(v.job.steps):
+        fit(bctx, step, index)
+    bmetrics = bctx.evaluate()
+    cpu_twin = cpu_eval_copy(bctx.student)
+    row = model_row(common.num_parameters(twin), student_size_bytes(cpu_twin, example_cpu),
+                    student_latency(cpu_twin, val_x_np), bmetrics)
+    reporter.event("baseline", "baseline finished: " + describe(bmetrics), data=bmetrics)
+    return row

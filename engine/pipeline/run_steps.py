@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.devices import is_cpu_only
 from engine.training import checkpoint as ckpt_mod
 from engine.steps import compress as compress_mod
 from engine import metrics as evaluate_mod
@@ -93,7 +94,7 @@ def export_step(job: JobPlan, ctx: TrainContext, example: list[torch.Tensor], in
                 f"step {index}: exported {f.kind} as {f.format}: {f.path.name} ({size} bytes), verified",
                 data={"step": index, "format": f.format, "kind": f.kind, "file": f.path.name, "size_bytes": size},
             )
-    if ctx.device.type != "cpu" and not getattr(ctx.student, "cpu_only", False):
+    if ctx.device.type != "cpu" and not is_cpu_only(ctx.student):
         ctx.student.to(ctx.device)
     return artifacts, measured, dict(export_input.notes)
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.devices import is_cpu_only
 from engine.steps import compress as compress_mod
 from engine.export import formats as export_mod
 from engine.students import common
@@ -98,7 +99,7 @@ def measure_row(ctx: TrainContext, example: list[torch.Tensor], val_x: Mapping[s
     row = model_row(total, size, student_latency(cpu_model, val_x), metrics)
     row["nonzero_parameters"] = int(nonzero)
     row["size_gzip_bytes"] = gzip_size(data) if data is not None else None
-    ctx.student.to(ctx.device) if not getattr(ctx.student, "cpu_only", False) else None
+    ctx.student.to(ctx.device) if not is_cpu_only(ctx.student) else None
     return row
 
 

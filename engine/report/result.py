@@ -7,6 +7,8 @@ result - or raises :class:`QualityGateFailed` carrying it when a step broke its 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,14 +29,33 @@ from engine.pipeline.validate import Validated
 _ROW_KEYS = ("num_parameters", "nonzero_parameters", "size_bytes", "size_gzip_bytes", "latency_ms", *METRIC_KEYS)
 
 
-def assemble_result(spec: Mapping[str, Any], teacher: TeacherSource, v: Validated, plan: DataPlan, ctx: TrainContext,
-                    outcome: StepsOutcome, teacher_row: dict[str, Any], baseline_row: dict[str, Any] | None,
-                    out_dir: Path, reporter: Reporter) -> EngineResult:
+@dataclass(frozen=True)
+class FinishedSteps:
+    """Everything a job's run produced that its report is made from.
+
+    ``spec``: the stored spec (hashed into the report); ``teacher``: its source; ``validated`` and ``plan``:
+    the job's checks and data; ``ctx``: the training state after the steps; ``outcome``: the steps' rows,
+    files and the failed gate if any; ``teacher_row`` / ``baseline_row``: the report rows to compare with.
+    """
+
+    spec: Mapping[str, Any]
+    teacher: TeacherSource
+    validated: Validated
+    plan: DataPlan
+    ctx: TrainContext
+    outcome: StepsOutcome
+    teacher_row: dict[str, Any]
+    baseline_row: dict[str, Any] | None
+
+
+def assemble_result(done: FinishedSteps, out_dir: Path, reporter: Reporter) -> EngineResult:
     """Write ``report.json``, the model card and plots for the finished steps; return the :class:`EngineResult`.
 
     Raises :class:`QualityGateFailed` (``.result`` = the last passing step's exports + report)
     when ``outcome.failed`` names a broken gate.
     """
+    spec, teacher, v, plan, ctx = done.spec, done.teacher, done.validated, done.plan, done.ctx
+    outcome, teacher_row, baseline_row = done.outcome, done.teacher_row, done.baseline_row
     job, dev = v.job, v.device
     step_rows = outcome.rows
 

@@ -23,7 +23,7 @@ import math
 import platform
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -31,6 +31,37 @@ from engine.report.latency import median_latency_ms
 from engine.values import ArtifactFile
 
 LATENCY_BATCHES = (1, 32)
+
+
+class LatencyMs(TypedDict):
+    """Median CPU latency of one forward pass, in milliseconds, at batch 1 and batch 32."""
+
+    batch_1: float
+    batch_32: float
+
+
+class ModelRow(TypedDict, total=False):
+    """One model in the report (the teacher, a step's output, the student, the baseline).
+
+    Always ``num_parameters``, ``size_bytes`` (as shipped) and ``latency_ms``; then the task's metrics
+    that were measured (:data:`engine.metrics.METRIC_KEYS`) and, where known, the nonzero parameters
+    and gzip size. Step rows add ``index``, ``kind``, ``method`` and what the step reports of itself.
+    """
+
+    num_parameters: int
+    nonzero_parameters: int
+    size_bytes: int
+    size_gzip_bytes: int
+    latency_ms: LatencyMs
+    accuracy: float
+    agreement: float
+    f1_macro: float
+    mse: float
+    mae: float
+    r2: float
+    teacher_r2: float
+    agreement_mse: float
+    cosine: float
 
 
 def canonical_json(value: Any) -> str:
@@ -70,12 +101,14 @@ def latency_batch(x: Any, rows: int) -> Any:
     return np.ascontiguousarray(np.concatenate([x] * reps)[:rows]) if reps > 1 else np.ascontiguousarray(x[:rows])
 
 
-def measure_latency(make_fn: Callable[[Any], Callable[[], Any]], x: Any) -> dict[str, float]:
+def measure_latency(make_fn: Callable[[Any], Callable[[], Any]], x: Any) -> LatencyMs:
     """``{"batch_1": ms, "batch_32": ms}``; ``make_fn(batch)`` returns a zero-arg runner."""
-    return {f"batch_{b}": median_latency_ms(make_fn(latency_batch(x, b))) for b in LATENCY_BATCHES}
+    return {f"batch_{b}": median_latency_ms(make_fn(latency_batch(x, b))) for b in LATENCY_BATCHES}  # type: ignore[return-value]
 
 
-def model_row(num_parameters: int, size_bytes: int, latency_ms: dict[str, float], metrics: Mapping[str, float]) -> dict:
+def model_row(num_parameters: int, size_bytes: int, latency_ms: Mapping[str, float],
+              metrics: Mapping[str, float]) -> ModelRow:
+    """A :class:`ModelRow` from the measured numbers; metrics outside the task's keys are dropped."""
     row: dict[str, Any] = {
         "num_parameters": int(num_parameters),
         "size_bytes": int(size_bytes),
@@ -86,7 +119,7 @@ def model_row(num_parameters: int, size_bytes: int, latency_ms: dict[str, float]
     for key in METRIC_KEYS:
         if key in metrics:
             row[key] = float(metrics[key])
-    return row
+    return row  # type: ignore[return-value]
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -95,9 +128,9 @@ def _ratio(a: float, b: float) -> float | None:
 
 def build_report(
     *,
-    teacher: dict,
-    steps: list[dict],
-    student: dict,
+    teacher: ModelRow,
+    steps: list[ModelRow],
+    student: ModelRow,
     reproducibility: dict,
     data: dict,
     architecture: dict | None = None,

@@ -3,7 +3,6 @@
 * :class:`OrtModule`: an ONNX model (file) behind the ``nn.Module`` call interface, CPU only.
 * :func:`parameter_counts`: a model in, ``(parameters, non-zero parameters)`` out, quantized and ONNX
   models included.
-* :func:`mark_cpu_only`: flags a quantized model so evaluation keeps it on the CPU.
 * :func:`example_inputs`, :func:`calibration_batches`, :func:`record_data`: rows of the job's data for
   tracing and calibration, and what was used, noted in the step's report row.
 
@@ -31,7 +30,7 @@ class OrtModule(nn.Module):
     ``feed_names``: the session's input names in the data's input order.
     """
 
-    cpu_only = True
+    CPU_ONLY = True  # engine.devices.is_cpu_only
 
     def __init__(self, path: Path, feed_names: list[str] | None = None, threads: int | None = None):
         super().__init__()
@@ -87,12 +86,6 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         nonzero += int(torch.count_nonzero(p.detach()))
     return int(total), int(nonzero)
-
-
-def mark_cpu_only(model: nn.Module) -> nn.Module:
-    """Mark a (quantized) module as CPU-only for evaluation (attribute on the instance); returns it."""
-    model.cpu_only = True  # type: ignore[attr-defined]
-    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from engine.registry import losses, optimizers, steps
 
 
 class _TrainingOptions:
-    """What :func:`engine.training.loop.fit` reads from a step it trains: the spec's ``config`` plus the built
+    """The :class:`engine.training.plan.TrainingPlan` of a step: the spec's ``config`` plus the built
     loss and optimizer. Steps that only fine-tune (prune, quantize) train with :class:`Finetune`."""
 
     config: Any

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.devices import is_cpu_only
 from engine.errors import EngineError, InvalidSpec
 from engine.steps.compress import example_inputs, record_data
 from engine.training.context import step_output
@@ -24,7 +25,7 @@ def run_prune(ctx: Any, step: Any, index: int) -> None:
     from engine.training.loop import fit
 
     model = ctx.student
-    if getattr(model, "cpu_only", False):
+    if is_cpu_only(model):
         raise InvalidSpec(f"steps[{index}]: a quantized model cannot be pruned")
     cfg = step.pruner_config()
     method = cfg["method"]

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from engine.errors import EngineError, InvalidSpec, Unsupported
-from engine.steps.compress import OrtModule, calibration_batches, example_inputs, mark_cpu_only
+from engine.devices import is_cpu_only, mark_cpu_only
+from engine.steps.compress import OrtModule, calibration_batches, example_inputs
 from engine.training.context import StepOutput, step_output
 
 
@@ -38,7 +39,7 @@ def run_quantize(ctx: Any, step: Any, index: int) -> None:
                               "is ONNX; only method 'onnx_int8' works on an ONNX model")
         _onnx_int8(ctx, step, index, model.path, model.feed_names, out, info)
         return
-    if getattr(model, "cpu_only", False):
+    if is_cpu_only(model):
         raise InvalidSpec(f"steps[{index}]: the model is already quantized")
     float_model = copy.deepcopy(model).to(cpu).eval()
     single_float = len(example) == 1 and example[0].is_floating_point()
@@ -143,7 +144,7 @@ CPU_NOTES = {
 
 def _onnx_int8(ctx: Any, step: Any, index: int, src: Path, feed_names: list[str], out: StepOutput,
                info: dict[str, Any]) -> None:
-    from engine.compression.quantization import quantize_onnx
+    from engine.compression.onnx_quantization import quantize_onnx
 
     work = ctx.work_dir / f"step{index}"
     work.mkdir(parents=True, exist_ok=True)

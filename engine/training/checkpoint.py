@@ -192,13 +192,15 @@ class JobCheckpoints:
     :meth:`epoch_end`.
     """
 
-    def __init__(self, directory: Path, every_seconds: float, identity: Mapping[str, Any], reporter: Reporter):
+    def __init__(self, directory: Path, every_seconds: float, identity: Mapping[str, Any], reporter: Reporter,
+                 journal: Callable[[], Mapping[str, Any]]):
         self.dir = Path(directory)
         self.every = max(0.0, float(every_seconds))
         self.identity = dict(identity)
         self.reporter = reporter
         self.last_write = time.monotonic()
-        self.ctx: Any = None
+        #: what the job has recorded so far (history, step info, progress), read at every write
+        self.journal = journal
         self.rows: list[dict[str, Any]] = []
         self.artifacts: list[dict[str, Any]] = []
         self.steps_total = 0
@@ -306,7 +308,7 @@ class JobCheckpoints:
 
     def _write(self, step: int, epoch: int, *, fit: dict[str, Any] | None) -> None:
         assert self.start is not None
-        ctx = self.ctx
+        journal = self.journal()
         now = time.time()
         meta = {
             "identity": self.identity,
@@ -318,9 +320,9 @@ class JobCheckpoints:
             "rows": self.rows[:step],
             "artifacts": self.artifacts,
             "architecture": self.start["architecture"],
-            "history": ctx.history,
-            "step_info": [[int(k), v] for k, v in ctx.step_info.items() if int(k) < step],
-            "progress": {"done_epochs": ctx.progress.done_epochs, "epoch_seconds": list(ctx.progress.epoch_seconds)},
+            "history": journal["history"],
+            "step_info": [[int(k), v] for k, v in journal["step_info"].items() if int(k) < step],
+            "progress": journal["progress"],
         }
         payload = {
             "meta": json.dumps(meta, default=_json_default),

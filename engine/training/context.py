@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.devices import is_cpu_only
 from engine.errors import Cancelled
 from engine.metrics import predict, task_metrics
 from engine.training.progress import ProgressTracker
@@ -75,9 +76,15 @@ class TrainContext:
     #: :class:`.checkpoint.JobCheckpoints` when the job checkpoints (``fit(..., resumable=True)`` uses it)
     checkpoint: Any = None
 
+    def journal(self) -> dict[str, Any]:
+        """What a checkpoint records of the job so far: metric history, per-step info, progress counters."""
+        return {"history": self.history, "step_info": self.step_info,
+                "progress": {"done_epochs": self.progress.done_epochs,
+                             "epoch_seconds": list(self.progress.epoch_seconds)}}
+
     def predict(self) -> torch.Tensor:
         model = self.student
-        if getattr(model, "cpu_only", False):  # quantized torch / ONNX Runtime models run on CPU
+        if is_cpu_only(model):  # quantized torch / ONNX Runtime models run on CPU
             def take(a: int, b: int) -> list[torch.Tensor]:
                 return [t.cpu() for t in self.val.slice(a, b)]
 

@@ -28,6 +28,7 @@ from engine.training.context import TrainContext
 from engine.training.early_stopping import EarlyStopping, metric_value
 from engine.training.features import StudentFeatures, probe_hint_losses
 from engine.training.optim import Scheduler
+from engine.training.plan import TrainingPlan
 from engine.training.tables import StepData
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
@@ -74,7 +75,7 @@ def compute_loss(loss_fn: LossFn, s_out: torch.Tensor, t_out: torch.Tensor | Non
     return loss
 
 
-def fit(ctx: TrainContext, step: Any, step_index: int, *, after_step: Callable[[nn.Module], None] | None = None,
+def fit(ctx: TrainContext, step: TrainingPlan, step_index: int, *, after_step: Callable[[nn.Module], None] | None = None,
         epoch_offset: int = 0, total_epochs: int | None = None, resumable: bool = False) -> None:
     """Train ``ctx.student`` for one step (see module docstring). Records history and step info.
 

@@ -7,11 +7,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from engine.compression.onnx_quantization import export_onnx, quantize_onnx
 from engine.compression.quantization import (
-    export_onnx,
     load_torchscript,
     quantize,
-    quantize_onnx,
     quantizers,
     size_bytes,
     torchscript_bytes,

@@ -92,7 +92,7 @@ from jobspec import (
 from app.settings import Settings, get_settings
 
 FLOAT_BYTES = 4
-INT_BYTES = 8  # token ids are int64 in the engine (``train._to_model_array``)
+INT_BYTES = 8  # token ids are int64 in the engine (``engine.training.tables``)
 #: The engine memory-maps npz files larger than this (``engine.data.npz.NPZ_MMAP_THRESHOLD``).
 NPZ_MMAP_THRESHOLD = 512 * 1024 * 1024
 #: Teacher-output caches larger than this go to disk (``engine.training.tables.CACHE_MEMORY_LIMIT``).

@@ -14,8 +14,10 @@ Phases (each announced with ``reporter.event``):
 5. ``export`` - write and verify the requested student formats.
 6. ``report`` - measure sizes/latencies and write ``report.json``.
 
-Each phase has its module: :mod:`.validation`, :mod:`.dataplan`, :mod:`.stepping` (steps, gates,
-exports; rows from :mod:`.measure`), :mod:`.job_report`; checkpoints and resume in :mod:`.resume`.
+Each phase has its module: :mod:`engine.pipeline.job` (the spec) and :mod:`engine.pipeline.validate`,
+:mod:`engine.data.plan`, :mod:`engine.pipeline.run_steps` (steps, gates, exports; rows from
+:mod:`engine.report.measure`), :mod:`engine.report.result`; checkpoints and resume in
+:mod:`engine.pipeline.resume`.
 This module creates the student and orchestrates the phases.
 """
 

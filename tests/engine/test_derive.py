@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.students import derive as D
+from engine.students import derive
 from engine.students import architecture, common
 from engine.values import InputInfo, TeacherInfo
 from engine.errors import EngineError
@@ -28,17 +28,17 @@ def _cnn():
 
 
 def _derive(width, depth, init="random"):
-    return D.build({"derive": {"width": width, "depth": depth}, "init": init})
+    return derive.build({"derive": {"width": width, "depth": depth}, "init": init})
 
 
 @pytest.mark.parametrize("scripted", [False, True])
 def test_rebuild_chain_is_an_exact_eager_copy(scripted):
     for teacher, x in ((_mlp(), torch.rand(4, 64)), (_cnn(), torch.rand(4, 1, 8, 8))):
         src = torch.jit.script(teacher) if scripted else teacher
-        copy = D.rebuild_chain(src).eval()
+        copy = derive.rebuild_chain(src).eval()
         assert not isinstance(copy, torch.jit.ScriptModule)
         assert torch.allclose(copy(x), teacher(x), atol=1e-6)
-        rebuilt = architecture.from_architecture(D.chain_architecture(copy))
+        rebuilt = architecture.from_architecture(derive.chain_architecture(copy))
         rebuilt.load_state_dict(copy.state_dict())
         assert torch.allclose(rebuilt.eval()(x), teacher(x), atol=1e-6)
 
@@ -123,7 +123,7 @@ def test_unsupported_graphs_name_the_layer():
         _derive(0.5, 1.0).create(X64, 10, TeacherInfo(None, None, "onnx"))
     assert e.value.code == "unsupported"
     with pytest.raises(EngineError) as e:
-        D.build({"derive": {"width": 1.5}})
+        derive.build({"derive": {"width": 1.5}})
     assert e.value.code == "invalid_spec"
 
 

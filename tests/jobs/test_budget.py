@@ -15,7 +15,7 @@ from jobspec import JobSpec
 from app.settings import Settings
 from tests.support.jobs import job_body
 from tests.support.students import build_student
-from engine.students import derive as D
+from engine.students import derive
 from engine.students import architecture, families
 from engine.compression.datafree import make_generator
 from engine.values import InputInfo, TeacherInfo
@@ -117,7 +117,7 @@ RATIOS = [{"width": 0.5}, {"width": 0.3, "depth": 0.5}, {"width": 1.0, "depth": 
 def test_derive_of_a_builtin_teacher_equals_the_engine_module(arch, inputs, ratios):
     teacher_module = architecture.from_architecture(arch)
     out = arch["out_features"]
-    model, derived = D.build({"derive": ratios}).create(inputs, out, TeacherInfo(None, arch, "safetensors"))
+    model, derived = derive.build({"derive": ratios}).create(inputs, out, TeacherInfo(None, arch, "safetensors"))
     teacher = _teacher(_numel(teacher_module), out=out, fmt="safetensors", architecture=arch)
     est = _estimate({"student": {"derive": ratios}}, teacher, _dataset(inputs))
     assert _student(est) == _numel(model)
@@ -136,7 +136,7 @@ def test_derive_of_a_layer_chain_is_sized_within_2x(widths, ratios):
     for a, b in zip(dims, dims[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
     chain = torch.jit.script(nn.Sequential(*layers[:-1]))
-    model, arch = D.build({"derive": ratios}).create([InputInfo("x", (64,))], 10,
+    model, arch = derive.build({"derive": ratios}).create([InputInfo("x", (64,))], 10,
                                                      TeacherInfo(chain, None, "torchscript"))
     assert arch["family"] == "sequential"
     est = _estimate({"student": {"derive": ratios}}, _teacher(_numel(chain), out=None, fmt="torchscript"),

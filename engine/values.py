@@ -10,9 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-TASKS = ("classification", "regression", "embedding")
-
-
 @dataclass(frozen=True)
 class TeacherSource:
     """A teacher model file on local disk.

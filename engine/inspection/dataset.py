@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import EngineError, InvalidDataset
+from jobspec.base import DATASET_FORMATS
 
-FORMATS = ("npz", "pt", "csv", "parquet", "image_folder")
+FORMATS = DATASET_FORMATS  # the spec's list: one definition
 
 
 def _npz_headers(path: Path) -> dict[str, dict[str, Any]]:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import error_summary
+from jobspec.base import MODEL_FORMATS
 from engine.inspection.model_facts import (
     count_onnx_parameters,
     count_torchscript_parameters,
@@ -42,7 +43,7 @@ from engine.inspection.model_facts import (
     torchscript_load_error,
 )
 
-FORMATS = ("torchscript", "onnx", "torch_export", "safetensors")
+FORMATS = MODEL_FORMATS  # the spec's list: one definition
 
 
 def _onnx_value_info(value: Any) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from engine.data.dataset import Dataset, check_label_range
 from engine.data.loading import load_dataset
 from engine.pipeline.job import JobPlan, plan_job
 from engine.teachers.loading import Teacher, load_teacher, probe_teacher
-from engine.values import TASKS, DatasetSource, Reporter, TeacherSource
+from jobspec.base import TASKS
+from engine.values import DatasetSource, Reporter, TeacherSource
 from engine.errors import EngineError, InvalidDataset, InvalidSpec, ShapeMismatch, Unsupported
 
 DEFAULT_DATASET_KEY = "dataset"

@@ -47,7 +47,8 @@ from engine.teachers.torch_modules import (
     load_module,
     load_safetensors_module,
 )
-from engine.values import TASKS, TeacherSource
+from jobspec.base import TASKS
+from engine.values import TeacherSource
 from engine.errors import Cancelled, EngineError
 
 # Re-exported: ``teachers`` stays the one import for everything teacher-related.

@@ -31,9 +31,18 @@ def dispatcher_paused(celery_worker):
         text = log.read_text(errors="replace")
         return text.count(leads), text.count(notice)
 
+    def lease() -> LeaderLease | None:
+        with session_scope() as s:
+            row = s.get(LeaderLease, "dispatcher")
+            if row is not None:
+                s.expunge(row)
+            return row
+
+    # Wait until the worker holds a live lease (again, after an earlier test handed it back): read from the
+    # lease row itself, not from counting log lines, which an earlier renewal hiccup can leave unbalanced.
     deadline = time.monotonic() + 30
-    while counts()[0] <= counts()[1]:  # wait until it leads (again, after an earlier test handed the lease back)
-        assert time.monotonic() < deadline, "the worker did not take the lead"
+    while (row := lease()) is None or row.holder == "test" or row.expires_at <= utcnow():
+        assert time.monotonic() < deadline, f"the worker did not take the lead (lease: {row and vars(row)})"
         time.sleep(0.1)
     seen = counts()[1]
     with session_scope() as s:

@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Larger uploads get 413.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    worker_threads: int | None = Field(None, ge=1, description="torch intra-op threads in the worker.")
+    worker_threads: int | None = Field(None, ge=1, description="torch intra-op threads of a job; default: one for small "
+                                    "models (teacher weights × batch < 2**24), else every core.")
     job_queue: str = Field("cpu", description="Queue new jobs are sent to ('cpu' or 'gpu').")
     worker_queues: str | None = Field(None, description="Queues a worker consumes; default from its device.")
     max_attempts: int = Field(3, ge=1)

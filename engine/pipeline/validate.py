@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import jobspec
+from engine.devices import cpu_threads
 from engine.data.dataset import Dataset, check_label_range
 from engine.data.loading import load_dataset
 from engine.pipeline.job import JobPlan, plan_job
@@ -163,6 +164,17 @@ def _check_labels(loaded: Mapping[str, Dataset], task: str, out_dim: int) -> Non
             raise EngineError.of(exc.code, where + exc.message) from None
 
 
+def _auto_threads(job: Any, teacher: TeacherSource) -> int:
+    """Threads for a CPU job the deployment sets none for: sized by the teacher's file (≈ 4 bytes a weight)
+    and the largest batch (:func:`engine.devices.cpu_threads`)."""
+    try:
+        weights = Path(teacher.path).stat().st_size // 4
+    except OSError:
+        weights = 0
+    batch = max((getattr(step, "batch_size", 0) or 0 for step in job.steps), default=0) or 128
+    return cpu_threads(weights, batch)
+
+
 def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, reporter: Reporter,
              device: str, threads: int | None, out_dir: Path) -> Validated:
     """Cheap checks that catch every mismatch before anything expensive runs: the spec (its models and
@@ -173,6 +185,9 @@ def validate(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, rep
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")  # the worker's setting
+    elif dev.type == "cpu":
+        threads = _auto_threads(job, teacher)
+    if threads is not None:
         torch.set_num_threads(threads)
     task = teacher.task
     if task not in TASKS:

@@ -4,8 +4,8 @@
 them. Request counters therefore live in prometheus_client's multiprocess mode: each process writes its
 samples to files in ``DISTILLERY_METRICS_DIR`` (default ``<data_dir>/metrics``; ``PROMETHEUS_MULTIPROC_DIR``
 is set from it when this module is imported, before prometheus_client is) and a scrape sums every file.
-The process that starts the server empties the directory first (:func:`prepare_dir`, called by
-``distillery serve``), so counters start from zero with the server; each API process marks itself dead on
+The process that starts the server empties the directory first (:func:`app.metrics_dir.prepare`, called
+by ``distillery serve``), so counters start from zero with the server; each API process marks itself dead on
 exit (:func:`process_exit`), which drops its share of the in-flight gauge (``livesum``) and keeps its
 counts.
 
@@ -20,18 +20,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
-from app.settings import Settings, get_settings
-
-
-def configure(settings: Settings) -> Path:
-    """Point prometheus_client's multiprocess mode at the settings' metrics dir (made if missing)."""
-    path = settings.resolved_metrics_dir
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-    return path
-
+from app.metrics_dir import configure
+from app.settings import get_settings
 
 configure(get_settings())  # before prometheus_client is imported: it picks its storage at import
 
@@ -61,13 +52,6 @@ def multiprocess_mode() -> bool:
     """False when something imported prometheus_client before :func:`configure` (the samples then live in
     this process only, and a scrape shows this process's)."""
     return bool(getattr(values.ValueClass, "_multiprocess", False))
-
-
-def prepare_dir(path: Path) -> None:
-    """Empty the metrics dir before the server's processes start (what earlier servers left would be summed)."""
-    path.mkdir(parents=True, exist_ok=True)
-    for f in path.glob("*.db"):
-        f.unlink(missing_ok=True)
 
 
 def process_exit() -> None:

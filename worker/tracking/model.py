@@ -64,12 +64,15 @@ def final_student(artifacts: list[ArtifactFile]) -> ArtifactFile | None:
     return min(finals, key=lambda a: list(FLAVOURS).index(a.format))
 
 
-def signature(facts: ModelFacts) -> Any:
+def signature(facts: ModelFacts, *, named: bool = True) -> Any:
+    """The tensor signature. ``named=False`` leaves a single input unnamed: the pytorch flavour's pyfunc takes a
+    plain array, and MLflow turns an array into a dict for a named input."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    inputs = Schema([TensorSpec(np.dtype(facts.dtypes[name]), (-1, *shape), name)
+    unnamed = not named and len(facts.inputs) == 1
+    inputs = Schema([TensorSpec(np.dtype(facts.dtypes[name]), (-1, *shape), None if unnamed else name)
                      for name, shape in facts.inputs.items()])
     outputs = Schema([TensorSpec(np.dtype("float32"), (-1, facts.output_width or -1), facts.output_name)])
     return ModelSignature(inputs=inputs, outputs=outputs)
@@ -83,7 +86,7 @@ def write_model(student: ArtifactFile, facts: ModelFacts, out: Path, *, run_id: 
 
     flavour = FLAVOURS[student.format]
     out.mkdir(parents=True)
-    model = Model(run_id=run_id, artifact_path="model", signature=signature(facts))
+    model = Model(run_id=run_id, artifact_path="model", signature=signature(facts, named=flavour == "onnx"))
     if flavour == "onnx":
         shutil.copyfile(student.path, out / "model.onnx")
         pyfunc.add_to_model(model, loader_module="mlflow.onnx", data="model.onnx", python_env="python_env.yaml")
@@ -99,7 +102,7 @@ def write_model(student: ArtifactFile, facts: ModelFacts, out: Path, *, run_id: 
         (out / "data" / "pickle_module_info.txt").write_text("mlflow.pytorch.pickle_module")
         pyfunc.add_to_model(model, loader_module="mlflow.pytorch", data="data", python_env="python_env.yaml",
                             pickle_module_name="mlflow.pytorch.pickle_module", model_config={"device": None})
-        model.add_flavor("pytorch", model_data="data", pytorch_version=_version("torch"), code=None)
+        model.add_flavor("pytorch", model_data="data", pytorch_version=importlib.metadata.version("torch"), code=None)
         requirements = ["mlflow", "torch"]
     pins = [f"{name}=={_version(name)}" for name in requirements]
     (out / "requirements.txt").write_text("\n".join(pins) + "\n")

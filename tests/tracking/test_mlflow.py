@@ -112,6 +112,7 @@ def test_a_failed_job_ends_its_run_failed(client, make_key, uploaded, tracking_u
                                                                                           "column x is text")
 
 
+@pytest.mark.postgres  # a cancel racing the worker and its tracker thread, on the production database
 def test_a_cancelled_job_ends_its_run_killed(client, make_key, uploaded, tracking_uri, mlflow_server, executor):
     h = make_key("track-cancel")
     m, d = uploaded(h)

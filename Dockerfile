@@ -11,9 +11,12 @@ ENV DISTILLERY_SANDBOX=bwrap
 COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY worker ./worker
+COPY engine ./engine
+COPY jobspec ./jobspec
 COPY safezip ./safezip
 COPY migrations ./migrations
-RUN pip install --extra-index-url "$TORCH_INDEX" "torch==2.13.0" && pip install .
+# The 'mlflow' extra: workers log tracked jobs to DISTILLERY_MLFLOW_TRACKING_URI (docs/integration.md#mlflow).
+RUN pip install --extra-index-url "$TORCH_INDEX" "torch==2.13.0" && pip install ".[mlflow]"
 VOLUME ["/data"]
 EXPOSE 8000
 CMD ["distillery", "serve"]

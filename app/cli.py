@@ -67,8 +67,12 @@ def worker() -> None:
 def serve() -> None:
     import uvicorn
 
+    from app import metrics_dir
+
     settings = get_settings()
     check_sandbox()
+    # The server's processes sum their samples in one directory: start it empty (counters start with the server).
+    metrics_dir.prepare(settings)
     # SIGTERM: uvicorn stops accepting, lets in-flight requests finish for at most the grace period, then
     # closes what is left (an SSE follower would otherwise hold shutdown open forever). With several
     # workers each is its own process with its own pool (sized per process) and key cache.

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
+from app.api import prometheus  # first: it sets up the multiprocess metrics dir
 from app.api.job_cache import CachedJobReads, start_listener
 from app.api.routes import artifacts, datasets, jobs, models, ops
 from app.api.telemetry import Telemetry
@@ -34,6 +35,7 @@ async def lifespan(app: FastAPI):
         for thread in (sweeper, listener):
             if thread is not None:
                 thread.stop()
+        prometheus.process_exit()
 
 
 def create_app() -> FastAPI:

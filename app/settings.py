@@ -76,6 +76,23 @@ class Settings(BaseSettings):
     max_archive_members: int = Field(200_000, gt=0, description="Most members an uploaded archive may hold.")
     metrics_token: str | None = Field(None, description="When set, GET /metrics requires "
                                                         "'Authorization: Bearer <token>'.")
+    metrics_dir: Path | None = Field(None, description="Where the API processes keep their Prometheus samples "
+                                                       "(prometheus_client multiprocess mode), so /metrics sums "
+                                                       "every process; default <data_dir>/metrics. Emptied by "
+                                                       "'distillery serve' at start.")
+
+    # ---- experiment tracking (worker/tracking/, docs/integration.md#mlflow) --------------------------
+    mlflow_tracking_uri: str | None = Field(None, description="An MLflow tracking server (http:// or https://); "
+                                                              "unset: jobs asking for 'tracking' get 422.")
+    mlflow_timeout_seconds: int = Field(10, ge=1, le=600, description="Longest one call to the tracking server "
+                                                                      "may take (MLFLOW_HTTP_REQUEST_TIMEOUT).")
+    mlflow_max_retries: int = Field(1, ge=0, le=10, description="Retries of a failed tracking call "
+                                                                "(MLFLOW_HTTP_REQUEST_MAX_RETRIES); a tracker "
+                                                                "that stays away is given up, never the job.")
+    mlflow_finish_seconds: float = Field(300.0, gt=0, description="After a job ended, its worker waits this long "
+                                                                  "for the run to be completed on the tracking "
+                                                                  "server (files, registration), then gives the "
+                                                                  "tracking up and takes the next job.")
 
     # ---- the API under load and outages (app/db/session.py, app/auth.py; SIGTERM: shutdown_grace_seconds) ----
     api_workers: int = Field(1, ge=1, description="'distillery serve' runs this many API processes (uvicorn "
@@ -113,6 +130,16 @@ class Settings(BaseSettings):
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
 
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _tracking_server(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        if not v.startswith(("http://", "https://")):
+            # A file or database store would have every worker write its own copy: one server for all.
+            raise ValueError("DISTILLERY_MLFLOW_TRACKING_URI must be an http:// or https:// tracking server")
+        return v.rstrip("/")
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'distillery.db'}"
@@ -124,6 +151,10 @@ class Settings(BaseSettings):
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+    @property
+    def resolved_metrics_dir(self) -> Path:
+        return (self.metrics_dir or self.data_dir / "metrics").expanduser().resolve()
 
 
 @lru_cache

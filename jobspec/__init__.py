@@ -5,7 +5,8 @@ and the standard library only (``tests/test_layers.py``).
 Modules: :mod:`.base` (strict base model, format and task names), :mod:`.losses`, :mod:`.training`
 (optimizer, schedule, early stopping, augmentation), :mod:`.data` (synthesis, coreset, input reduction,
 input shape), :mod:`.students`, :mod:`.steps`, :mod:`.job` (:class:`JobSpec` and its field-combination
-rules), :mod:`.rules` (rules against the teacher's and datasets' facts), :mod:`.capabilities`.
+rules), :mod:`.rules` (rules against the teacher's and datasets' facts), :mod:`.tracking` (experiment trackers),
+:mod:`.capabilities`.
 """
 
 from jobspec.base import DATASET_FORMATS, EXPORT_FORMATS, MODEL_FORMATS, TASKS, Config
@@ -26,6 +27,7 @@ from jobspec.students import (
     TextTransformerStudent,
     UploadedStudent,
 )
+from jobspec.tracking import MlflowRegister, MlflowTracking, Tracking
 from jobspec.training import OPTIMIZERS, SCHEDULES, Augment, EarlyStopping, OptimizerConfig, ScheduleConfig
 
 __all__ = [
@@ -34,5 +36,6 @@ __all__ = [
     "MSELoss", "SoftCELoss", "Conflict", "Facts", "conflicts", "STEP_KINDS", "DistillStep", "Finetune", "Gate",
     "PruneStep", "QuantizeStep", "STUDENT_FAMILIES", "CNNStudent", "DeriveRatios", "DerivedStudent",
     "EmbeddingBagStudent", "MLPStudent", "ResNetStudent", "TextTransformerStudent", "UploadedStudent",
-    "OPTIMIZERS", "SCHEDULES", "Augment", "EarlyStopping", "OptimizerConfig", "ScheduleConfig",
+    "OPTIMIZERS", "SCHEDULES", "Augment", "EarlyStopping", "OptimizerConfig", "ScheduleConfig", "MlflowRegister",
+    "MlflowTracking", "Tracking",
 ]

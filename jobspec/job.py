@@ -15,6 +15,7 @@ from jobspec.base import EXPORT_FORMATS, Config
 from jobspec.data import InputSpec
 from jobspec.steps import DistillStep, Step
 from jobspec.students import Student, UploadedStudent
+from jobspec.tracking import Tracking
 
 ExportFormat = Literal["torchscript", "onnx", "safetensors"]
 MetadataValue = Union[str, int, float, bool, None]
@@ -52,12 +53,18 @@ class JobSpec(Config):
     exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS), max_length=3)
     seed: int = Field(0, ge=0, le=SEED_MAX)
     metadata: dict[Annotated[str, Field(max_length=64)], MetadataValue] = Field(default_factory=dict, max_length=50)
+    tracking: Tracking | None = Field(None, description="Also log the job to an experiment tracker (MLflow) and "
+                                                        "optionally register the student there.")
 
     @model_validator(mode="after")
     def _combinations(self) -> JobSpec:
         """Rules between fields of the spec itself (no teacher or dataset facts needed)."""
         if len(set(self.exports)) != len(self.exports):
             raise ValueError("exports lists a format twice")
+        if (self.tracking is not None and self.tracking.mlflow.register_ is not None
+                and not {"onnx", "torchscript"} & set(self.exports)):
+            raise ValueError("tracking.mlflow.register needs an 'onnx' or 'torchscript' export to register "
+                             "(safetensors alone has no MLflow flavour)")
         kinds = [s.kind for s in self.steps]
         if "distill" in kinds and self.student is None:
             raise ValueError("a distill step needs a 'student' (e.g. {\"family\": \"mlp\", \"hidden\": [64]}); "

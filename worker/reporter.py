@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -24,8 +25,11 @@ log = logging.getLogger("distillery.worker")
 
 
 class DbReporter:
-    def __init__(self, attempt: Attempt, poll_seconds: float = 0.5):
+    """``on_metric``: also told each metric point once it is stored (the job's experiment tracker)."""
+
+    def __init__(self, attempt: Attempt, poll_seconds: float = 0.5, on_metric: Callable[..., None] | None = None):
         self.attempt, self.job_id, self.poll_seconds = attempt, attempt.job_id, poll_seconds
+        self.on_metric = on_metric
         self._last_poll = 0.0
         self._stop = False
 
@@ -37,8 +41,10 @@ class DbReporter:
         self.attempt.write("recording progress", lambda s: None, progress=_jsonable(progress))
 
     def metric(self, *, step: int, epoch: int, name: str, value: float) -> None:
-        self.attempt.write("recording a metric", lambda s: append_metric(s, self.job_id, step=step, epoch=epoch,
-                                                                         name=name, value=value))
+        stored = self.attempt.write("recording a metric", lambda s: append_metric(s, self.job_id, step=step,
+                                                                                  epoch=epoch, name=name, value=value))
+        if stored and self.on_metric is not None:
+            self.on_metric(step=step, epoch=epoch, name=name, value=value)
 
     def should_stop(self) -> bool:
         """True once the job was cancelled or this attempt lost it (fenced out)."""

@@ -33,6 +33,7 @@ import engine
 from worker import supervisor
 from worker.attempt import Attempt, Heartbeat, is_transient, new_token, retrying
 from worker.reporter import DbReporter, _jsonable
+from worker.tracking import Tracker, open_tracker
 
 log = logging.getLogger("distillery.worker")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -56,11 +57,15 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     # shares it resumes where the newest attempt stopped and two attempts never write the same files.
     root = get_storage().local_path(f"checkpoints/{job_id}")
     ended = "skipped"
+    tracker = open_tracker(attempt, settings)  # its run opens in a thread of its own while the job starts
     try:
         with Heartbeat(attempt):
-            ended = _execute(attempt, settings, work, root)
+            ended = _execute(attempt, settings, work, root, tracker)
+        # After the job's own transition, before its work dir (the files the run gets) is removed.
+        tracker.finish(ended)
         return ended
     finally:
+        tracker.abandon()  # a no-op after finish; otherwise the run stays open for the next attempt
         shutil.rmtree(work, ignore_errors=True)
         _rmdir_if_empty(work.parent)
         if ended in state.TERMINAL:  # this attempt's guarded transition ended the job: no resume point needed
@@ -101,10 +106,10 @@ def _rmdir_if_empty(path: Path) -> None:
         pass
 
 
-def _execute(attempt: Attempt, settings: Settings, work: Path, root: Path) -> str:
+def _execute(attempt: Attempt, settings: Settings, work: Path, root: Path, tracker: Tracker) -> str:
     """Run the engine for a claimed job in a sandboxed executor and end the job in a known state."""
     job_id = attempt.job_id
-    reporter = DbReporter(attempt)
+    reporter = DbReporter(attempt, on_metric=tracker.metric)
     try:
         inputs = retrying(lambda: _inputs(job_id), budget_seconds=settings.db_retry_seconds, what="reading inputs")
         shutil.rmtree(work, ignore_errors=True)
@@ -127,6 +132,8 @@ def _execute(attempt: Attempt, settings: Settings, work: Path, root: Path) -> st
                     data={"traceback": traceback.format_exc()[-4000:]})
     if attempt.lost.is_set():
         return "skipped"
+    if isinstance(ending, supervisor.Finished):
+        tracker.keep(ending.artifacts)
     if isinstance(ending, supervisor.Released):
         return _release(attempt)
     if isinstance(ending, supervisor.Stopped):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -57,6 +57,21 @@ class JobError(BaseModel):
     message: str
 
 
+class MlflowTrackingOut(BaseModel):
+    status: Literal["pending", "logged", "failed", "disabled"] = Field(
+        description="pending: the run is being written (or the job has not started); logged: the run is complete "
+                    "and ended with the job's outcome; failed: the tracker was unreachable or refused a call (the "
+                    "job is unaffected; see error and the job's events); disabled: no run will be written.")
+    run_id: str | None = None
+    experiment_id: str | None = None
+    model_version: str | None = Field(None, description="The registered version, with tracking.mlflow.register.")
+    error: str | None = None
+
+
+class TrackingOut(BaseModel):
+    mlflow: MlflowTrackingOut | None = None
+
+
 class JobOut(BaseModel):
     id: str = Field(examples=["job_0194f3a2c1d2a1b2c3d4e5f6a7b8"])
     status: str = Field(examples=["running"])
@@ -71,6 +86,10 @@ class JobOut(BaseModel):
         examples=[{"teacher": {"accuracy": 0.97}, "student": {"accuracy": 0.95, "agreement": 0.96}}])
     error: JobError | None
     attempts: int
+    tracking: TrackingOut | None = Field(
+        None, description="Present when the spec asks for 'tracking': what became of the job's run there.",
+        examples=[{"mlflow": {"status": "logged", "run_id": "5f0c3e2a9b7d4c1e8f6a2b3c4d5e6f70", "experiment_id": "1",
+                              "model_version": "3", "error": None}}])
 
 
 class EventOut(BaseModel):
@@ -128,7 +147,8 @@ def job_out(j: Job) -> JobOut:
     error = JobError(code=j.error_code, message=j.error_message or "") if j.error_code else None
     return JobOut(id=j.id, status=j.status, created_at=rfc3339(j.created_at), started_at=rfc3339(j.started_at),
                   finished_at=rfc3339(j.finished_at), spec=j.spec, progress=j.progress, metrics=j.metrics,
-                  error=error, attempts=j.attempts)
+                  error=error, attempts=j.attempts,
+                  tracking=TrackingOut.model_validate(j.tracking) if j.tracking else None)
 
 
 def event_out(e: JobEvent) -> EventOut:

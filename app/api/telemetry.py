@@ -1,4 +1,4 @@
-"""In-process request counters for /metrics, and the request guard — one small ASGI middleware.
+"""Request counters for /metrics (app/api/prometheus.py), and the request guard — one small ASGI middleware.
 
 The guard runs before any route: NUL bytes in the path or query are refused (422) before they can
 reach a database that rejects them, and request bodies are counted *as they stream in* (chunked
@@ -8,13 +8,13 @@ instead of being spooled to disk or buffered in memory first.
 
 from __future__ import annotations
 
-from collections import Counter
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.prometheus import IN_FLIGHT, REQUEST_SECONDS, REQUESTS
 from app.errors import problem
 
-REQUESTS: Counter[tuple[str, str, str]] = Counter()
 # The routes that take multipart uploads; every other body is held to the JSON cap.
 UPLOAD_PATHS = ("/v1/models", "/v1/datasets")
 
@@ -67,6 +67,8 @@ class Telemetry:
             await self.app(scope, receive, send)
             return
         state = {"status": 500, "started": False, "refused": False}
+        began = time.perf_counter()
+        IN_FLIGHT.inc()
 
         async def _send(message: Message) -> None:
             if state["refused"]:
@@ -78,8 +80,10 @@ class Telemetry:
         try:
             await self._guarded(scope, receive, _send, state)
         finally:
-            route = scope.get("route")
-            REQUESTS[(scope["method"], getattr(route, "path", "unmatched"), str(state["status"]))] += 1
+            IN_FLIGHT.dec()
+            route = getattr(scope.get("route"), "path", "unmatched")
+            REQUESTS.labels(scope["method"], route, str(state["status"])).inc()
+            REQUEST_SECONDS.labels(scope["method"], route).observe(time.perf_counter() - began)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, state: dict) -> None:
         """``send`` is the counting one, which drops the app's answer once our 413 is out."""

@@ -76,6 +76,8 @@ class Job(Base):
     queue: Mapped[str] = mapped_column(String(32))
     progress: Mapped[dict[str, Any] | None]
     metrics: Mapped[dict[str, Any] | None]
+    # {"mlflow": {"status", "run_id", "experiment_id", "model_version", "error"}} when the spec asks for tracking
+    tracking: Mapped[dict[str, Any] | None]
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -12,7 +12,7 @@ from app.catalog.service import get_dataset, get_model
 from app.db.models import Artifact, Dataset, Job, JobEvent, JobInput, JobMetric, Model
 from app.errors import Conflict, NotFound, Unprocessable
 from app.ids import new_id
-from app.jobs import state
+from app.jobs import state, tracking
 from app.jobs.budget import check_job
 from app.jobs.events import append_event
 from jobspec import Facts, JobSpec, UploadedStudent, conflicts
@@ -43,6 +43,7 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
     student_model = (get_model(session, tenant_id, spec.student.model_id)
                      if isinstance(spec.student, UploadedStudent) else None)
     check_compatible(spec, teacher, datasets)
+    tracking.check_available(spec, settings)
     # Parameters, memory and time from metadata alone: 422 budget_exceeded before 202 (docs/budgets.md).
     check_job(spec, teacher, datasets, student_model, settings)
     job_id = new_id("job")
@@ -52,6 +53,7 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
     job = Job(id=job_id, tenant_id=tenant_id, status=state.QUEUED, kind=spec.kind,
               teacher_model_id=teacher.id, dataset_id=spec.dataset_id, spec=spec.model_dump(mode="json"),
               queue=settings.job_queue, attempts=0, max_attempts=settings.max_attempts,
+              tracking=tracking.initial_state(spec),
               progress={"step_index": 0, "step_kind": spec.steps[0].kind, "epoch": 0,
                         "epochs": getattr(spec.steps[0], "epochs", None), "fraction": 0.0, "eta_seconds": None})
     session.add(job)
@@ -109,10 +111,10 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
         if job.status in state.TERMINAL:
             raise Conflict(f"job {job_id} already {job.status}; there is nothing to cancel", code="job_finished")
         target = state.CANCELLED if job.status == state.QUEUED else state.CANCELLING
+        ended = ({"error_code": "cancelled", "error_message": "cancelled by the client",
+                  "tracking": tracking.never_ran(job.tracking)} if target == state.CANCELLED else {})
         try:
-            state.transition(session, job_id, target, allowed_from={job.status},
-                             **({"error_code": "cancelled", "error_message": "cancelled by the client"}
-                                if target == state.CANCELLED else {}))
+            state.transition(session, job_id, target, allowed_from={job.status}, **ended)
         except state.InvalidTransition:
             continue
         append_event(session, job_id, "cancel_requested", "cancel requested by the client")

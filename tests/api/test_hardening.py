@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import threading
 import time
 
@@ -251,8 +252,9 @@ def test_metrics_token(client, make_key, monkeypatch):
         assert "distillery_" not in r.text
     r = client.get("/metrics", headers={"Authorization": "Bearer scrape-s3cret"})
     assert r.status_code == 200 and "distillery_jobs" in r.text
-    for needle in ("job_0123", "ten_", "mdl_", "ds_", "key_", "harden-metrics"):
-        assert needle not in r.text, needle
+    assert "job_0123" not in r.text and "harden-metrics" not in r.text
+    # No id of any kind (prefix + hex), wherever it would sit: "seconds_bucket" is a series name, not an id.
+    assert not re.search(r"\b(ten|mdl|ds|key|job|art)_[0-9a-f]{6}", r.text), re.findall(r"\w+_[0-9a-f]{6}\w*", r.text)
     assert 'route="/v1/jobs/{job_id}"' in r.text
     monkeypatch.setattr(get_settings(), "metrics_token", None)
     assert client.get("/metrics").status_code == 200

@@ -72,6 +72,10 @@ specs = st.fixed_dictionaries({"teacher_model_id": st.just("mdl_t"), "dataset_id
     "val_fraction": number,
     "exports": st.lists(st.sampled_from([*jobspec.EXPORT_FORMATS, "tflite"]), max_size=4),
     "seed": number,
+    "tracking": st.one_of(st.none(), st.fixed_dictionaries({"mlflow": st.fixed_dictionaries(
+        {"experiment": st.sampled_from(["digits", "", "a\nb"])},
+        optional={"run_name": st.sampled_from([None, "r", ""]),
+                  "register": st.fixed_dictionaries({"name": st.sampled_from(["student", "a/b", ".x", " x"])})})})),
 })
 
 

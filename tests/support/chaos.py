@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,17 +26,12 @@ from typing import Any
 import httpx
 
 from tests.support import services
+from tests.support.services import free_port
 from tests.support.fixtures import ROOT, start_process, stop_process, wait_for_log
 from tests.support.flow import wait_http
 from tests.support.wait import wait_until
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- process trees -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -111,6 +112,19 @@ def teacher_files(tmp_path_factory, digits) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def digits_npz(digits) -> bytes:
     return teachers.npz_bytes(x=digits.x_train, y=digits.y_train, x_val=digits.x_test, y_val=digits.y_test)
+
+
+@pytest.fixture()
+def executor(monkeypatch):
+    """``executor(code)``: the next job's executor runs ``code`` (cwd: its scratch; ``job.json`` there) instead of
+    the engine, through the real supervisor and sandbox; ``send(message)`` writes one protocol line."""
+    from worker import supervisor
+
+    def use(code: str) -> None:
+        program = "import json, os, sys\ndef send(m): print(json.dumps(m), flush=True)\n" + textwrap.dedent(code)
+        monkeypatch.setattr(supervisor, "executor_argv", lambda job_file: [sys.executable, "-c", program])
+
+    return use
 
 
 def start_process(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -12,15 +12,13 @@ from anyio.lowlevel import RunVar
 
 from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import PlainTextResponse
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 
 from app.api.deps import DbSession, SettingsDep
 from app.api.docs import problems
-from app.db.models import Job
 from app.db.session import get_engine
 from app.errors import DatabaseUnavailable, ServiceUnavailable, Unauthorized
 from jobspec import capabilities
-from app.jobs.state import STATUSES
 from app.queue import get_celery
 
 router = APIRouter(tags=["operations"])
@@ -112,20 +110,16 @@ def _metrics_auth(settings: SettingsDep, authorization: Annotated[str | None, He
 @router.get("/metrics", response_class=PlainTextResponse, responses=problems(401),
             dependencies=[Depends(_metrics_auth)])
 def metrics(db: DbSession) -> Response:
-    """Prometheus text format: jobs by status, plus this process's HTTP request counters."""
-    from app.api.telemetry import REQUESTS
+    """Prometheus text format: HTTP request series summed over every API process, and the jobs as the database
+    has them (by status; finished by kind and status; run time; queue depth). See docs/operations.md#metrics."""
+    from app.api import prometheus
 
-    counts = dict(db.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-    lines = ["# HELP distillery_jobs Jobs in the database by status.", "# TYPE distillery_jobs gauge"]
-    lines += [f'distillery_jobs{{status="{s}"}} {counts.get(s, 0)}' for s in STATUSES]
-    lines += ["# HELP distillery_http_requests_total HTTP requests served by this process.",
-              "# TYPE distillery_http_requests_total counter"]
-    lines += [f'distillery_http_requests_total{{method="{m}",route="{r}",status="{c}"}} {n}'
-              for (m, r, c), n in sorted(REQUESTS.items())]
-    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    body, content_type = prometheus.render(db)
+    return Response(body, media_type=content_type)
 
 
 @router.get("/v1/capabilities", tags=["capabilities"])
-def get_capabilities() -> dict[str, Any]:
-    """Every step kind, loss, student family, model/dataset format and export this deployment offers."""
-    return capabilities()
+def get_capabilities(settings: SettingsDep) -> dict[str, Any]:
+    """Every step kind, loss, student family, model/dataset format and export this deployment offers, and the
+    experiment trackers a job's ``tracking`` may name (``{"mlflow": true}`` when a tracking server is set)."""
+    return {**capabilities(), "tracking": {"mlflow": bool(settings.mlflow_tracking_uri)}}

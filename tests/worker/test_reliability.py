@@ -50,9 +50,9 @@ def test_a_phase_longer_than_the_lease_keeps_the_job(queued_job, executor, monke
     executor('send({"type": "result", "status": "succeeded", "metrics": {"ok": 1}, "artifacts": []})')
     real_store = runner._store_blobs
 
-    def slow_store(job_id, artifacts):  # a slow upload of the results: 1.5 leases with no executor running
+    def slow_store(*args):  # a slow upload of the results: 1.5 leases with no executor running
         time.sleep(7.5)
-        return real_store(job_id, artifacts)
+        return real_store(*args)
 
     monkeypatch.setattr(runner, "_store_blobs", slow_store)
     stop = threading.Event()
@@ -119,7 +119,7 @@ def test_release_checkpoints_requeues_and_the_next_attempt_resumes(queued_job, e
     from app.db.models import Dispatch
     from app.db.session import session_scope
     from app.storage import get_storage
-    from worker import runner
+    from worker import checkpoints, runner
 
     executor("""
         import time
@@ -152,9 +152,9 @@ def test_release_checkpoints_requeues_and_the_next_attempt_resumes(queued_job, e
     with session_scope() as s:
         reasons = list(s.scalars(select(Dispatch.reason).where(Dispatch.job_id == queued_job).order_by(Dispatch.id)))
     assert reasons == ["created", "released"]
-    assert runner.latest_checkpoint(get_storage().local_path(f"checkpoints/{queued_job}")) is not None
+    assert checkpoints.latest(get_storage(), queued_job) is not None
     assert runner.run_job(queued_job, _settings()) == "succeeded"
     job = _job(queued_job)
     assert (job.status, job.attempts) == ("succeeded", 1)
     assert "released" in _event_types(queued_job) and "resumed" in _event_types(queued_job)
-    assert not get_storage().local_path(f"checkpoints/{queued_job}").exists()  # deleted after the guarded end
+    assert not list(get_storage().list(f"checkpoints/{queued_job}"))  # deleted after the guarded end

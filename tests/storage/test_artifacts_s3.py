@@ -12,7 +12,7 @@ from tests.support.jobs import job_body
 
 
 def test_content_streams_from_s3_with_ranges_and_presigned_redirects(client, make_key, uploaded, s3_server,
-                                                                     s3_settings):
+                                                                     s3_settings, monkeypatch):
     from app.settings import get_settings
 
     h = make_key("art-s3")
@@ -33,7 +33,8 @@ def test_content_streams_from_s3_with_ranges_and_presigned_redirects(client, mak
     assert part.status_code == 206 and part.content == content[1048570:1048590]
     assert part.headers["content-range"] == f"bytes 1048570-1048589/{len(content)}"
 
-    settings.s3_presigned_downloads, settings.s3_presigned_seconds = True, 60
+    monkeypatch.setattr(settings, "s3_presigned_downloads", True)
+    monkeypatch.setattr(settings, "s3_presigned_seconds", 60)
     r = client.get(f"/v1/artifacts/{art}/content", headers=h, follow_redirects=False)
     assert r.status_code == 307 and r.headers["etag"] == f'"{sha}"'
     location = r.headers["location"]

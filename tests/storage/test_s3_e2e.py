@@ -7,15 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import httpx
 import pytest
 
 from tests.storage.conftest import AWS_ENV, free_port
-from tests.support.fixtures import ROOT, stop_process, wait_for_log
-from tests.support.flow import wait_for, wait_http
+from tests.support.embedded import embedded_service
+from tests.support.flow import wait_for
 from tests.support.jobs import job_body
 
 pytestmark = pytest.mark.slow  # trains real jobs end to end
@@ -34,20 +32,10 @@ def stack(s3_server, tmp_path_factory):
                DISTILLERY_S3_MULTIPART_CHUNK_BYTES=str(5 * 1024**2),
                DISTILLERY_ALLOWED_S3_BUCKETS=json.dumps([data_bucket]),
                DISTILLERY_ALLOWED_HTTP_HOSTS='["127.0.0.1"]', DISTILLERY_DATASET_ALLOW_HTTP="true")
-    log = data / "run.log"
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "run"], cwd=ROOT, env=env, stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url)
-        wait_for_log(proc, log, "ready.", timeout=90)  # the worker is consuming
-        out = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "s3"], cwd=ROOT,
-                             env=env, capture_output=True, text=True, check=True)
-        key = out.stdout.strip().splitlines()[-1]
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
-            yield {"http": http, "data": data, "bucket": bucket, "data_bucket": data_bucket, "proc": proc, "log": log}
-    finally:
-        stop_process(proc)
+    with embedded_service(env, data, port, "s3") as service, \
+            httpx.Client(base_url=service["url"], headers={"Authorization": f"Bearer {service['key']}"},
+                         timeout=60) as http:
+        yield {**service, "http": http, "bucket": bucket, "data_bucket": data_bucket}
 
 
 def _keys(s3_server, bucket: str) -> list[str]:

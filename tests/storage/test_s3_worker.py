@@ -3,10 +3,9 @@ released by one worker resumes on another that shares nothing with it but the da
 
 from __future__ import annotations
 
-import threading
 import time
 
-from tests.support.wait import wait_until
+from tests.support.jobs import RELEASING_EXECUTOR, run_until_released
 from tests.worker.conftest import executor, queued_job  # noqa: F401 - fixtures of the worker suite
 
 
@@ -54,32 +53,8 @@ def test_a_released_job_resumes_on_another_worker_from_the_bucket(queued_job, ex
     second = s3_server.settings(url, data_dir=tmp_path / "worker-b")
     storage = storage_for(first)
     _copy_inputs_to(storage, queued_job)
-    executor("""
-        import time
-        assert open("inputs/teacher", "rb").read(1)  # the inputs are there, read-only
-        if os.path.exists("checkpoints/checkpoint.pt"):  # the next attempt: resumed, finish
-            send({"type": "event", "event": "resumed", "message": open("checkpoints/checkpoint.pt").read()})
-            send({"type": "result", "status": "succeeded", "metrics": {}, "artifacts": []})
-            sys.exit(0)
-        send({"type": "progress", "progress": {"fraction": 0.3}})
-        while not os.path.exists("release-requested"):
-            time.sleep(0.05)
-        os.makedirs("checkpoints/artifacts", exist_ok=True)
-        open("checkpoints/artifacts/step0.onnx", "w").write("a finished step's export")
-        open("checkpoints/checkpoint.pt", "w").write("epoch 7")
-        send({"type": "event", "event": "checkpoint_saved", "message": "saved", "level": "debug"})
-        sys.exit(0)
-    """)
-    result = {}
-    t = threading.Thread(target=lambda: result.setdefault("ended", runner.run_job(queued_job, first)))
-    t.start()
-    try:
-        wait_until(lambda: (_job(queued_job).progress or {}).get("fraction") == 0.3, 30, "the job running")
-        runner.RELEASE.set()
-        t.join(30)
-    finally:
-        runner.RELEASE.clear()
-    assert result["ended"] == "released"
+    executor(RELEASING_EXECUTOR)
+    assert run_until_released(queued_job, first)[0] == "released"
     token = checkpoints.latest(storage, queued_job)
     assert token is not None
     assert {b.key.split(f"{token}/")[1] for b in storage.list(f"checkpoints/{queued_job}")} == {

@@ -27,3 +27,4 @@ def executor(monkeypatch):
         monkeypatch.setattr(supervisor, "executor_argv", lambda job_file: [sys.executable, "-c", program])
 
     return use
+

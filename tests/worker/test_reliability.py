@@ -14,6 +14,7 @@ import time
 import pytest
 from sqlalchemy import select
 
+from tests.support.jobs import RELEASING_EXECUTOR, run_until_released
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.postgres  # against PostgreSQL, as in production with several workers
@@ -121,32 +122,9 @@ def test_release_checkpoints_requeues_and_the_next_attempt_resumes(queued_job, e
     from app.storage import get_storage
     from worker import checkpoints, runner
 
-    executor("""
-        import time
-        if os.path.exists("checkpoints/checkpoint.pt"):  # the next attempt: resumed, finish
-            send({"type": "event", "event": "resumed", "message": open("checkpoints/checkpoint.pt").read()})
-            send({"type": "result", "status": "succeeded", "metrics": {}, "artifacts": []})
-            sys.exit(0)
-        send({"type": "progress", "progress": {"fraction": 0.3}})
-        while not os.path.exists("release-requested"):
-            time.sleep(0.05)
-        os.makedirs("checkpoints", exist_ok=True)
-        open("checkpoints/checkpoint.pt", "w").write("epoch 7")
-        send({"type": "event", "event": "checkpoint_saved", "message": "saved", "level": "debug"})
-        sys.exit(0)
-    """)
-    result = {}
-    t = threading.Thread(target=lambda: result.setdefault("ended", runner.run_job(queued_job, _settings())))
-    t.start()
-    try:
-        wait_until(lambda: (_job(queued_job).progress or {}).get("fraction") == 0.3, 30, "the job running")
-        began = time.monotonic()
-        runner.RELEASE.set()
-        t.join(30)
-        released_in = time.monotonic() - began
-    finally:
-        runner.RELEASE.clear()
-    assert result["ended"] == "released" and released_in < 10
+    executor(RELEASING_EXECUTOR)
+    ended, released_in = run_until_released(queued_job, _settings())
+    assert ended == "released" and released_in < 10
     job = _job(queued_job)
     assert (job.status, job.attempts, job.lease_token) == ("queued", 0, None)
     with session_scope() as s:

@@ -42,6 +42,46 @@ class Settings(BaseSettings):
     inspect_timeout_seconds: float = Field(60.0, gt=0)
     allowed_file_roots: list[Path] = Field(default_factory=list)
 
+    # ---- blob storage (app/storage/, docs/integration.md) ----------------------------------------------
+    storage_url: str | None = Field(None, description="Where blobs (models, datasets, artifacts, checkpoints) "
+                                    "live: file:///absolute/dir or s3://bucket/prefix; default "
+                                    "file://<data_dir>/blobs. S3 credentials come from boto3's standard chain "
+                                    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, roles).")
+    s3_endpoint_url: str | None = Field(None, description="S3 API endpoint for an S3-compatible store (MinIO: "
+                                        "http://minio:9000); unset: AWS S3 in AWS_DEFAULT_REGION.")
+    s3_public_endpoint_url: str | None = Field(None, description="Endpoint that presigned download URLs name, "
+                                               "when clients reach the store by another address than the "
+                                               "service does; default DISTILLERY_S3_ENDPOINT_URL.")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="Bucket in the path (path: MinIO and most self-hosted stores) or in the host name.")
+    s3_multipart_threshold_bytes: int = Field(64 * 1024**2, gt=0, description="Blobs at least this large are "
+                                              "uploaded in parts (and downloaded as parallel ranged GETs).")
+    s3_multipart_chunk_bytes: int = Field(64 * 1024**2, ge=5 * 1024**2, description="Size of one part of a "
+                                          "multipart upload (S3's minimum is 5 MiB).")
+    s3_max_concurrency: int = Field(8, ge=1, description="Parts one upload or download transfers at once.")
+    s3_presigned_downloads: bool = Field(False, description="GET /v1/artifacts/{id}/content answers 307 to a "
+                                         "short-lived presigned URL of the object store (after the API key and "
+                                         "tenant are checked) instead of streaming through the API.")
+    s3_presigned_seconds: int = Field(300, ge=1, le=7 * 24 * 3600, description="How long a presigned download "
+                                      "URL stays valid.")
+    blob_cache_dir: Path | None = Field(None, description="Worker: where inputs downloaded from a remote store "
+                                        "are kept, by sha256, for the next job (default <data_dir>/cache/blobs; "
+                                        "unused with file:// storage, whose blobs are read in place).")
+    blob_cache_bytes: int = Field(50 * 1024**3, gt=0, description="Worker: the input cache is trimmed to this "
+                                  "many bytes, least recently used first (inputs of running jobs stay).")
+
+    # ---- dataset URIs (POST /v1/datasets {"uri": …}; docs/integration.md) -------------------------------
+    allowed_s3_buckets: list[str] = Field(default_factory=list, description="JSON list of buckets s3:// dataset "
+                                          "URIs may read from (with the storage's endpoint and credentials); "
+                                          "empty: s3:// URIs are off.")
+    allowed_http_hosts: list[str] = Field(default_factory=list, description="JSON list of hosts (host or "
+                                          "host:port) https:// dataset URIs may fetch from, redirects included; "
+                                          "empty: https:// URIs are off.")
+    dataset_allow_http: bool = Field(False, description="Also accept plain http:// dataset URIs (and redirects) "
+                                     "to the allowed hosts: for closed networks and tests only.")
+    dataset_fetch_timeout_seconds: float = Field(300.0, gt=0, description="Longest a dataset URI may take to "
+                                                 "download, connecting and every redirect included.")
+
     # ---- the sandboxed executor (docs/security.md) ------------------------------------------
     sandbox: Literal["auto", "bwrap", "process"] = Field(
         "auto", description="How untrusted work (upload inspection, job runs) is isolated: bwrap (bubblewrap "
@@ -140,6 +180,26 @@ class Settings(BaseSettings):
             raise ValueError("DISTILLERY_MLFLOW_TRACKING_URI must be an http:// or https:// tracking server")
         return v.rstrip("/")
 
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if v.startswith("s3://"):
+            from app.storage.s3 import parse_s3_url
+
+            parse_s3_url(v)
+        else:
+            from app.storage import file_url_path
+
+            file_url_path(v)
+        return v
+
+    @field_validator("allowed_s3_buckets", "allowed_http_hosts")
+    @classmethod
+    def _lowercase(cls, v: list[str]) -> list[str]:
+        return [item.strip().lower() for item in v if item.strip()]
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'distillery.db'}"
@@ -150,11 +210,19 @@ class Settings(BaseSettings):
 
     @property
     def blob_dir(self) -> Path:
+        """The default local storage root (used when DISTILLERY_STORAGE_URL is unset)."""
         return self.data_dir / "blobs"
 
     @property
     def resolved_metrics_dir(self) -> Path:
         return (self.metrics_dir or self.data_dir / "metrics").expanduser().resolve()
+
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or self.blob_dir.as_uri()
+
+    @property
+    def resolved_blob_cache_dir(self) -> Path:
+        return self.blob_cache_dir or self.data_dir / "cache" / "blobs"
 
 
 @lru_cache

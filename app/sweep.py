@@ -42,13 +42,13 @@ from app.clock import utcnow
 from app.db.models import Artifact, Dataset, Job, Model
 from app.jobs.state import ACTIVE
 from app.settings import Settings
-from app.storage import LocalStorage, Storage
+from app.storage import LocalStorage, Storage, storage_for
+from app.storage.local import PARTIAL_SUFFIX
 
 log = logging.getLogger("distillery.sweep")
 
 #: Name prefixes of what the API writes under ``data_dir/tmp`` (app.catalog.uploads, app.catalog.inspector).
 TEMP_PREFIXES = ("upload-", "inspect-")
-PARTIAL_SUFFIX = ".partial"
 #: An upload's temp file is not written while it is inspected and copied into storage: it is kept at least
 #: this long past the inspection timeout, whatever DISTILLERY_SWEEP_TEMP_AGE_SECONDS says.
 INSPECT_MARGIN_SECONDS = 60.0
@@ -361,7 +361,7 @@ def run_once(settings: Settings) -> SweepReport:
     from app.db.session import session_scope
 
     with session_scope() as session:
-        return sweep(session, LocalStorage(settings.blob_dir), settings, utcnow())
+        return sweep(session, storage_for(settings), settings, utcnow())
 
 
 class Sweeper:

@@ -12,13 +12,17 @@ the job back in the queue without using up an attempt, for another worker to res
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import socket
 import threading
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 from app.db.models import Artifact, Dataset, Job, Model
@@ -28,9 +32,10 @@ from app.jobs import state
 from app.jobs.events import append_event
 from app.queue import dispatch
 from app.settings import Settings, get_settings
-from app.storage import get_storage
+from app.storage import Storage, StorageUnavailable, storage_for
 import engine
-from worker import supervisor
+from worker import checkpoints, supervisor
+from worker.input_cache import CacheSession, CacheStats, InputCache, InputCorrupt
 from worker.attempt import Attempt, Heartbeat, is_transient, new_token, retrying
 from worker.reporter import DbReporter, _jsonable
 from worker.tracking import Tracker, open_tracker
@@ -39,7 +44,6 @@ log = logging.getLogger("distillery.worker")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 #: Set when the worker is asked to stop (SIGTERM, Ctrl-C): the running attempt releases its job.
 RELEASE = threading.Event()
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def run_job(job_id: str, settings: Settings | None = None) -> str:
@@ -53,28 +57,40 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
     if attempt is None:
         return "skipped"
     work = settings.data_dir / "work" / job_id / attempt.token
-    # Checkpoints live in blob storage under the job id, one prefix per attempt, so a retry on any worker that
-    # shares it resumes where the newest attempt stopped and two attempts never write the same files.
-    root = get_storage().local_path(f"checkpoints/{job_id}")
+    storage = storage_for(settings)
     ended = "skipped"
     tracker = open_tracker(attempt, settings)  # its run opens in a thread of its own while the job starts
     try:
         with Heartbeat(attempt):
-            ended = _execute(attempt, settings, work, root, tracker)
+            ended = _execute(attempt, settings, storage, work, tracker)
         # After the job's own transition, before its work dir (the files the run gets) is removed.
         tracker.finish(ended)
         return ended
     finally:
         tracker.abandon()  # a no-op after finish; otherwise the run stays open for the next attempt
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(_snapshot_dir(work), ignore_errors=True)
         _rmdir_if_empty(work.parent)
+        _drop_checkpoints(storage, attempt, ended)
+
+
+def _snapshot_dir(work: Path) -> Path:
+    """The supervisor's own copy of the executor's checkpoint dir, beside (never inside) its scratch."""
+    return work.with_name(f".{work.name}.checkpoint")
+
+
+def _drop_checkpoints(storage: Storage, attempt: Attempt, ended: str) -> None:
+    # Checkpoints live in blob storage under the job id, one folder per attempt, so a retry on any worker resumes
+    # where the newest attempt stopped and two attempts never write the same blobs (worker/checkpoints.py).
+    try:
         if ended in state.TERMINAL:  # this attempt's guarded transition ended the job: no resume point needed
-            shutil.rmtree(root, ignore_errors=True)
-        elif attempt.lost.is_set() and _ended_elsewhere(job_id):
+            checkpoints.delete_job(storage, attempt.job_id)
+        elif attempt.lost.is_set() and _ended_elsewhere(attempt.job_id):
             # Fenced out, and another attempt has ended the job (and removed the checkpoints it knew of): what
             # this one wrote after that is nobody's resume point. While the job is still live it may be.
-            shutil.rmtree(root / attempt.token, ignore_errors=True)
-            _rmdir_if_empty(root)
+            storage.delete_folder(f"{checkpoints.job_folder(attempt.job_id)}/{attempt.token}")
+    except Exception:  # the job has ended either way; the sweep (local) or a lifecycle rule (S3) takes the rest
+        log.exception("could not delete the checkpoints of job %s", attempt.job_id)
 
 
 def _ended_elsewhere(job_id: str) -> bool:
@@ -86,19 +102,6 @@ def _ended_elsewhere(job_id: str) -> bool:
         return False
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The attempt directory under ``root`` holding the newest checkpoint file, if any."""
-    best: tuple[int, Path] | None = None
-    if root.is_dir():
-        for d in root.iterdir():
-            f = d / CHECKPOINT_FILE
-            if d.is_dir() and not d.is_symlink() and f.is_file() and not f.is_symlink():
-                stamp = f.stat().st_mtime_ns
-                if best is None or stamp > best[0]:
-                    best = (stamp, d)
-    return best[1] if best else None
-
-
 def _rmdir_if_empty(path: Path) -> None:
     try:
         path.rmdir()
@@ -106,26 +109,35 @@ def _rmdir_if_empty(path: Path) -> None:
         pass
 
 
-def _execute(attempt: Attempt, settings: Settings, work: Path, root: Path, tracker: Tracker) -> str:
+def _execute(attempt: Attempt, settings: Settings, storage: Storage, work: Path, tracker: Tracker) -> str:
     """Run the engine for a claimed job in a sandboxed executor and end the job in a known state."""
     job_id = attempt.job_id
     reporter = DbReporter(attempt, on_metric=tracker.metric)
+    cache = InputCache(settings.resolved_blob_cache_dir, settings.blob_cache_bytes,
+                       stale_partial_seconds=settings.sweep_temp_age_seconds)
     try:
-        inputs = retrying(lambda: _inputs(job_id), budget_seconds=settings.db_retry_seconds, what="reading inputs")
+        spec, needed = retrying(lambda: _inputs(job_id), budget_seconds=settings.db_retry_seconds,
+                                what="reading inputs")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        ending = supervisor.supervise(inputs, work, root / attempt.token, settings, reporter, reporter.should_stop,
-                                      resume_from=latest_checkpoint(root), should_release=RELEASE.is_set,
-                                      release_seconds=max(settings.shutdown_grace_seconds - 10.0, 1.0))
+        with cache.session() as inputs:  # the inputs stay pinned in the cache until the executor has ended
+            files = _place(spec, needed, storage, inputs)
+            if inputs.stats.downloaded or inputs.stats.cached:
+                _report_fetch(reporter, storage, inputs.stats)
+            ckpts = checkpoints.AttemptCheckpoints(storage, job_id, attempt.token, _snapshot_dir(work))
+            ending = supervisor.supervise(files, work, ckpts, settings, reporter, reporter.should_stop,
+                                          should_release=RELEASE.is_set,
+                                          release_seconds=max(settings.shutdown_grace_seconds - 10.0, 1.0))
     except _MissingInput as exc:
         return _end(attempt, state.FAILED, "input_missing", str(exc))
     except Exception as exc:
         if attempt.lost.is_set():
             return "skipped"  # fenced out meanwhile: whatever failed, this attempt may write nothing
-        if is_transient(exc):
-            # The database stayed away past the retry budget: not the job's fault. Leave it running; its lease
-            # expires, the reaper requeues it and the next attempt resumes from the checkpoint.
-            log.exception("job %s lost its database connection; it will be retried", job_id)
+        if is_transient(exc) or isinstance(exc, StorageUnavailable):
+            # The database (or the object store) stayed away past the retry budget: not the job's fault. Leave
+            # it running; its lease expires, the reaper requeues it and the next attempt resumes from the
+            # checkpoint.
+            log.exception("job %s lost its database or storage connection; it will be retried", job_id)
             raise
         log.exception("job %s crashed", job_id)  # a bug or an environment failure: never leave the job running
         return _end(attempt, state.FAILED, "internal_error", f"{exc.__class__.__name__}: {exc}",
@@ -143,8 +155,8 @@ def _execute(attempt: Attempt, settings: Settings, work: Path, root: Path, track
     result = engine.EngineResult(artifacts=ending.artifacts, metrics=ending.metrics)
     if ending.status == "quality_gate":
         # Keep what the last step that met its budget produced, and the report that says which step broke it.
-        return _fail_with_artifacts(attempt, engine.QualityGateFailed(ending.message, result))
-    return _succeed(attempt, result)
+        return _fail_with_artifacts(attempt, storage, engine.QualityGateFailed(ending.message, result))
+    return _succeed(attempt, storage, result)
 
 
 class _MissingInput(Exception):
@@ -193,9 +205,20 @@ def _release(attempt: Attempt) -> str:
     return _end(attempt, state.CANCELLED, "cancelled", "cancelled by the client")
 
 
-def _inputs(job_id: str) -> supervisor.JobFiles:
-    """Resolve every model and dataset the spec names to local files (storage keeps them by id)."""
-    storage = get_storage()
+@dataclass(frozen=True)
+class _Input:
+    """A blob the job reads, and how to describe it to the engine once it is a local file."""
+
+    what: str  # "teacher model mdl_x", for messages
+    role: str  # teacher | dataset | model
+    id: str
+    key: str
+    sha256: str
+    source: Callable[[Path], Any]
+
+
+def _inputs(job_id: str) -> tuple[dict, list[_Input]]:
+    """The job's spec and every model and dataset it names, read in one short transaction (no download in it)."""
     with session_scope() as s:
         job = s.get(Job, job_id)
         assert job is not None
@@ -203,25 +226,47 @@ def _inputs(job_id: str) -> supervisor.JobFiles:
         model = s.get(Model, spec["teacher_model_id"])
         if model is None:
             raise _MissingInput(f"teacher model {spec['teacher_model_id']} was deleted before the job ran")
-        teacher = engine.TeacherSource(path=storage.local_path(model.storage_key), format=model.format,
-                                       task=model.task, sha256=model.sha256, architecture=model.architecture)
-        datasets = {}
+        needed = [_Input(f"teacher model {model.id}", "teacher", model.id, model.storage_key, model.sha256,
+                         functools.partial(engine.TeacherSource, format=model.format, task=model.task,
+                                           sha256=model.sha256, architecture=model.architecture))]
         for ds_id in _dataset_ids(spec):
             ds = s.get(Dataset, ds_id)
             if ds is None:
                 raise _MissingInput(f"dataset {ds_id} was deleted before the job ran")
-            datasets[ds_id] = engine.DatasetSource(
-                path=storage.local_path(ds.storage_key), format=ds.format, sha256=ds.sha256,
-                inputs=tuple(ds.schema_.get("inputs", ["x"])), options=dict(ds.schema_.get("options") or {}))
-        models = {}
+            needed.append(_Input(f"dataset {ds.id}", "dataset", ds.id, ds.storage_key, ds.sha256, functools.partial(
+                engine.DatasetSource, format=ds.format, sha256=ds.sha256,
+                inputs=tuple(ds.schema_.get("inputs", ["x"])), options=dict(ds.schema_.get("options") or {}))))
         student_model = (spec.get("student") or {}).get("model_id")
         if student_model:
             m = s.get(Model, student_model)
             if m is None:
                 raise _MissingInput(f"student model {student_model} was deleted before the job ran")
-            models[m.id] = engine.ModelSource(path=storage.local_path(m.storage_key), format=m.format,
-                                              architecture=m.architecture, sha256=m.sha256)
-        return supervisor.JobFiles(spec, teacher, datasets, models)
+            needed.append(_Input(f"student model {m.id}", "model", m.id, m.storage_key, m.sha256, functools.partial(
+                engine.ModelSource, format=m.format, architecture=m.architecture, sha256=m.sha256)))
+        return spec, needed
+
+
+def _place(spec: dict, needed: list[_Input], storage: Storage, inputs: CacheSession) -> supervisor.JobFiles:
+    """Each input as a local file: in place on local storage, else downloaded (verified) into the input cache."""
+    placed: dict[str, dict[str, Any]] = {"teacher": {}, "dataset": {}, "model": {}}
+    for item in needed:
+        try:
+            path = inputs.path(storage, item.key, item.sha256)
+        except FileNotFoundError as exc:
+            raise _MissingInput(f"the stored file of {item.what} is missing from {storage.url}") from exc
+        except InputCorrupt as exc:
+            raise _MissingInput(f"the stored file of {item.what} is damaged: {exc}") from exc
+        placed[item.role][item.id] = item.source(path=path)
+    (teacher,) = placed["teacher"].values()
+    return supervisor.JobFiles(spec, teacher, placed["dataset"], placed["model"])
+
+
+def _report_fetch(reporter: DbReporter, storage: Storage, stats: CacheStats) -> None:
+    reporter.event("inputs_fetched", f"{stats.downloaded} input(s) downloaded from {storage.url} "
+                   f"({stats.downloaded_bytes} bytes, {stats.seconds:.1f} s), {stats.cached} found in the "
+                   "worker's input cache", level="info",
+                   data={"downloaded": stats.downloaded, "downloaded_bytes": stats.downloaded_bytes,
+                         "cached": stats.cached, "seconds": round(stats.seconds, 3)})
 
 
 def _dataset_ids(spec: dict) -> list[str]:
@@ -229,9 +274,8 @@ def _dataset_ids(spec: dict) -> list[str]:
     return list(dict.fromkeys(i for i in ids if i))
 
 
-def _store_blobs(job_id: str, artifacts: list[engine.ArtifactFile]) -> list[Artifact]:
+def _store_blobs(storage: Storage, job_id: str, artifacts: list[engine.ArtifactFile]) -> list[Artifact]:
     """Write every artifact's blob (first) and return the rows to insert with the status change."""
-    storage = get_storage()
     rows = []
     for art in artifacts:
         art_id = new_id("artifact")
@@ -243,21 +287,22 @@ def _store_blobs(job_id: str, artifacts: list[engine.ArtifactFile]) -> list[Arti
     return rows
 
 
-def _finish_with_artifacts(attempt: Attempt, result: engine.EngineResult, to: str, message: str, *, level: str,
+def _finish_with_artifacts(attempt: Attempt, storage: Storage, result: engine.EngineResult, to: str, message: str, *,
+                           level: str,
                            event_data: dict, **values) -> bool:
     """Move the job to ``to`` and attach ``result``'s artifacts in the same transaction (blobs written first).
 
     Returns False, keeping nothing, when the job had already moved on (a cancel arrived, or the reaper took it).
     """
     job_id = attempt.job_id
-    rows = _store_blobs(job_id, result.artifacts)
+    rows = _store_blobs(storage, job_id, result.artifacts)
     try:
         return retrying(lambda: _commit_finish(attempt, rows, result, to, message, level, event_data, values),
                         budget_seconds=attempt.db_retry_seconds, what="storing the result")
     finally:
         if not any(r.tenant_id for r in rows):  # not attached (moved on, fenced out, or the database stayed away)
             for row in rows:
-                get_storage().delete(row.storage_key)
+                storage.delete(row.storage_key)
 
 
 def _commit_finish(attempt: Attempt, rows: list[Artifact], result: engine.EngineResult, to: str, message: str,
@@ -287,19 +332,20 @@ _ARTIFACT_COLUMNS = ("id", "job_id", "kind", "format", "step_index", "filename",
                      "storage_key")
 
 
-def _fail_with_artifacts(attempt: Attempt, exc: engine.EngineError) -> str:
+def _fail_with_artifacts(attempt: Attempt, storage: Storage, exc: engine.EngineError) -> str:
     """Fail the job with ``exc``'s code but keep the artifacts its ``result`` carries (quality gate)."""
     kept = len(exc.result.artifacts)
-    if _finish_with_artifacts(attempt, exc.result, state.FAILED, exc.message, level="error",
+    if _finish_with_artifacts(attempt, storage, exc.result, state.FAILED, exc.message, level="error",
                               event_data={"code": exc.code, "kept_artifacts": kept},
                               error_code=exc.code, error_message=exc.message):
         return state.FAILED
     return "skipped"  # cancelled or reaped meanwhile
 
 
-def _succeed(attempt: Attempt, result: engine.EngineResult) -> str:
-    if _finish_with_artifacts(attempt, result, state.SUCCEEDED, f"job succeeded with {len(result.artifacts)} artifacts",
-                              level="info", event_data={"metrics": _jsonable(result.metrics)}):
+def _succeed(attempt: Attempt, storage: Storage, result: engine.EngineResult) -> str:
+    if _finish_with_artifacts(attempt, storage, result, state.SUCCEEDED,
+                              f"job succeeded with {len(result.artifacts)} artifacts", level="info",
+                              event_data={"metrics": _jsonable(result.metrics)}):
         return state.SUCCEEDED
     # A cancel arrived during the final phase: honour it, keep nothing.
     return _end(attempt, state.CANCELLED, "cancelled", "cancelled by the client")

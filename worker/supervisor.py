@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -20,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Protocol, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -194,8 +192,17 @@ class JobFiles:
     models: dict[str, ModelSource]
 
 
-def stage(files: JobFiles, scratch: Path, checkpoints: Path, settings: Settings) -> tuple[Path, dict[str, Path]]:
-    """Write ``scratch/job.json`` (paths relative to ``scratch``) and copy the last checkpoint in.
+class CheckpointTarget(Protocol):
+    """Where an attempt's checkpoints come from and go to (:class:`worker.checkpoints.AttemptCheckpoints`)."""
+
+    def restore(self, dst: Path) -> bool: ...
+    def push(self, src: Path) -> None: ...
+
+
+def stage(files: JobFiles, scratch: Path, checkpoints: CheckpointTarget, settings: Settings
+          ) -> tuple[Path, dict[str, Path]]:
+    """Write ``scratch/job.json`` (paths relative to ``scratch``) and restore the last checkpoint into
+    ``scratch/checkpoints``.
 
     Returns the job file and the inputs to expose read-only (``inputs/<name>`` → host path)."""
     inputs: dict[str, Path] = {"teacher": files.teacher.path}
@@ -209,7 +216,7 @@ def stage(files: JobFiles, scratch: Path, checkpoints: Path, settings: Settings)
         inputs[f"model-{i}"] = m.path
         models[m_id] = {"path": f"inputs/model-{i}", "format": m.format, "architecture": m.architecture,
                         "sha256": m.sha256}
-    copy_regular_files(checkpoints, scratch / "checkpoints")
+    checkpoints.restore(scratch / "checkpoints")
     job = {"spec": files.spec, "out_dir": "out", "checkpoint_dir": "checkpoints",
            "teacher": {"path": "inputs/teacher", "format": files.teacher.format, "task": files.teacher.task,
                        "sha256": files.teacher.sha256, "architecture": files.teacher.architecture},
@@ -220,37 +227,12 @@ def stage(files: JobFiles, scratch: Path, checkpoints: Path, settings: Settings)
     return path, inputs
 
 
-def copy_regular_files(src: Path, dst: Path) -> None:
-    """Copy the regular files under ``src`` to ``dst`` (replacing it atomically); symlinks and specials are
-    skipped, so a hostile executor's checkpoint dir can never make the supervisor read another file."""
-    if not src.is_dir():
-        dst.mkdir(parents=True, exist_ok=True)
-        return
-    tmp = dst.with_name(f".{dst.name}.sync")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for dirpath, dirnames, filenames in os.walk(src):
-        rel = Path(dirpath).relative_to(src)
-        (tmp / rel).mkdir(parents=True, exist_ok=True)
-        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
-        for name in filenames:
-            p = Path(dirpath) / name
-            if p.is_symlink() or not p.is_file() or name.endswith(".tmp"):
-                continue
-            shutil.copyfile(p, tmp / rel / name, follow_symlinks=False)
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 class CheckpointSync:
-    """Mirror the executor's checkpoint dir into blob storage whenever its checkpoint file changes, so a lost
+    """Push the executor's checkpoint dir to blob storage whenever its checkpoint file changes, so a lost
     worker's successor resumes from it (the executor itself cannot reach storage)."""
 
-    def __init__(self, scratch_dir: Path, storage_dir: Path):
-        self.src, self.dst = scratch_dir, storage_dir
+    def __init__(self, scratch_dir: Path, target: CheckpointTarget):
+        self.src, self.target = scratch_dir, target
         self._lock = threading.Lock()
         self.seen = self._stamp()  # what was staged in is already in storage
 
@@ -265,8 +247,12 @@ class CheckpointSync:
         with self._lock:  # the relay (on checkpoint_saved) and the cancel watch both call this
             stamp = self._stamp()
             if stamp and stamp != self.seen:
+                try:
+                    self.target.push(self.src)
+                except Exception:  # storage away: the job goes on; the next change (or tick) pushes again
+                    log.exception("checkpoint push failed; retrying on the next check")
+                    return
                 self.seen = stamp
-                copy_regular_files(self.src, self.dst)
 
 
 # ---- running -----------------------------------------------------------------------------------------
@@ -281,17 +267,17 @@ def job_limits(settings: Settings) -> sandbox.Limits:
                           scratch_bytes=settings.executor_scratch_bytes)
 
 
-def supervise(files: JobFiles, scratch: Path, checkpoints: Path, settings: Settings, reporter: Any,
-              should_stop: Callable[[], bool], *, resume_from: Path | None = None,
-              should_release: Callable[[], bool] = lambda: False, release_seconds: float = 20.0) -> Ending:
+def supervise(files: JobFiles, scratch: Path, checkpoints: CheckpointTarget, settings: Settings, reporter: Any,
+              should_stop: Callable[[], bool], *, should_release: Callable[[], bool] = lambda: False,
+              release_seconds: float = 20.0) -> Ending:
     """Run the job's engine in an executor under ``settings``' sandbox and limits; return how it ended.
 
     ``reporter`` receives the executor's events/progress/metrics; ``should_stop`` (polled every
     :data:`CHECK_EVERY` seconds, from a thread, so a silent executor is still stopped) says the job was
     cancelled or taken away; ``should_release`` (polled the same way) that the worker is shutting down.
-    Checkpoints are staged in from ``resume_from`` (default ``checkpoints``) and mirrored out to ``checkpoints``."""
+    The newest checkpoint is restored from ``checkpoints`` and each new one pushed to it."""
     scratch.mkdir(parents=True, exist_ok=True)
-    job_file, inputs = stage(files, scratch, checkpoints if resume_from is None else resume_from, settings)
+    job_file, inputs = stage(files, scratch, checkpoints, settings)
     mode = sandbox.resolve_mode(settings.sandbox)
     ex = sandbox.spawn(executor_argv(job_file), scratch=scratch, inputs=inputs, limits=job_limits(settings),
                        mode=mode, secret_dirs=[settings.data_dir], max_line=settings.executor_message_bytes)

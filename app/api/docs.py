@@ -14,7 +14,7 @@ _DESCRIPTIONS = {
          "for JSON",
     416: "Range not satisfiable",
     422: "Invalid input (problem details, with `errors` for field validation)",
-    503: "A dependency (database, broker) is unreachable",
+    503: "A dependency (database, broker, object store) is unreachable",
 }
 
 

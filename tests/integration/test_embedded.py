@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 
 import httpx
 import pytest
 
-from tests.support.fixtures import ROOT, stop_process, wait_for_log
-from tests.support.flow import check_student_files, distill_digits, wait_http
+from tests.support.embedded import embedded_service
+from tests.support.fixtures import stop_process
+from tests.support.flow import check_student_files, distill_digits
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +22,8 @@ def embedded(tmp_path_factory):
     # Nothing but the data dir and port: the defaults must give a working service.
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_")}
     env.update(DISTILLERY_DATA_DIR=str(data), DISTILLERY_PORT=str(port), DISTILLERY_WORKER_THREADS="1")
-    log = data / "run.log"
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "run"], cwd=ROOT, env=env, stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url)
-        wait_for_log(proc, log, "ready.", timeout=60)  # the worker is consuming
-        out = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "laptop"], cwd=ROOT,
-                             env=env, capture_output=True, text=True, check=True)
-        key = out.stdout.strip().splitlines()[-1]
-        yield {"url": url, "key": key, "proc": proc, "log": log, "data": data}
-    finally:
-        stop_process(proc)
+    with embedded_service(env, data, port, "laptop") as service:
+        yield service
 
 
 @pytest.mark.slow  # trains a whole job to an accuracy floor

@@ -196,8 +196,6 @@ def uploaded(client, backend, teacher_files, digits_npz):
 
 
 def _remember_uploads(model_id: str, dataset_id: str) -> list[tuple[type, dict, Path]]:
-    import shutil
-
     from app.db.models import Dataset, Model
     from app.db.session import session_scope
     from app.storage import get_storage
@@ -210,8 +208,8 @@ def _remember_uploads(model_id: str, dataset_id: str) -> list[tuple[type, dict, 
             row = s.get(cls, row_id)
             values = {c.key: getattr(row, c.key) for c in cls.__mapper__.column_attrs
                       if c.key not in ("id", "tenant_id", "storage_key", "created_at")}
-            blob = shutil.copyfile(get_storage().local_path(row.storage_key), kept / row_id)
-            out.append((cls, values, Path(blob)))
+            get_storage().get_file(row.storage_key, kept / row_id)
+            out.append((cls, values, kept / row_id))
     return out
 
 

@@ -14,6 +14,7 @@ import time
 import pytest
 from sqlalchemy import select
 
+from tests.support.jobs import RELEASING_EXECUTOR, run_until_released
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.postgres  # against PostgreSQL, as in production with several workers
@@ -50,9 +51,9 @@ def test_a_phase_longer_than_the_lease_keeps_the_job(queued_job, executor, monke
     executor('send({"type": "result", "status": "succeeded", "metrics": {"ok": 1}, "artifacts": []})')
     real_store = runner._store_blobs
 
-    def slow_store(job_id, artifacts):  # a slow upload of the results: 1.5 leases with no executor running
+    def slow_store(*args):  # a slow upload of the results: 1.5 leases with no executor running
         time.sleep(7.5)
-        return real_store(job_id, artifacts)
+        return real_store(*args)
 
     monkeypatch.setattr(runner, "_store_blobs", slow_store)
     stop = threading.Event()
@@ -119,42 +120,19 @@ def test_release_checkpoints_requeues_and_the_next_attempt_resumes(queued_job, e
     from app.db.models import Dispatch
     from app.db.session import session_scope
     from app.storage import get_storage
-    from worker import runner
+    from worker import checkpoints, runner
 
-    executor("""
-        import time
-        if os.path.exists("checkpoints/checkpoint.pt"):  # the next attempt: resumed, finish
-            send({"type": "event", "event": "resumed", "message": open("checkpoints/checkpoint.pt").read()})
-            send({"type": "result", "status": "succeeded", "metrics": {}, "artifacts": []})
-            sys.exit(0)
-        send({"type": "progress", "progress": {"fraction": 0.3}})
-        while not os.path.exists("release-requested"):
-            time.sleep(0.05)
-        os.makedirs("checkpoints", exist_ok=True)
-        open("checkpoints/checkpoint.pt", "w").write("epoch 7")
-        send({"type": "event", "event": "checkpoint_saved", "message": "saved", "level": "debug"})
-        sys.exit(0)
-    """)
-    result = {}
-    t = threading.Thread(target=lambda: result.setdefault("ended", runner.run_job(queued_job, _settings())))
-    t.start()
-    try:
-        wait_until(lambda: (_job(queued_job).progress or {}).get("fraction") == 0.3, 30, "the job running")
-        began = time.monotonic()
-        runner.RELEASE.set()
-        t.join(30)
-        released_in = time.monotonic() - began
-    finally:
-        runner.RELEASE.clear()
-    assert result["ended"] == "released" and released_in < 10
+    executor(RELEASING_EXECUTOR)
+    ended, released_in = run_until_released(queued_job, _settings())
+    assert ended == "released" and released_in < 10
     job = _job(queued_job)
     assert (job.status, job.attempts, job.lease_token) == ("queued", 0, None)
     with session_scope() as s:
         reasons = list(s.scalars(select(Dispatch.reason).where(Dispatch.job_id == queued_job).order_by(Dispatch.id)))
     assert reasons == ["created", "released"]
-    assert runner.latest_checkpoint(get_storage().local_path(f"checkpoints/{queued_job}")) is not None
+    assert checkpoints.latest(get_storage(), queued_job) is not None
     assert runner.run_job(queued_job, _settings()) == "succeeded"
     job = _job(queued_job)
     assert (job.status, job.attempts) == ("succeeded", 1)
     assert "released" in _event_types(queued_job) and "resumed" in _event_types(queued_job)
-    assert not get_storage().local_path(f"checkpoints/{queued_job}").exists()  # deleted after the guarded end
+    assert not list(get_storage().list(f"checkpoints/{queued_job}"))  # deleted after the guarded end

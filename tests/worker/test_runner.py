@@ -166,10 +166,9 @@ def test_a_cancel_stops_a_silent_executor_within_seconds(queued_job, executor, c
 
 def test_a_lost_database_leaves_the_job_to_the_reaper(queued_job, executor, monkeypatch):
     from app.storage import get_storage
+    from worker import checkpoints
     from worker.reporter import DbReporter
-    from worker.runner import latest_checkpoint
 
-    root = get_storage().local_path(f"checkpoints/{queued_job}")
     executor("""
         os.makedirs("checkpoints", exist_ok=True)
         open("checkpoints/checkpoint.pt", "wb").write(b"progress so far")
@@ -186,8 +185,10 @@ def test_a_lost_database_leaves_the_job_to_the_reaper(queued_job, executor, monk
         _run(queued_job)
     job = _job(queued_job)
     assert job.status == "running" and job.lease_expires_at is not None  # the reaper will requeue it
-    checkpoint = latest_checkpoint(root)  # this attempt's own prefix, where the next attempt resumes
-    assert checkpoint is not None and (checkpoint / "checkpoint.pt").read_bytes() == b"progress so far"
+    token = checkpoints.latest(get_storage(), queued_job)  # this attempt's own folder: the next attempt resumes
+    assert token == job.lease_token
+    with get_storage().open(f"checkpoints/{queued_job}/{token}/checkpoint.pt") as f:
+        assert f.read() == b"progress so far"
 
 
 def test_messages_are_schema_checked(executor):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import unquote, urlparse
@@ -19,7 +20,8 @@ from app.api.schemas import DatasetOut, Page, dataset_out
 from app.api.uploads import check_form, parse_json
 from app.catalog import service
 from app.catalog.dataset_files import SUPPORTED_DATASET_FORMATS, DatasetOptions
-from app.catalog.uploads import receive
+from app.catalog import remote
+from app.catalog.uploads import Received, receive, temp_file
 from app.db.models import Dataset
 from app.db.session import request_session
 from app.errors import Unprocessable
@@ -35,8 +37,13 @@ FIELD_LENGTHS = {"inputs": 4096, "options": 4096}
 class DatasetByUri(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
-    uri: str = Field(min_length=1, max_length=2000, examples=["file:///data/digits.npz"])
+    uri: str = Field(min_length=1, max_length=2000, examples=["file:///data/digits.npz"],
+                     description="file:// (under DISTILLERY_ALLOWED_FILE_ROOTS), s3://bucket/key (bucket in "
+                                 "DISTILLERY_ALLOWED_S3_BUCKETS) or https://host/path (host in "
+                                 "DISTILLERY_ALLOWED_HTTP_HOSTS). Fetched now, then inspected like an upload.")
     format: Literal["npz", "pt", "csv", "parquet", "image_folder"] = "npz"
+    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="When given, the fetched bytes must "
+                                                                            "have this sha256 (hex), else 422.")
     inputs: list[str] | None = Field(None, max_length=16, description="Arrays fed to the model; default ['x'].")
     label_column: str | None = Field(None, max_length=200, description="csv/parquet: the label column.")
     options: DatasetOptions | None = None
@@ -77,9 +84,6 @@ def _resolve_file_uri(uri: str, settings: Settings) -> Path:
         parsed = urlparse(uri)
     except ValueError as exc:  # e.g. an unbalanced '[' in the host
         raise Unprocessable(f"the uri is malformed: {exc}", code="invalid_uri") from exc
-    if parsed.scheme in ("s3", "https", "http"):
-        raise Unprocessable(f"{parsed.scheme}:// datasets are not enabled on this deployment; upload the file or "
-                            f"use file:// under an allowed root", code="uri_not_enabled")
     if parsed.scheme != "file":
         raise Unprocessable("uri must be file://, s3:// or https://", code="invalid_uri")
     path = _file_path(parsed.path)
@@ -144,12 +148,44 @@ async def create_dataset(request: Request, response: Response, principal: Sessio
                          settings: SettingsDep, idempotency_key: IdempotencyKey) -> DatasetOut:
     """Register a dataset: ``multipart/form-data`` with ``file``, ``name``, ``format``, or JSON with a ``uri``."""
     ctype = request.headers.get("content-type", "")
-    if ctype.startswith("application/json"):
-        body = DatasetByUri.model_validate(parse_json(await request.body(), settings.max_json_depth))
-        path = _resolve_file_uri(body.uri, settings)
-        options = _options(body.options.model_dump() if body.options else None, body.label_column)
-        name, fmt, inputs, src = body.name, body.format, body.inputs, _open_uri_file(path)
-    elif ctype.startswith("multipart/form-data"):
+    tmp_dir = settings.data_dir / "tmp"
+    async with AsyncExitStack() as stack:
+        if ctype.startswith("application/json"):
+            body = DatasetByUri.model_validate(parse_json(await request.body(), settings.max_json_depth))
+            options = _options(body.options.model_dump() if body.options else None, body.label_column)
+            name, fmt, inputs = body.name, body.format, body.inputs
+            received = await _by_uri(body, settings, tmp_dir, stack)
+        else:
+            name, fmt, inputs, options, received = await _upload(request, settings, tmp_dir, stack)
+        async with request_session() as db:  # only now that the bytes are on disk
+            row, created = await run_in_threadpool(
+                _committed, service.create_dataset, db, storage, settings, principal.tenant_id, upload=received,
+                name=str(name), format=str(fmt), inputs=inputs, options=options, idempotency_key=idempotency_key)
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return dataset_out(row)
+
+
+async def _by_uri(body: DatasetByUri, settings: Settings, tmp_dir: Path, stack: AsyncExitStack) -> Received:
+    """The file ``body.uri`` names, copied (file://) or fetched (s3://, https://) into a temp file."""
+    if remote.is_remote(body.uri):
+        source = remote.parse(body.uri, settings)  # the allow-lists, before any connection
+        path = stack.enter_context(temp_file(tmp_dir))
+        received = await run_in_threadpool(remote.fetch, source, path, settings)
+    else:
+        src = _open_uri_file(_resolve_file_uri(body.uri, settings))
+        stack.callback(src.close)
+        received = stack.enter_context(receive(src, tmp_dir, settings.max_upload_bytes))
+    if body.sha256 is not None and received.sha256 != body.sha256:
+        raise Unprocessable(f"{body.uri} has sha256 {received.sha256}, not the {body.sha256} the request names",
+                            code="sha256_mismatch", errors=[{"loc": ["body", "sha256"], "msg": "does not match"}])
+    return received
+
+
+async def _upload(request: Request, settings: Settings, tmp_dir: Path, stack: AsyncExitStack):
+    """(name, format, inputs, options, received) of a multipart upload."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
         await check_form(request, FIELDS, FIELD_LENGTHS)
         form = await request.form()
         upload, name, fmt = form.get("file"), form.get("name"), form.get("format")
@@ -160,22 +196,12 @@ async def create_dataset(request: Request, response: Response, principal: Sessio
         if not isinstance(name, str) or not isinstance(fmt, str):
             raise Unprocessable("'name' and 'format' must be text fields, not files", code="validation_error")
         inputs, src = _inputs_field(form.get("inputs"), settings.max_json_depth), upload.file  # type: ignore
+        stack.callback(src.close)
         options = _options(_json_field(form.get("options"), "options", settings.max_json_depth),
                            form.get("label_column") or None)
-    else:
-        raise Unprocessable("send multipart/form-data (file upload) or application/json (uri)",
-                            code="unsupported_media_type")
-    try:
-        with receive(src, settings.data_dir / "tmp", settings.max_upload_bytes) as received:
-            async with request_session() as db:  # only now that the body is on disk
-                row, created = await run_in_threadpool(
-                    _committed, service.create_dataset, db, storage, settings, principal.tenant_id, upload=received,
-                    name=str(name), format=str(fmt), inputs=inputs, options=options, idempotency_key=idempotency_key)
-    finally:
-        src.close()
-    if not created:
-        response.headers["Idempotent-Replayed"] = "true"
-    return dataset_out(row)
+        return name, fmt, inputs, options, stack.enter_context(receive(src, tmp_dir, settings.max_upload_bytes))
+    raise Unprocessable("send multipart/form-data (file upload) or application/json (uri)",
+                        code="unsupported_media_type")
 
 
 @router.get("", response_model=Page[DatasetOut], responses=problems(401, 422))

@@ -15,6 +15,8 @@ from distillery_client.progress import LinePrinter, eta_text, step_text
 from distillery_client.types import Job, MetricPoint
 
 SHOWN_METRICS = 4
+#: Seconds between polls of a watched job (a poll is one cached GET on the server).
+POLL_SECONDS = 0.5
 
 
 def latest_metrics(points: list[MetricPoint]) -> str:
@@ -62,11 +64,12 @@ class ProgressBar:
 def wait_with_progress(client: Client, out: Output, job_id: str, timeout: float | None) -> Job:
     """``jobs.wait`` with a live display (none with --json); raises like it (JobFailed, WaitTimeout, ...)."""
     if out.as_json:
-        return client.jobs.wait(job_id, timeout=timeout)
+        return client.jobs.wait(job_id, timeout=timeout, poll_interval=POLL_SECONDS)
     if not out.console.is_terminal:
-        return client.jobs.wait(job_id, timeout=timeout, progress=LinePrinter(out.console.file))
+        return client.jobs.wait(job_id, timeout=timeout, progress=LinePrinter(out.console.file),
+                                poll_interval=POLL_SECONDS)
     with ProgressBar(client, out.console) as bar:
-        return client.jobs.wait(job_id, timeout=timeout, progress=bar)
+        return client.jobs.wait(job_id, timeout=timeout, progress=bar, poll_interval=POLL_SECONDS)
 
 
 def report_summary(client: Client, job: Job) -> dict[str, Any]:

@@ -51,29 +51,24 @@ class Recorder:
         return [f"{r.method} {r.url.path}" for r in self.requests]
 
 
-def sdk(handler: Callable[[httpx.Request], httpx.Response], max_retries: int = 3) -> tuple[Client, Recorder]:
-    """A Client whose requests go to ``handler``; the Recorder sees them (and the retry sleeps)."""
+def sdk(handler: Callable[[httpx.Request], httpx.Response], max_retries: int = 3, *,
+        asynchronous: bool = False) -> tuple[Any, Recorder]:
+    """A Client (an AsyncClient with ``asynchronous``) whose requests go to ``handler``; the Recorder sees them
+    (and the retry sleeps)."""
     rec = Recorder()
 
     def record(request: httpx.Request) -> httpx.Response:
         rec.requests.append(request)
         return handler(request)
 
-    client = Client(URL, "key-1", transport=httpx.MockTransport(record), sleep=rec.sleep,
-                    retry=RetryPolicy(max_retries=max_retries))
+    cls, sleep = (AsyncClient, rec.async_sleep) if asynchronous else (Client, rec.sleep)
+    client = cls(URL, "key-1", transport=httpx.MockTransport(record), sleep=sleep,
+                 retry=RetryPolicy(max_retries=max_retries))
     return client, rec
 
 
 def async_sdk(handler: Callable[[httpx.Request], httpx.Response], max_retries: int = 3) -> tuple[AsyncClient, Recorder]:
-    rec = Recorder()
-
-    def record(request: httpx.Request) -> httpx.Response:
-        rec.requests.append(request)
-        return handler(request)
-
-    client = AsyncClient(URL, "key-1", transport=httpx.MockTransport(record), sleep=rec.async_sleep,
-                         retry=RetryPolicy(max_retries=max_retries))
-    return client, rec
+    return sdk(handler, max_retries, asynchronous=True)
 
 
 def replies(*responses: httpx.Response | Exception) -> Callable[[httpx.Request], httpx.Response]:

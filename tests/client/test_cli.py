@@ -120,3 +120,39 @@ def test_without_rich_the_json_output_still_works_and_tables_say_what_to_install
 def test_help_exits_0(argv, capsys):
     assert main(argv) == 0
     assert "usage: distill" in capsys.readouterr().out
+
+
+def test_list_get_and_delete_of_models_datasets_and_webhooks(capsys):
+    model = {"id": "mdl_1", "name": "teacher", "format": "onnx", "task": "classification", "size_bytes": 10,
+             "sha256": "ab", "num_parameters": 7, "created_at": "2025-01-01T00:00:00Z"}
+    handler = routes({"GET /v1/models": httpx.Response(200, json={"data": [model], "has_more": False,
+                                                                  "next_cursor": None}),
+                      "GET /v1/datasets/ds_9": problem(404, "not_found", "dataset ds_9 not found"),
+                      "DELETE /v1/webhooks/wh_1": httpx.Response(204)})
+    code, out, _ = run(["models", "list"], handler, capsys)
+    assert code == 0 and "mdl_1" in out and "teacher" in out
+    code, _, err = run(["datasets", "get", "ds_9"], handler, capsys)
+    assert code == 1 and "dataset ds_9 not found (not_found, HTTP 404)" in err
+    code, out, _ = run(["webhooks", "delete", "wh_1", "--json"], handler, capsys)
+    assert code == 0 and json.loads(out) == {"id": "wh_1", "deleted": True}
+
+
+def test_on_a_terminal_watch_draws_a_live_progress_bar_with_the_latest_metrics():
+    import io
+
+    from rich.console import Console
+
+    from distillery_client.cli.output import Output
+    from distillery_client.cli.watch import wait_with_progress
+    from tests.client.mock_api import sdk
+
+    final = job(status="succeeded", progress={"step_index": 0, "step_kind": "distill", "epoch": 2, "epochs": 2,
+                                              "fraction": 1.0, "eta_seconds": 0.0})
+    client, rec = sdk(routes(_watched(final)))
+    out = Output(as_json=False)
+    out._console = Console(file=io.StringIO(), force_terminal=True, width=160)
+    assert wait_with_progress(client, out, "job_1", timeout=None).status == "succeeded"
+    drawn = out._console.file.getvalue()
+    # The bar redraws at its own pace: what is certain to be drawn is the last state.
+    assert "succeeded · step 1/1 distill · epoch 2/2" in drawn and "100%" in drawn and "train_loss=0.25" in drawn
+    assert "GET /v1/jobs/job_1/metrics" in rec.paths()  # read when a new epoch was reported

@@ -24,7 +24,7 @@ from tests.support.fixtures import ROOT, stop_process, wait_for_log
 from tests.support.flow import wait_http
 from tests.support.shared import built_once
 
-pytestmark = pytest.mark.slow  # real processes, a package install, three whole jobs: about 40 s on two cores
+pytestmark = pytest.mark.slow  # real processes, a package install, three whole jobs: 35 s on two idle cores
 
 SCRIPT = Path(__file__).with_name("sdk_flow_script.py")
 SERVER_PACKAGES = ("torch", "app", "worker", "engine", "jobspec", "fastapi", "sqlalchemy")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -86,3 +88,36 @@ def test_requests_carry_the_key_and_env_defaults(monkeypatch):
     assert str(seen[0].url) == "http://from-env:9000/v1/models/mdl_1" and seen[0].method == "DELETE"
     assert seen[0].headers["authorization"] == "Bearer env-key"
     assert seen[0].headers["user-agent"].startswith("distillery-client/")
+
+
+def test_webhooks_follow_the_contract():
+    hook = {"id": "wh_1", "url": "https://ci.example/hook", "events": ["job.succeeded"], "description": "ci",
+            "enabled": True, "secret": "whsec_c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0", "created_at": "2025-01-01T00:00:00Z",
+            "disabled_reason": None}
+    delivery = {"id": "whd_1", "event_type": "job.succeeded", "message_id": "msg_1", "status": "failed", "attempt": 2,
+                "response_status": 500, "latency_ms": 12.5, "next_attempt_at": "2025-01-01T00:05:00Z",
+                "last_error": "HTTP 500", "created_at": "2025-01-01T00:00:00Z"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        route = f"{request.method} {request.url.path}"
+        if route == "POST /v1/webhooks":
+            body = json.loads(request.content)
+            if body["url"].startswith("http://169.254."):
+                return problem(422, "invalid_webhook_url", "169.254.169.254 is link-local")
+            assert body == {"url": hook["url"], "events": ["job.succeeded"], "description": "ci"}
+            assert request.headers["idempotency-key"]
+            return httpx.Response(201, json=hook)
+        listing = {"data": [{k: v for k, v in hook.items() if k != "secret"}], "has_more": False, "next_cursor": None}
+        return {"GET /v1/webhooks": httpx.Response(200, json=listing),
+                "GET /v1/webhooks/wh_1/deliveries": httpx.Response(200, json={"data": [delivery], "has_more": False,
+                                                                             "next_cursor": None})}[route]
+
+    client, _ = sdk(handler)
+    created = client.webhooks.create(hook["url"], events=["job.succeeded"], description="ci")
+    assert created.secret.startswith("whsec_") and created.events == ["job.succeeded"]
+    assert [w.secret for w in client.webhooks.list()] == [None]
+    (d,) = client.webhooks.deliveries(created)
+    assert (d.status, d.attempt, d.response_status, d.latency_ms, d.message_id) == ("failed", 2, 500, 12.5, "msg_1")
+    with pytest.raises(ValidationError) as err:
+        client.webhooks.create("http://169.254.169.254/")
+    assert err.value.code == "invalid_webhook_url"

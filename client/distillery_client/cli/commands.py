@@ -1,11 +1,12 @@
 """The ``distill`` commands: each takes the client, the output and the parsed arguments, and returns the exit
-status (None: 0). Errors are raised; ``distill_client.cli.main`` turns them into a message and a status."""
+status (None: 0). Errors are raised; ``distillery_client.cli.main`` turns them into a message and a status."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,26 @@ def _existing_file(path: str) -> Path:
     return Path(path)
 
 
-def _deleted(out: Output, kind: str, object_id: str) -> None:
-    if out.as_json:
-        out.print_json({"id": object_id, "deleted": True})
-    else:
-        out.say(f"deleted {kind} {object_id}")
+class Standard:
+    """``list``, ``get`` and ``delete`` of a resource that has them (models, datasets, webhooks)."""
+
+    def __init__(self, resource: str, noun: str, columns: Sequence[o.Column]):
+        self.resource, self.noun, self.columns = resource, noun, columns
+
+    def list(self, client: Client, out: Output, args: argparse.Namespace) -> None:
+        out.table(getattr(client, self.resource).list(max_items=args.limit), self.columns)
+
+    def get(self, client: Client, out: Output, args: argparse.Namespace) -> None:
+        out.show(getattr(client, self.resource).retrieve(args.id))
+
+    def delete(self, client: Client, out: Output, args: argparse.Namespace) -> None:
+        getattr(client, self.resource).delete(args.id)
+        out.outcome({"id": args.id, "deleted": True}, f"deleted {self.noun} {args.id}")
+
+
+models = Standard("models", "model", o.MODEL_COLUMNS)
+datasets = Standard("datasets", "dataset", o.DATASET_COLUMNS)
+webhooks = Standard("webhooks", "webhook", o.WEBHOOK_COLUMNS)
 
 
 # --- models ---------------------------------------------------------------------------------------------------
@@ -49,18 +65,6 @@ def models_upload(client: Client, out: Output, args: argparse.Namespace) -> None
                                  architecture=_json_option(args.architecture, "--architecture"))
     out.show(model, title=f"uploaded {model.id}")
 
-
-def models_list(client: Client, out: Output, args: argparse.Namespace) -> None:
-    out.table(client.models.list(max_items=args.limit), o.MODEL_COLUMNS)
-
-
-def models_get(client: Client, out: Output, args: argparse.Namespace) -> None:
-    out.show(client.models.retrieve(args.id))
-
-
-def models_delete(client: Client, out: Output, args: argparse.Namespace) -> None:
-    client.models.delete(args.id)
-    _deleted(out, "model", args.id)
 
 
 # --- datasets -------------------------------------------------------------------------------------------------
@@ -76,18 +80,6 @@ def datasets_register(client: Client, out: Output, args: argparse.Namespace) -> 
     dataset = client.datasets.create(uri=args.uri, name=args.name, format=args.format)
     out.show(dataset, title=f"registered {dataset.id}")
 
-
-def datasets_list(client: Client, out: Output, args: argparse.Namespace) -> None:
-    out.table(client.datasets.list(max_items=args.limit), o.DATASET_COLUMNS)
-
-
-def datasets_get(client: Client, out: Output, args: argparse.Namespace) -> None:
-    out.show(client.datasets.retrieve(args.id))
-
-
-def datasets_delete(client: Client, out: Output, args: argparse.Namespace) -> None:
-    client.datasets.delete(args.id)
-    _deleted(out, "dataset", args.id)
 
 
 # --- jobs -----------------------------------------------------------------------------------------------------
@@ -130,9 +122,7 @@ def jobs_get(client: Client, out: Output, args: argparse.Namespace) -> None:
 
 def jobs_cancel(client: Client, out: Output, args: argparse.Namespace) -> None:
     job = client.jobs.cancel(args.id)
-    if out.as_json:
-        return out.print_json(job)
-    out.say(f"{job.id}: {job.status}")
+    out.outcome(job, f"{job.id}: {job.status}")
 
 
 def jobs_watch(client: Client, out: Output, args: argparse.Namespace) -> None:
@@ -187,24 +177,10 @@ def webhooks_create(client: Client, out: Output, args: argparse.Namespace) -> No
     out.say("keep the secret: it is shown only this once (it verifies the webhook-signature header)")
 
 
-def webhooks_list(client: Client, out: Output, args: argparse.Namespace) -> None:
-    out.table(client.webhooks.list(max_items=args.limit), o.WEBHOOK_COLUMNS)
-
-
-def webhooks_get(client: Client, out: Output, args: argparse.Namespace) -> None:
-    out.show(client.webhooks.retrieve(args.id))
-
-
-def webhooks_delete(client: Client, out: Output, args: argparse.Namespace) -> None:
-    client.webhooks.delete(args.id)
-    _deleted(out, "webhook", args.id)
-
 
 def webhooks_test(client: Client, out: Output, args: argparse.Namespace) -> None:
     result = client.webhooks.test(args.id)
-    if out.as_json:
-        return out.print_json(result)
-    out.say(f"queued webhook.test: delivery {result.delivery_id} (distill webhooks deliveries {args.id})")
+    out.outcome(result, f"queued webhook.test: delivery {result.delivery_id} (distill webhooks deliveries {args.id})")
 
 
 def webhooks_deliveries(client: Client, out: Output, args: argparse.Namespace) -> None:

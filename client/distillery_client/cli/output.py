@@ -111,6 +111,13 @@ class Output:
             table.add_row(*(cell(getattr(obj, get) if isinstance(get, str) else get(obj)) for _, get in columns))
         self.console.print(table)
 
+    def outcome(self, value: Any, text: str) -> None:
+        """The result of an action: ``value`` as JSON, or ``text`` for people."""
+        if self.as_json:
+            self.print_json(value)
+        else:
+            self.say(text)
+
     def say(self, text: str) -> None:
         """A line for people (nothing with --json: stdout stays parseable)."""
         if not self.as_json:

@@ -43,6 +43,11 @@ def build() -> argparse.ArgumentParser:
     def limit(p: argparse.ArgumentParser) -> None:
         p.add_argument("--limit", type=int, default=None, help="list at most this many (default: all)")
 
+    def standard(group: argparse._SubParsersAction, handlers: commands.Standard) -> None:
+        limit(command(group, "list", handlers.list, f"list {handlers.resource}"))
+        command(group, "get", handlers.get, f"show a {handlers.noun}").add_argument("id")
+        command(group, "delete", handlers.delete, f"delete a {handlers.noun}").add_argument("id")
+
     models = groups.add_parser("models", help="teacher (and student) checkpoints").add_subparsers(
         dest="command", required=True)
     p = command(models, "upload", commands.models_upload, "upload a checkpoint")
@@ -52,9 +57,7 @@ def build() -> argparse.ArgumentParser:
                                     "the file's bytes)")
     p.add_argument("--task", help="classification (default), regression, embedding, ...")
     p.add_argument("--architecture", help="JSON: a built-in family and its arguments (required for safetensors)")
-    limit(command(models, "list", commands.models_list, "list models"))
-    command(models, "get", commands.models_get, "show a model").add_argument("id")
-    command(models, "delete", commands.models_delete, "delete a model").add_argument("id")
+    standard(models, commands.models)
 
     datasets = groups.add_parser("datasets", help="transfer data").add_subparsers(dest="command", required=True)
     p = command(datasets, "upload", commands.datasets_upload, "upload a data file")
@@ -68,9 +71,7 @@ def build() -> argparse.ArgumentParser:
     p.add_argument("uri")
     p.add_argument("--name", required=True)
     p.add_argument("--format", default="npz")
-    limit(command(datasets, "list", commands.datasets_list, "list datasets"))
-    command(datasets, "get", commands.datasets_get, "show a dataset").add_argument("id")
-    command(datasets, "delete", commands.datasets_delete, "delete a dataset").add_argument("id")
+    standard(datasets, commands.datasets)
 
     jobs = groups.add_parser("jobs", help="distillation jobs").add_subparsers(dest="command", required=True)
     p = command(jobs, "create", commands.jobs_create, "submit a job from a JSON spec file ('-': stdin)")
@@ -108,9 +109,7 @@ def build() -> argparse.ArgumentParser:
     p.add_argument("--event", action="append", dest="events", help="an event to send (default: all job events); "
                                                                     "repeatable")
     p.add_argument("--description")
-    limit(command(hooks, "list", commands.webhooks_list, "list webhooks"))
-    command(hooks, "get", commands.webhooks_get, "show a webhook").add_argument("id")
-    command(hooks, "delete", commands.webhooks_delete, "delete a webhook").add_argument("id")
+    standard(hooks, commands.webhooks)
     command(hooks, "test", commands.webhooks_test, "send it a webhook.test event").add_argument("id")
     p = command(hooks, "deliveries", commands.webhooks_deliveries, "its deliveries, newest first")
     p.add_argument("id")

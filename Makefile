@@ -14,8 +14,9 @@ $(VENV)/.stamp-install: pyproject.toml
 	$(PY) -m pip install -q --find-links $(TORCH_WHEEL_DIR) -e .
 	@touch $@
 
-$(VENV)/.stamp-dev: $(VENV)/.stamp-install
-	$(PY) -m pip install -q --find-links $(TORCH_WHEEL_DIR) -e '.[dev]'
+# The SDK and `distill` (client/, a distribution of its own) too, so the tests can import distillery_client.
+$(VENV)/.stamp-dev: $(VENV)/.stamp-install client/pyproject.toml
+	$(PY) -m pip install -q --find-links $(TORCH_WHEEL_DIR) -e '.[dev]' -e './client[cli]'
 	@touch $@
 
 install: $(VENV)/.stamp-install
@@ -34,14 +35,14 @@ sandbox:
 PYTEST_ARGS ?=
 
 test: install-dev sandbox
-	$(VENV)/bin/ruff check app worker engine jobspec safezip tests benchmarks migrations
+	$(VENV)/bin/ruff check app worker engine jobspec safezip tests benchmarks migrations client
 	$(PY) -m pytest -q --durations=12 $(PYTEST_ARGS)
 
 test-fast: install-dev sandbox
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install-dev
-	$(VENV)/bin/ruff check app worker engine jobspec safezip tests benchmarks migrations
+	$(VENV)/bin/ruff check app worker engine jobspec safezip tests benchmarks migrations client
 
 bench: install-dev
 	$(PY) -m benchmarks

@@ -217,6 +217,7 @@ class Settings(BaseSettings):
     def resolved_metrics_dir(self) -> Path:
         return (self.metrics_dir or self.data_dir / "metrics").expanduser().resolve()
 
+    @property
     def resolved_storage_url(self) -> str:
         return self.storage_url or self.blob_dir.as_uri()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 from tests.support.jobs import RELEASING_EXECUTOR, run_until_released
-from tests.worker.conftest import executor, queued_job  # noqa: F401 - fixtures of the worker suite
 
 
 def _job(job_id: str):

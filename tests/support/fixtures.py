@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import backends, run, services, teachers
+from tests.support import backends, jobs, run, services, teachers
 from tests.support.backends import Backend
 from tests.support.shared import built_once
 from tests.support.wait import wait_until
@@ -233,3 +233,10 @@ def _copy_uploads(headers: dict[str, str], rows: list[tuple[type, dict, Path]]) 
             s.add(cls(**copy.deepcopy(values), id=row_id, tenant_id=tenant_id, storage_key=blob.key))
             ids.append(row_id)
     return ids[0], ids[1]
+
+
+@pytest.fixture()
+def queued_job(client, make_key, uploaded) -> str:
+    h = make_key("runner")
+    m, d = uploaded(h)
+    return client.post("/v1/jobs", headers=h, json=jobs.job_body(m, d)).json()["id"]

@@ -22,6 +22,7 @@ from app.errors import DatabaseUnavailable, ServiceUnavailable, Unauthorized
 from jobspec import capabilities
 from app.jobs.state import STATUSES
 from app.queue import get_celery
+from app.webhooks.metrics import prometheus_lines as webhook_metrics
 
 router = APIRouter(tags=["operations"])
 
@@ -112,7 +113,8 @@ def _metrics_auth(settings: SettingsDep, authorization: Annotated[str | None, He
 @router.get("/metrics", response_class=PlainTextResponse, responses=problems(401),
             dependencies=[Depends(_metrics_auth)])
 def metrics(db: DbSession) -> Response:
-    """Prometheus text format: jobs by status, plus this process's HTTP request counters."""
+    """Prometheus text format: jobs by status, webhook delivery attempts by result and deliveries by status,
+    plus this process's HTTP request counters."""
     from app.api.telemetry import REQUESTS
 
     counts = dict(db.execute(select(Job.status, func.count()).group_by(Job.status)).all())
@@ -122,6 +124,7 @@ def metrics(db: DbSession) -> Response:
               "# TYPE distillery_http_requests_total counter"]
     lines += [f'distillery_http_requests_total{{method="{m}",route="{r}",status="{c}"}} {n}'
               for (m, r, c), n in sorted(REQUESTS.items())]
+    lines += webhook_metrics(db)
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 

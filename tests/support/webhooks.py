@@ -20,7 +20,8 @@ class Received:
 
 
 class Receiver:
-    """``answers``: statuses (or :data:`HANG`) for the next requests in order; after them, ``default``."""
+    """``answers``: what the next requests get, in order — a status, :data:`HANG`, or
+    ``{"status", "body", "headers"}``; after them, ``default``."""
 
     def __init__(self, default: int = 200):
         self.default, self.answers = default, []
@@ -42,16 +43,22 @@ class Receiver:
                 with receiver._lock:
                     answer = receiver.answers.pop(0) if receiver.answers else receiver.default
                     receiver.requests.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()},
-                                                      body, None if answer == HANG else answer))
+                                                      body, None if answer == HANG else
+                                                      answer["status"] if isinstance(answer, dict) else answer))
                 if answer == HANG:
                     receiver._released.wait(30)
                     self.close_connection = True
                     return
-                reply = b"receiver says no" if answer >= 400 else b"ok"
-                self.send_response(answer)
-                self.send_header("content-length", str(len(reply)))
+                status, reply, headers = (answer["status"], answer.get("body", b""), answer.get("headers", {})) \
+                    if isinstance(answer, dict) else (answer, b"receiver says no" if answer >= 400 else b"ok", {})
+                self.send_response(status)
+                for name, value in {"content-length": str(len(reply)), **headers}.items():
+                    self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(reply)
+                try:
+                    self.wfile.write(reply)
+                except OSError:  # the sender stopped reading (it reads a bounded amount)
+                    self.close_connection = True
 
             def log_message(self, *args):
                 pass

@@ -16,10 +16,17 @@ def receiver():
 
 
 @pytest.fixture()
-def hook_settings(monkeypatch):
+def hook_settings(backend, monkeypatch):
     """This process's settings with the receiver reachable: http allowed, 127.0.0.1 allow-listed, a short
-    timeout and an immediate retry schedule (three attempts)."""
+    timeout and an immediate retry schedule (three attempts). Endpoints left by earlier tests are deleted
+    first: their deliveries would otherwise be sent by this test's passes (the database is the session's)."""
+    from app.db.models import WebhookDelivery, WebhookEndpoint
+    from app.db.session import session_scope
     from app.settings import get_settings
+
+    with session_scope() as db:
+        db.execute(WebhookDelivery.__table__.delete())
+        db.execute(WebhookEndpoint.__table__.delete())
 
     s = get_settings()
     for name, value in {"webhook_allow_http": True, "webhook_allowed_hosts": ["127.0.0.1"],

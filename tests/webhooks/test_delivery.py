@@ -272,3 +272,21 @@ def test_only_2xx_counts_as_delivered(client, endpoint, hook_settings, receiver,
     deliver_due(hook_settings)
     [d] = _deliveries(client, h, created["id"])
     assert d["status"] == ("succeeded" if status == 199 else "pending")
+
+
+@pytest.mark.postgres
+def test_on_postgresql_the_same_and_the_body_keeps_its_key_order(client, endpoint, hook_settings, receiver):
+    """JSONB would reorder the payload's keys; the outbox column is plain JSON, so the body reads as written."""
+    h, created = endpoint("dlv-postgres")
+    receiver.answers = [500]
+    job = insert_job(h)
+    move(job, "running")
+    move(job, "cancelled", error_code="cancelled", error_message="cancelled by the client")
+    _drain(hook_settings, lambda: len(receiver.requests) == 3, "two events, one retried")
+    assert sorted(r.answered for r in receiver.requests) == [200, 200, 500]
+    bodies = [json.loads(r.body) for r in receiver.requests]
+    assert all(list(b) == ["type", "timestamp", "data"] for b in bodies)
+    # Events are not ordered (Standard Webhooks): the retry of job.running came after job.cancelled was due.
+    assert sorted(verify(created["secret"], r)["type"] for r in receiver.requests) == \
+        ["job.cancelled", "job.running", "job.running"]
+    assert {d["status"] for d in _deliveries(client, h, created["id"])} == {"succeeded"}

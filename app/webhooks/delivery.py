@@ -88,7 +88,7 @@ def claim_due(settings: Settings, limit: int, busy: frozenset[str] | set[str] = 
     failed on the way."""
     now = now or utcnow()
     with session_scope() as s:
-        _fail_disabled(s, now)
+        _fail_disabled(s)
         oldest = (select(WebhookDelivery.endpoint_id, func.min(WebhookDelivery.next_attempt_at).label("due"))
                   .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
                   .where(WebhookDelivery.status == PENDING, WebhookDelivery.next_attempt_at <= now,
@@ -118,8 +118,12 @@ def claim_due(settings: Settings, limit: int, busy: frozenset[str] | set[str] = 
     return claims
 
 
-def _fail_disabled(s: Session, now: datetime) -> None:
+def _fail_disabled(s: Session) -> None:
     disabled = select(WebhookEndpoint.id).where(WebhookEndpoint.enabled.is_(False))
+    # Read first: on SQLite even an UPDATE that matches nothing takes the write lock, every pass.
+    if s.scalar(select(WebhookDelivery.id).where(WebhookDelivery.status == PENDING,
+                                                 WebhookDelivery.endpoint_id.in_(disabled)).limit(1)) is None:
+        return
     s.execute(update(WebhookDelivery)
               .where(WebhookDelivery.status == PENDING, WebhookDelivery.endpoint_id.in_(disabled))
               .values(status=FAILED, next_attempt_at=None, last_error="not sent: the endpoint is disabled")

@@ -3,7 +3,8 @@
 import secrets
 import time
 
-PREFIXES = {"model": "mdl", "dataset": "ds", "job": "job", "artifact": "art", "tenant": "ten", "api_key": "key"}
+PREFIXES = {"model": "mdl", "dataset": "ds", "job": "job", "artifact": "art", "tenant": "ten", "api_key": "key",
+            "webhook": "wh", "webhook_delivery": "whd", "webhook_message": "msg"}
 
 
 def new_id(kind: str) -> str:

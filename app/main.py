@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.api import prometheus  # first: it sets up the multiprocess metrics dir
 from app.api.job_cache import CachedJobReads, start_listener
-from app.api.routes import artifacts, datasets, jobs, models, ops
+from app.api.routes import artifacts, datasets, jobs, models, ops, webhooks
 from app.api.telemetry import Telemetry
 from app.errors import install_error_handlers
 from app.api.routes.datasets import DatasetByUri
@@ -43,7 +43,7 @@ def create_app() -> FastAPI:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = FastAPI(title="Distillery", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
-    for module in (models, datasets, jobs, artifacts, ops):
+    for module in (models, datasets, jobs, artifacts, webhooks, ops):
         app.include_router(module.router)
     # Multipart overhead on top of the file itself is small; allow 1 MiB of slack. Any other body is JSON.
     app.add_middleware(CachedJobReads)  # inside the guard: NUL checks and counting apply to it too

@@ -207,7 +207,17 @@ def bwrap_argv(argv: list[str], scratch: Path, inputs: dict[str, Path], secret_d
     args += ["--bind", str(scratch), str(scratch)]
     for name, src in inputs.items():
         args += ["--ro-bind", str(Path(src).resolve()), str(scratch / "inputs" / name)]
-    return [*args, "--chdir", str(scratch), "--", *argv]
+    return [*args, "--chdir", str(scratch), "--", *_bound_interpreter(argv)]
+
+
+def _bound_interpreter(argv: list[str]) -> list[str]:
+    """``argv`` with this interpreter named by a path that exists inside the sandbox: the binds are resolved
+    directories, so a venv reached through a symlinked directory (``.venv -> /elsewhere/venv``) would not be
+    found there. Only the directory is resolved: the venv's own ``bin/python`` keeps its ``pyvenv.cfg``."""
+    if argv and argv[0] == sys.executable:
+        exe = Path(sys.executable)
+        return [str(exe.parent.resolve() / exe.name), *argv[1:]]
+    return argv
 
 
 def _die_with_parent() -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: Seconds between a webhook delivery's attempts (Standard Webhooks' / Svix's schedule): 5 s, 5 min, 30 min,
+#: 2 h, 5 h, 10 h — the first attempt at once, so 7 attempts over about 17.6 hours.
+DEFAULT_WEBHOOK_RETRY_SCHEDULE = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0]
 
 
 class Settings(BaseSettings):
@@ -164,6 +169,46 @@ class Settings(BaseSettings):
                                             "their rows).")
     sweep_interval_seconds: float = Field(300.0, ge=0, description="The API sweeps at start and then this often "
                                           "(0: never; run 'distillery sweep' instead).")
+
+    # ---- webhooks (docs/integration.md#webhooks, app/webhooks/) -------------------------------------
+    webhook_allow_http: bool = Field(False, description="Accept http:// webhook URLs (only https:// otherwise).")
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Hosts (names or IP literals, comma-separated or a JSON list) a webhook "
+                                          "may reach although they resolve to loopback, private, link-local or "
+                                          "other non-public addresses.")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=120, description="Each network step of a delivery "
+                                           "attempt (connect, send, each read) gives up after this long.")
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_RETRY_SCHEDULE),
+        description="Seconds before each retry of a failed delivery (comma-separated or a JSON list); a "
+                    "delivery is failed after 1 + len(schedule) attempts.")
+    webhook_disable_after_failures: int = Field(5, ge=0, description="An endpoint is disabled after this many "
+                                                "deliveries in a row failed every attempt (0: never).")
+    webhook_concurrency: int = Field(8, ge=1, le=256, description="Deliveries the leading worker sends at once "
+                                     "(one at a time per endpoint).")
+
+    @field_validator("webhook_allowed_hosts", "webhook_retry_schedule", mode="before")
+    @classmethod
+    def _list_from_env(cls, v: Any) -> Any:
+        """A JSON list, or the friendlier ``a,b,c``."""
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                return json.loads(v)
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _hosts_lowercase(cls, v: list[str]) -> list[str]:
+        return [h.strip().lower().strip("[]").rstrip(".") for h in v if h.strip()]
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _schedule(cls, v: list[float]) -> list[float]:
+        if any(d < 0 for d in v) or len(v) > 20:
+            raise ValueError("retry delays are seconds >= 0, at most 20 of them")
+        return v
 
     @field_validator("data_dir")
     @classmethod

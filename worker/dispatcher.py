@@ -10,6 +10,7 @@
   harmless (the claim is conditional) and the count keeps them few. When the transport cannot say its depth
   (the SQLite queue, which does not lose messages), a job is re-sent only after a minute in the queue.
 * The reaper (:func:`app.jobs.reaper.reap`) requeues jobs whose lease expired.
+* The webhook sender (:mod:`worker.webhooks`) sends due webhook deliveries.
 
 Only the leader runs these (:class:`Leadership`, a lease row every worker competes for: a leader that dies
 or freezes is replaced within :data:`LEADER_TTL` seconds).
@@ -33,6 +34,7 @@ from app.db.session import session_scope
 from app.jobs import state
 from app.jobs.reaper import reap
 from app.queue import dispatch, publish
+from app.settings import get_settings
 
 log = logging.getLogger("distillery.dispatcher")
 #: Seconds a leader's lease lasts without renewal: how long a dead or frozen leader delays dispatch and reaping.
@@ -177,7 +179,8 @@ def resend_lost(now: datetime, resend_after: float, queue_depth: Callable[[str],
 
 
 class Dispatcher:
-    """The leader's loops, as daemon threads: publish every ``interval``, re-send and reap every few seconds."""
+    """The leader's loops, as daemon threads: publish every ``interval``, re-send and reap every few seconds,
+    send webhook deliveries every ``interval``."""
 
     def __init__(self, *, holder: str, interval: float, resend_after: float, reap_every: float,
                  queue_depth: Callable[[str], int | None]):
@@ -188,8 +191,13 @@ class Dispatcher:
         self._reap_from = 0.0  # monotonic: no reaping before this (see _reap_loop)
 
     def start(self) -> None:
+        from worker.webhooks import WebhookSender  # it builds on Leadership, defined here
+
         threading.Thread(target=self._publish_loop, name="distillery-dispatch", daemon=True).start()
         threading.Thread(target=self._reap_loop, name="distillery-reaper", daemon=True).start()
+        # Its own thread too: webhook receivers, however slow, never delay dispatch or reaping.
+        sender = WebhookSender(get_settings(), self.leader, self.stop, self.interval)
+        threading.Thread(target=sender.run, name="distillery-webhooks", daemon=True).start()
 
     def _publish_loop(self) -> None:
         last_check = 0.0

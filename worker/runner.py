@@ -314,14 +314,16 @@ def _commit_finish(attempt: Attempt, rows: list[Artifact], result: engine.Engine
         assert job is not None
         if to == state.SUCCEEDED:
             values["progress"] = dict(job.progress or {}, fraction=1.0, eta_seconds=0.0)
+        # The artifact rows go in before the transition, so the webhook event it writes lists them.
+        for row in rows:
+            s.add(Artifact(**{c: getattr(row, c) for c in _ARTIFACT_COLUMNS}, tenant_id=job.tenant_id))
         try:
             # The state table narrows this further (only a running job can succeed).
             state.transition(s, job_id, to, allowed_from={state.RUNNING, state.CANCELLING}, fence=attempt.token,
                              metrics=_jsonable(result.metrics), **values)
         except state.InvalidTransition:
+            s.rollback()  # the job moved on: none of those rows may stay
             return False
-        for row in rows:
-            s.add(Artifact(**{c: getattr(row, c) for c in _ARTIFACT_COLUMNS}, tenant_id=job.tenant_id))
         append_event(s, job_id, to, message, level=level, data=event_data)
     for row in rows:
         row.tenant_id = job.tenant_id  # committed: the blobs are referenced now

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, Field
 
 from app.clock import rfc3339
-from app.db.models import Artifact, Dataset, Job, JobEvent, JobMetric, Model
+from app.db.models import Dataset, JobEvent, JobMetric, Model, WebhookDelivery, WebhookEndpoint
+# The job and artifact objects are the job domain's (webhook payloads carry them too); re-exported here.
+from app.jobs.views import ArtifactOut, JobError, JobOut, artifact_out, job_out  # noqa: F401
 
 T = TypeVar("T")
 
@@ -52,46 +54,6 @@ class DatasetOut(BaseModel):
     created_at: str
 
 
-class JobError(BaseModel):
-    code: str
-    message: str
-
-
-class MlflowTrackingOut(BaseModel):
-    status: Literal["pending", "logged", "failed", "disabled"] = Field(
-        description="pending: the run is being written (or the job has not started); logged: the run is complete "
-                    "and ended with the job's outcome; failed: the tracker was unreachable or refused a call (the "
-                    "job is unaffected; see error and the job's events); disabled: no run will be written.")
-    run_id: str | None = None
-    experiment_id: str | None = None
-    model_version: str | None = Field(None, description="The registered version, with tracking.mlflow.register.")
-    error: str | None = None
-
-
-class TrackingOut(BaseModel):
-    mlflow: MlflowTrackingOut | None = None
-
-
-class JobOut(BaseModel):
-    id: str = Field(examples=["job_0194f3a2c1d2a1b2c3d4e5f6a7b8"])
-    status: str = Field(examples=["running"])
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-    spec: dict[str, Any]
-    progress: dict[str, Any] | None = Field(
-        examples=[{"step_index": 0, "step_kind": "distill", "epoch": 3, "epochs": 20, "fraction": 0.15,
-                   "eta_seconds": 42.0}])
-    metrics: dict[str, Any] | None = Field(
-        examples=[{"teacher": {"accuracy": 0.97}, "student": {"accuracy": 0.95, "agreement": 0.96}}])
-    error: JobError | None
-    attempts: int
-    tracking: TrackingOut | None = Field(
-        None, description="Present when the spec asks for 'tracking': what became of the job's run there.",
-        examples=[{"mlflow": {"status": "logged", "run_id": "5f0c3e2a9b7d4c1e8f6a2b3c4d5e6f70", "experiment_id": "1",
-                              "model_version": "3", "error": None}}])
-
-
 class EventOut(BaseModel):
     seq: int
     created_at: str
@@ -116,18 +78,6 @@ class MetricsOut(BaseModel):
     data: list[MetricPointOut]
 
 
-class ArtifactOut(BaseModel):
-    id: str = Field(examples=["art_0194f3a2c1d2a1b2c3d4e5f6a7b8"])
-    job_id: str
-    kind: str = Field(examples=["student"])
-    format: str = Field(examples=["onnx"])
-    step_index: int | None
-    filename: str
-    size_bytes: int
-    sha256: str
-    created_at: str
-
-
 class ArtifactsOut(BaseModel):
     data: list[ArtifactOut]
 
@@ -143,14 +93,6 @@ def dataset_out(d: Dataset) -> DatasetOut:
                       sha256=d.sha256, has_labels=d.has_labels, schema=d.schema_, created_at=rfc3339(d.created_at))
 
 
-def job_out(j: Job) -> JobOut:
-    error = JobError(code=j.error_code, message=j.error_message or "") if j.error_code else None
-    return JobOut(id=j.id, status=j.status, created_at=rfc3339(j.created_at), started_at=rfc3339(j.started_at),
-                  finished_at=rfc3339(j.finished_at), spec=j.spec, progress=j.progress, metrics=j.metrics,
-                  error=error, attempts=j.attempts,
-                  tracking=TrackingOut.model_validate(j.tracking) if j.tracking else None)
-
-
 def event_out(e: JobEvent) -> EventOut:
     return EventOut(seq=e.seq, created_at=rfc3339(e.created_at), level=e.level, type=e.type, message=e.message,
                     data=e.data)
@@ -160,6 +102,55 @@ def metric_out(m: JobMetric) -> MetricPointOut:
     return MetricPointOut(step=m.step, epoch=m.epoch, name=m.name, value=m.value)
 
 
-def artifact_out(a: Artifact) -> ArtifactOut:
-    return ArtifactOut(id=a.id, job_id=a.job_id, kind=a.kind, format=a.format, step_index=a.step_index,
-                       filename=a.filename, size_bytes=a.size_bytes, sha256=a.sha256, created_at=rfc3339(a.created_at))
+class WebhookOut(BaseModel):
+    """A webhook endpoint. Its ``secret`` is shown once, in the response that creates it."""
+
+    id: str = Field(examples=["wh_0194f3a2c1d2a1b2c3d4e5f6a7b8"])
+    url: str = Field(examples=["https://hooks.example.com/distillery"])
+    events: list[str] = Field(examples=[["job.succeeded", "job.failed"]])
+    description: str | None = Field(examples=["notify the training pipeline"])
+    enabled: bool
+    disabled_reason: str | None = Field(description="Why deliveries stopped (a run of failed deliveries)",
+                                        examples=[None])
+    created_at: str
+
+
+class WebhookCreatedOut(WebhookOut):
+    secret: str = Field(description="Standard Webhooks signing secret; verify each delivery's "
+                                    "`webhook-signature` with it. Shown only here.",
+                        examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw6TfmTbQz8Yc="])
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: str = Field(examples=["whd_0194f3a2c1d2a1b2c3d4e5f6a7b8"])
+    event_type: str = Field(examples=["job.succeeded"])
+    message_id: str = Field(description="The `webhook-id` header: the same in every attempt of this delivery",
+                            examples=["msg_0194f3a2c1d2a1b2c3d4e5f6a7b8"])
+    status: str = Field(description="pending | succeeded | failed", examples=["pending"])
+    attempt: int = Field(description="Attempts made (the one in flight included)", examples=[2])
+    response_status: int | None = Field(examples=[500])
+    latency_ms: float | None = Field(examples=[41.7])
+    next_attempt_at: str | None = Field(description="When the next attempt is due (pending only)",
+                                        examples=["2026-12-04T18:35:00Z"])
+    last_error: str | None = Field(examples=["HTTP 500: upstream unavailable"])
+    created_at: str
+
+
+class WebhookTestOut(BaseModel):
+    delivery_id: str = Field(examples=["whd_0194f3a2c1d2a1b2c3d4e5f6a7b8"])
+
+
+def webhook_out(w: WebhookEndpoint) -> WebhookOut:
+    return WebhookOut(id=w.id, url=w.url, events=list(w.events), description=w.description, enabled=w.enabled,
+                      disabled_reason=w.disabled_reason, created_at=rfc3339(w.created_at))
+
+
+def webhook_created_out(w: WebhookEndpoint) -> WebhookCreatedOut:
+    return WebhookCreatedOut(**webhook_out(w).model_dump(), secret=w.secret)
+
+
+def webhook_delivery_out(d: WebhookDelivery) -> WebhookDeliveryOut:
+    return WebhookDeliveryOut(id=d.id, event_type=d.event_type, message_id=d.message_id, status=d.status,
+                              attempt=d.attempt, response_status=d.response_status, latency_ms=d.latency_ms,
+                              next_attempt_at=rfc3339(d.next_attempt_at) if d.status == "pending" else None,
+                              last_error=d.last_error, created_at=rfc3339(d.created_at))

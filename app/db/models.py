@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.clock import utcnow
@@ -152,7 +152,7 @@ class Dispatch(Base):
 
     __tablename__ = "dispatches"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(32))  # run_job (webhook events later)
+    kind: Mapped[str] = mapped_column(String(32))  # run_job (webhook events: webhook_deliveries)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     queue: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(String(32))  # created | requeued | released | resent | migrated
@@ -186,3 +186,59 @@ class IdempotencyRecord(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     resource_id: Mapped[str] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookEndpoint(Base):
+    """A tenant's receiver of job events (Standard Webhooks). ``secret`` (``whsec_…``) signs every delivery, so
+    it is kept as issued; the API shows it only in the response that creates the endpoint."""
+
+    __tablename__ = "webhook_endpoints"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[Any]]
+    description: Mapped[str | None] = mapped_column(String(500))
+    secret: Mapped[str] = mapped_column(String(100))
+    enabled: Mapped[bool] = mapped_column(default=True)
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    # Deliveries in a row that ended failed (every attempt used); a success resets it.
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    __table_args__ = (Index("ix_webhook_endpoints_tenant_created", "tenant_id", "created_at", "id"),)
+
+
+class WebhookDelivery(Base):
+    """The webhook outbox: one event for one endpoint, written in the transaction that makes it due (a job's
+    transition), sent at least once by the leader's sender (:mod:`worker.webhooks`).
+
+    ``attempt`` counts the attempts made, the one in flight included: claiming an attempt is the conditional
+    ``attempt = attempt + 1`` that also pushes ``next_attempt_at`` past the attempt's time limit, and its
+    outcome is written only while ``attempt`` still has the claimed value, so two senders never record the
+    same attempt and a sender that died mid-attempt is retried once its claim runs out."""
+
+    __tablename__ = "webhook_deliveries"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    event_type: Mapped[str] = mapped_column(String(64))
+    message_id: Mapped[str] = mapped_column(String(40), unique=True)  # the webhook-id header
+    # Plain JSON, not JSONB: PostgreSQL keeps the text as written, so the body keeps its key order.
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))  # pending | succeeded | failed
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+                      Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at", "id"))
+
+
+class WebhookAttemptCount(Base):
+    """How many delivery attempts ended with each ``result`` (``delivered``, ``http_error``, ``timeout``,
+    ``connection_error``, ``refused``), across every sender process: ``/metrics`` reads it as a counter."""
+
+    __tablename__ = "webhook_attempt_counts"
+    result: Mapped[str] = mapped_column(String(32), primary_key=True)
+    total: Mapped[int] = mapped_column(BigInteger, default=0)

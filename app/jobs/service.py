@@ -19,6 +19,7 @@ from jobspec import Facts, JobSpec, UploadedStudent, conflicts
 from app.pagination import paginate
 from app.queue import dispatch
 from app.settings import Settings
+from app.webhooks.outbox import job_changed
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
@@ -62,6 +63,7 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
         session.add(JobInput(job_id=job.id, resource_id=resource_id, role=role))
     append_event(session, job.id, "queued", f"job queued on '{job.queue}'")
     dispatch(session, job.id, job.queue)
+    job_changed(session, job.id, state.QUEUED)  # a new job is queued without a transition: announce it here
     return job, True
 
 

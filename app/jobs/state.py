@@ -12,6 +12,10 @@ deliveries, racing cancels and reaper retries safe without locks.
 **Fencing.** A worker's claim writes a fresh ``lease_token``; every later write of that attempt passes
 ``fence=token`` and so matches only while the attempt still owns the job. Once the reaper (or a release)
 takes the job back, the token is cleared and a stale attempt can change nothing.
+
+**Webhooks.** A change to ``queued``, ``running``, ``succeeded``, ``failed`` or ``cancelled`` also writes the
+event's webhook deliveries (:func:`app.webhooks.outbox.job_changed`) in the same session: they commit with the
+change or not at all.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from app.clock import utcnow
 from app.db.models import Job
+from app.webhooks.outbox import job_changed
 
 QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
@@ -74,3 +79,4 @@ def transition(session: Session, job_id: str, to: str, *, allowed_from: frozense
     )
     if result.rowcount != 1:
         raise InvalidTransition(job_id, to, allowed)
+    job_changed(session, job_id, to, now)

@@ -20,6 +20,7 @@ from app.db.session import get_engine
 from app.errors import DatabaseUnavailable, ServiceUnavailable, Unauthorized
 from jobspec import capabilities
 from app.queue import get_celery
+from app.webhooks.metrics import prometheus_lines as webhook_metrics
 
 router = APIRouter(tags=["operations"])
 
@@ -115,6 +116,7 @@ def metrics(db: DbSession) -> Response:
     from app.api import prometheus
 
     body, content_type = prometheus.render(db)
+    body += ("\n".join(webhook_metrics(db)) + "\n").encode()
     return Response(body, media_type=content_type)
 
 

@@ -31,13 +31,14 @@ def test_succeeded_event_carries_the_stored_artifacts_and_the_report_summary(cli
                                                                              tmp_path):
     from app.db.models import WebhookDelivery
     from app.db.session import session_scope
+    from app.storage import get_storage
     from worker import runner
 
     h, created = endpoint("runner-events", events=["job.succeeded"])
     job = insert_job(h)
     move(job, "running", lease_token="tok-1")
     result, report = _result(tmp_path)
-    assert runner._succeed(_attempt(job, "tok-1"), result) == "succeeded"
+    assert runner._succeed(_attempt(job, "tok-1"), get_storage(), result) == "succeeded"
     with session_scope() as s:
         [d] = s.query(WebhookDelivery).filter_by(endpoint_id=created["id"]).all()
         data = d.payload["data"]
@@ -52,13 +53,14 @@ def test_a_fenced_out_attempt_stores_no_artifact_and_sends_no_event(client, endp
     from app.db.models import Artifact, WebhookDelivery
     from app.db.session import session_scope
     from app.jobs import state
+    from app.storage import get_storage
     from worker import runner
 
     h, created = endpoint("runner-fenced", events=["job.succeeded", "job.failed"])
     job = insert_job(h)
     move(job, "running", lease_token="tok-new")
     result, _ = _result(tmp_path)
-    assert runner._finish_with_artifacts(_attempt(job, "tok-stale"), result, state.SUCCEEDED, "done",
+    assert runner._finish_with_artifacts(_attempt(job, "tok-stale"), get_storage(), result, state.SUCCEEDED, "done",
                                          level="info", event_data={}) is False
     with session_scope() as s:
         assert s.query(Artifact).filter_by(job_id=job).count() == 0

@@ -31,7 +31,8 @@ sandbox:
 	  (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null) ; } || \
 	  echo "warning: bubblewrap is not installed; the sandbox falls back to plain child processes"
 
-# PYTEST_ARGS: extra pytest options, e.g. PYTEST_ARGS="-n 3" (pytest-xdist) or "-x".
+# The suite runs on one pytest-xdist worker per CPU (pyproject addopts). PYTEST_ARGS: extra pytest options,
+# e.g. PYTEST_ARGS="-x" or "-n0" (one process).
 PYTEST_ARGS ?=
 
 test: install-dev sandbox

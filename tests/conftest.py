@@ -29,5 +29,11 @@ os.environ.update({
 pytest_plugins = ["tests.support.fixtures"]
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per CPU this process may run on (not the host's count a container reports), at
+    most 8 — beyond that the suite's own servers and executors only queue for the same CPUs."""
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(run.TMP, ignore_errors=True)

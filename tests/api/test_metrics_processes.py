@@ -10,11 +10,14 @@ import uuid
 from datetime import timedelta
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.fixtures import start_process, stop_process
 from tests.support.flow import wait_http
 from tests.support.services import free_port
+
+pytestmark = pytest.mark.slow  # two real API processes
 
 
 def _samples(url: str) -> dict[tuple[str, frozenset], float]:

@@ -19,9 +19,19 @@ from engine import DatasetSource
 from engine import TeacherSource
 
 from . import compression_fixtures
-from .helpers import RecordingReporter, make_spec
+from .helpers import ALL_EXPORTS, RecordingReporter, make_spec
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _plots_only_where_asked(request, monkeypatch):
+    """Drawing the report's two plots is most of a small job's cost inside this process (~0.4 s of ~0.5 s):
+    only tests marked ``plots`` draw them (and the shared session jobs, built before this fixture runs)."""
+    if request.node.get_closest_marker("plots") is None:
+        from engine.report import card
+
+        monkeypatch.setattr(card, "write_plots", lambda *args, **kwargs: [])
 
 
 @pytest.fixture(scope="session")
@@ -115,12 +125,12 @@ def digits_npz(digits, write_npz) -> DatasetSource:
 
 @pytest.fixture(scope="session")
 def ts_run(teacher_ts, digits_npz, tmp_path_factory):
-    """One full job with the TorchScript teacher, shared by several tests."""
+    """One full job with the TorchScript teacher and every export, shared by several tests."""
     from engine import run
 
     reporter = RecordingReporter()
     out = tmp_path_factory.mktemp("ts_run")
-    result = run(make_spec(), teacher_ts, digits_npz, out, reporter, device="cpu", threads=1)
+    result = run(make_spec(exports=ALL_EXPORTS), teacher_ts, digits_npz, out, reporter, device="cpu", threads=1)
     return result, reporter, out
 
 

@@ -26,6 +26,8 @@ from engine import run
 from .compression_fixtures import _cnn, _split, _teacher
 from .helpers import RecordingReporter
 
+pytestmark = pytest.mark.slow  # whole prune/quantize jobs held to accuracy floors
+
 torch.set_num_threads(1)
 BASE = {"teacher_model_id": "mdl_teacher", "dataset_id": "ds_digits", "val_fraction": 0.1, "seed": 0,
         "metadata": {}, "exports": ["torchscript", "onnx", "safetensors"]}
@@ -131,6 +133,7 @@ ROW_KEYS = {"num_parameters", "nonzero_parameters", "size_bytes", "size_gzip_byt
             "agreement", "f1_macro"}
 
 
+@pytest.mark.plots
 def test_magnitude_prune_of_the_teacher_delivers_real_zeros(mlp_job, digits_split, tmp_path):
     _, _, xte, yte = digits_split
     result, reporter = _run({"steps": [{"kind": "prune", "method": "magnitude", "amount": 0.8, "scope": "global",

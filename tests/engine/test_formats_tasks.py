@@ -21,7 +21,7 @@ from engine import run
 
 from .helpers import RecordingReporter, make_spec
 
-FAST = {"step__epochs": 20, "exports": []}
+FAST = {"step__epochs": 20}
 
 
 def _run(spec, teacher, data, tmp_path, **kw):

@@ -24,7 +24,7 @@ def _run(spec, teacher, data, tmp_path):
     {"type": "mse", "target": "outputs"},
 ])
 def test_losses_reach_088_on_digits_with_mlp32(teacher_ts, digits_npz, tmp_path, loss):
-    spec = make_spec(exports=[], step__loss=loss, step__epochs=25)
+    spec = make_spec(step__loss=loss, step__epochs=25)
     result = _run(spec, teacher_ts, digits_npz, tmp_path)
     assert result.metrics["student"]["accuracy"] >= 0.88, (loss, result.metrics)
 
@@ -54,7 +54,7 @@ def test_resnet_student_on_digit_images(image_teacher, tmp_path):
 @pytest.mark.slow  # trains a whole job to an accuracy floor
 def test_text_transformer_student_on_token_embeddings(token_data, tmp_path):
     teacher, data = token_data
-    spec = make_spec(exports=[], step__loss={"type": "cosine", "mse_weight": 0.0}, step__epochs=25,
+    spec = make_spec(step__loss={"type": "cosine", "mse_weight": 0.0}, step__epochs=25,
                      step__batch_size=64,
                      student={"family": "text_transformer", "d_model": 32, "layers": 1, "heads": 4, "ff": 64})
     result = _run(spec, teacher, data, tmp_path)
@@ -64,7 +64,7 @@ def test_text_transformer_student_on_token_embeddings(token_data, tmp_path):
 @pytest.mark.slow  # trains a whole job to an accuracy floor
 def test_embedding_bag_with_init_from_teacher_reaches_cosine_08(token_data, tmp_path):
     teacher, data = token_data
-    spec = make_spec(exports=[], step__loss={"type": "cosine", "mse_weight": 0.0}, step__epochs=20,
+    spec = make_spec(step__loss={"type": "cosine", "mse_weight": 0.0}, step__epochs=20,
                      step__batch_size=64, student={"family": "embedding_bag", "hidden": [64], "init": "teacher"})
     result = _run(spec, teacher, data, tmp_path)
     assert result.metrics["student"]["cosine"] >= 0.8, result.metrics

@@ -67,7 +67,7 @@ def test_schedules_change_lr_as_expected():
 
 def test_schedule_is_applied_per_batch(teacher_ts, digits_npz, tmp_path):
     reporter = RecordingReporter()
-    spec = make_spec(exports=[], step__epochs=4,
+    spec = make_spec(step__epochs=4,
                      step__schedule={"type": "cosine", "warmup_fraction": 0.0},
                      step__optimizer={"type": "sgd", "lr": 0.1, "weight_decay": 0.0, "momentum": 0.9})
     result = _run(spec, teacher_ts, digits_npz, tmp_path, reporter)
@@ -78,7 +78,7 @@ def test_schedule_is_applied_per_batch(teacher_ts, digits_npz, tmp_path):
 def test_early_stopping_restores_best(teacher_ts, digits_npz, tmp_path):
     reporter = RecordingReporter()
     # a huge constant lr makes later epochs worse than the best one
-    spec = make_spec(exports=[], step__epochs=30,
+    spec = make_spec(step__epochs=30,
                      step__optimizer={"type": "sgd", "lr": 2.0, "weight_decay": 0.0, "momentum": 0.9},
                      step__schedule={"type": "constant", "warmup_fraction": 0.0},
                      step__early_stopping={"patience": 3, "metric": "accuracy", "min_delta": 0.0})
@@ -112,14 +112,14 @@ class _Counter:
 
 def test_teacher_runs_once_per_example_without_augment(teacher_ts, digits, digits_npz, tmp_path, monkeypatch):
     counter = _Counter(monkeypatch)
-    _run(make_spec(exports=[], step__epochs=5), teacher_ts, digits_npz, tmp_path)
+    _run(make_spec(step__epochs=5), teacher_ts, digits_npz, tmp_path)
     n = len(digits[0])
     assert counter.rows == n + 2  # every row once (train + held-out) plus the 2-row probe
 
 
 def test_teacher_runs_per_batch_with_augment(teacher_ts, digits, digits_npz, tmp_path, monkeypatch):
     counter = _Counter(monkeypatch)
-    spec = make_spec(exports=[], step__epochs=3, step__batch_size=128,
+    spec = make_spec(step__epochs=3, step__batch_size=128,
                      step__augment={"flip": False, "shift": 0, "noise": 0.05, "mixup": 0.2})
     result = _run(spec, teacher_ts, digits_npz, tmp_path)
     n = len(digits[0])
@@ -131,7 +131,7 @@ def test_teacher_runs_per_batch_with_augment(teacher_ts, digits, digits_npz, tmp
 
 
 def test_baseline_in_report(teacher_ts, digits_npz, tmp_path):
-    spec = make_spec(exports=[], step__epochs=10, baseline=True)
+    spec = make_spec(step__epochs=10, baseline=True)
     result = _run(spec, teacher_ts, digits_npz, tmp_path)
     rep = result.report
     assert "baseline" in rep and rep["baseline"]["num_parameters"] == rep["student"]["num_parameters"]
@@ -161,7 +161,7 @@ def test_two_step_regime_with_transfer_then_labelled_data(teacher_ts, digits, wr
 
 def test_coreset_kmeans_and_random(teacher_ts, digits_npz, tmp_path):
     for method in ("kmeans", "random"):
-        spec = make_spec(exports=[], step__epochs=25, step__coreset={"method": method, "fraction": 0.3})
+        spec = make_spec(step__epochs=25, step__coreset={"method": method, "fraction": 0.3})
         result = _run(spec, teacher_ts, digits_npz, tmp_path / method)
         cs = result.report["steps"][0]["data"]["coreset"]
         assert cs["method"] == method and cs["rows_total"] == 1797 - 180

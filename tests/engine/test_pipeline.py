@@ -187,6 +187,7 @@ def test_cancel_takes_effect_within_a_batch(teacher_ts, digits_npz, tmp_path):
     assert "export" not in reporter.event_types()
 
 
+@pytest.mark.plots
 def test_explicit_held_out_images_multi_step_and_partial_exports(digits, tmp_path, write_npz, teacher_module):
     """N x 8 x 8 inputs (student flattens), x_val/y_val given, two distill steps, one export."""
     x, y = digits
@@ -228,6 +229,7 @@ def test_explicit_held_out_images_multi_step_and_partial_exports(digits, tmp_pat
     assert result.metrics["student"]["accuracy"] >= 0.85
 
 
+@pytest.mark.plots
 def test_onnx_teacher_with_pinned_batch_and_no_exports(teacher_module, digits, write_npz, tmp_path):
     """Some ONNX exports fix the batch dimension to 1; the engine runs them row by row."""
     from engine import TeacherSource
@@ -239,7 +241,7 @@ def test_onnx_teacher_with_pinned_batch_and_no_exports(teacher_module, digits, w
                           input_names=["pixels"], output_names=["scores"], opset_version=17)
     x, y = digits
     ds = write_npz("small", x=x[:300], y=y[:300])
-    result = run(make_spec(exports=[], step__epochs=2), TeacherSource(path, "onnx"), ds, tmp_path / "out",
+    result = run(make_spec(step__epochs=2), TeacherSource(path, "onnx"), ds, tmp_path / "out",
                  RecordingReporter(), device="cpu", threads=1)
     assert sorted(a.kind for a in result.artifacts) == ["model_card", "plot", "plot", "report"]
     assert result.report["teacher"]["num_parameters"] == 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10

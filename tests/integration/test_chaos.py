@@ -19,7 +19,7 @@ from tests.support.fixtures import start_process, stop_process, wait_for_log
 from tests.support.jobs import job_body
 from tests.support.wait import wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the chaos suite
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.chaos]  # the chaos suite
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 

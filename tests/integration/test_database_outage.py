@@ -17,10 +17,10 @@ import pytest
 from tests.support.chaos import Stack, throwaway_postgres, throwaway_redis, upload_inputs, wait_until
 from tests.support.jobs import job_body
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the chaos suite
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.chaos]  # the chaos suite
 
-OUTAGE = 20.0
-LEASE = 10  # shorter than the outage: every lease expires while the database is away
+OUTAGE = 12.0
+LEASE = 6  # shorter than the outage: every lease expires while the database is away
 
 
 def test_a_database_outage_answers_503_and_the_job_resumes(tmp_path, teacher_files, digits_npz):

@@ -15,7 +15,7 @@ from tests.support.fixtures import start_process, stop_process, wait_for_log
 from tests.support.jobs import job_body
 from tests.support.wait import wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the chaos suite
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.chaos]  # the chaos suite
 
 
 def _job(job_id: str) -> dict:
@@ -40,7 +40,13 @@ def test_job_survives_a_killed_worker(client, make_key, uploaded, monkeypatch, t
     wait_for_log(first, tmp_path / "a.log", "ready.", timeout=60)
     job_id = client.post("/v1/jobs", headers=h, json=job_body(
         m, d, steps=[{"kind": "distill", "epochs": 20, "batch_size": 16}], exports=["torchscript"])).json()["id"]
-    wait_until(lambda: _job(job_id)["progress"].get("epoch", 0) >= 3, 60, "three epochs of training")
+    # The checkpoint of epoch 3 is in storage once its ``checkpoint_saved`` event is recorded (the supervisor
+    # copies it before relaying the event); progress alone may run ahead of that copy.
+    def saved_epoch() -> int:
+        events = client.get(f"/v1/jobs/{job_id}/events", headers=h).json()["data"]
+        return max((e["data"]["epoch"] for e in events if e["type"] == "checkpoint_saved"), default=0)
+
+    wait_until(lambda: saved_epoch() >= 3, 60, "a checkpoint after three epochs of training")
     os.killpg(first.pid, signal.SIGKILL)  # no goodbye: no ack, no status change, the lease simply runs out
     first.wait()
     assert _job(job_id)["status"] == "running"

@@ -15,6 +15,7 @@ from tests.storage.conftest import AWS_ENV, free_port
 from tests.support.embedded import embedded_service
 from tests.support.flow import wait_for
 from tests.support.jobs import job_body
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.slow  # trains real jobs end to end
 
@@ -107,8 +108,10 @@ def test_the_whole_flow_on_s3(stack, s3_server, file_server, teacher_files, digi
         assert r.status_code == 422 and r.json()["code"] == "uri_not_allowed", r.text
 
     # Everything lives in the bucket; the data dir holds the database, queue, scratch and cache, no blobs.
+    # Checkpoints are deleted by the worker right after each job's own terminal transition: wait for it.
+    wait_until(lambda: not [k for k in _keys(s3_server, bucket) if k.startswith("distillery/checkpoints/")],
+               30, "the ended jobs' checkpoints to be deleted from the bucket")
     keys = _keys(s3_server, bucket)
-    assert not [k for k in keys if k.startswith("distillery/checkpoints/")]  # deleted once each job ended
     assert sum(k.startswith("distillery/artifacts/") for k in keys) >= 3 * 2  # student + report per job
     assert not (stack["data"] / "blobs").exists()
     assert len(list((stack["data"] / "cache" / "blobs").glob("[0-9a-f]" * 64))) == 2

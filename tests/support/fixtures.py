@@ -26,6 +26,29 @@ ROOT = Path(__file__).resolve().parents[2]
 PARKED_QUEUE = run.PARKED_QUEUE
 
 
+#: Fixtures that start long-lived real processes or servers (a Celery worker, `distillery serve` on PostgreSQL +
+#: Redis, a chaos stack, an MLflow server): a test that uses one is end to end, and marked ``slow``.
+PROCESS_FIXTURES = frozenset({"celery_worker", "api_url", "chaos_stack", "mlflow_server"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``slow`` = the end-to-end set: the integration set (PostgreSQL + Redis + real worker processes) and every
+    test that starts long-lived processes, besides the tests marked ``slow`` by hand (whole jobs trained to
+    accuracy floors, processes killed or timed out on purpose). ``pytest -m "not slow"`` is the quick loop."""
+    for item in items:
+        if item.get_closest_marker("slow") is None and (
+                item.get_closest_marker("integration") is not None
+                or PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("chaos") is not None:
+            # Under pytest-xdist (``--dist loadgroup``, as `make test` runs) the chaos suite runs on one worker, one
+            # module after the other: two stacks side by side would fight for the CPU whose timings they assert.
+            item.add_marker(pytest.mark.xdist_group("chaos"))
+        elif item.get_closest_marker("slow") is not None:
+            # A slow module stays on one worker: its module-scoped servers and workers start once.
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 def wants_postgres(node: pytest.Item) -> bool:
     return node.get_closest_marker("postgres") is not None or node.get_closest_marker("integration") is not None
 

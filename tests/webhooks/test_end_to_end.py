@@ -9,10 +9,14 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.fixtures import ROOT, start_process, stop_process
 from tests.support.jobs import job_body
 from tests.support.wait import wait_until
 from tests.support.webhooks import HANG, insert_job, verify
+
+pytestmark = pytest.mark.slow  # real jobs through a real worker, processes killed on purpose
 
 
 def test_a_real_job_sends_running_and_succeeded_with_its_artifacts_and_report(client, endpoint, uploaded,

@@ -42,6 +42,7 @@ def _event_types(job_id: str) -> list[str]:
         return list(s.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))
 
 
+@pytest.mark.slow  # waits out one and a half leases on purpose
 def test_a_phase_longer_than_the_lease_keeps_the_job(queued_job, executor, monkeypatch):
     from app.clock import utcnow
     from app.db.session import session_scope

@@ -89,6 +89,7 @@ def test_an_executor_that_breaks_the_protocol_cannot_end_the_job_its_way(queued_
     assert reason in job.error_message
 
 
+@pytest.mark.slow  # runs an executor into its limits on purpose
 def test_a_memory_hog_is_stopped_and_the_next_job_runs(queued_job, executor, monkeypatch, client, make_key,
                                                         uploaded):
     # Touch 600 MiB page by page: resident memory, which the supervisor watches, grows past 256 MiB.
@@ -109,6 +110,7 @@ def test_a_memory_hog_is_stopped_and_the_next_job_runs(queued_job, executor, mon
     assert _run(nxt) == "succeeded", _job(nxt).error_message
 
 
+@pytest.mark.slow  # runs an executor into its limits on purpose
 def test_a_job_past_its_time_limit_is_stopped(queued_job, executor):
     executor("import time; time.sleep(60)")
     assert _run(queued_job, max_job_seconds=2) == "failed"

@@ -7,6 +7,9 @@ import json
 import zipfile
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # each test inspects a real dataset upload in the sandbox (a process each)
 
 
 def post(client, headers, content: bytes, fmt: str, **extra):

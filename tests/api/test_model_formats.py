@@ -8,7 +8,11 @@ import pickle
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from tests.support.api import Payload, upload
+
+pytestmark = pytest.mark.slow  # each test inspects a real model upload in the sandbox (python + torch, ~2 s)
 
 PARAMS = 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
 

@@ -12,6 +12,7 @@ import pytest
 from tests.support.api import Payload, upload
 
 
+@pytest.mark.slow  # the sandboxed inspector loads a real TorchScript model (python + torch)
 def test_torchscript_upload_detects_format_and_counts_parameters(client, make_key, teacher_files):
     h = make_key("models-a")
     content = teacher_files["torchscript"].read_bytes()
@@ -139,3 +140,26 @@ def test_upload_size_limit_gives_413(client, make_key, monkeypatch):
     monkeypatch.setattr(get_settings(), "max_upload_bytes", 1000)
     r = upload(client, make_key("models-big"), b"\x08" * 5000)
     assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
+
+
+def test_a_tenant_re_uploading_the_same_file_is_not_inspected_again(client, make_key, teacher_files, monkeypatch):
+    """Same bytes, same declared format and architecture, same tenant: the earlier inspection's findings; another
+    tenant's upload of the same file, or a different declared format, is inspected on its own."""
+    from app.catalog import service
+
+    inspected = []
+    real = service.inspect_model_file
+    monkeypatch.setattr(service, "inspect_model_file", lambda path, *a, **k: inspected.append(path) or real(path, *a, **k))
+    content = teacher_files["onnx"].read_bytes()
+    a, b = make_key("reupload-a"), make_key("reupload-b")
+    first = upload(client, a, content, name="v1").json()
+    again = upload(client, a, content, name="v2", format="onnx").json()
+    assert len(inspected) == 1
+    assert again["id"] != first["id"]
+    assert {k: again[k] for k in ("format", "num_parameters", "sha256")} == \
+        {k: first[k] for k in ("format", "num_parameters", "sha256")}
+    assert client.get(f"/v1/models/{again['id']}", headers=a).json()["io_schema"] == first["io_schema"]
+    upload(client, b, content, name="theirs")
+    assert len(inspected) == 2
+    refused = upload(client, a, content, name="claimed", format="torchscript")
+    assert refused.status_code == 422 and len(inspected) == 3

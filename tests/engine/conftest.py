@@ -17,6 +17,9 @@ from sklearn.datasets import load_digits
 
 from engine import DatasetSource
 from engine import TeacherSource
+from engine.report.card import write_plots as _DRAW_PLOTS  # the real one, bound before any test stubs it
+
+from tests.support.shared import built_once
 
 from . import compression_fixtures
 from .helpers import ALL_EXPORTS, RecordingReporter, make_spec
@@ -27,11 +30,24 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _plots_only_where_asked(request, monkeypatch):
     """Drawing the report's two plots is most of a small job's cost inside this process (~0.4 s of ~0.5 s):
-    only tests marked ``plots`` draw them (and the shared session jobs, built before this fixture runs)."""
+    only tests marked ``plots`` and the shared whole jobs (:func:`_whole_job`) draw them."""
     if request.node.get_closest_marker("plots") is None:
         from engine.report import card
 
         monkeypatch.setattr(card, "write_plots", lambda *args, **kwargs: [])
+
+
+def _whole_job(spec, teacher, data, out):
+    """``run`` with everything a job delivers, plots included (whatever the requesting test's fixtures stubbed:
+    a session fixture may be first asked for in the middle of a test, by ``request.getfixturevalue``)."""
+    from engine import run
+    from engine.report import card
+
+    reporter = RecordingReporter()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(card, "write_plots", _DRAW_PLOTS)
+        result = run(spec, teacher, data, out, reporter, device="cpu", threads=1)
+    return result, reporter, out
 
 
 @pytest.fixture(scope="session")
@@ -126,23 +142,13 @@ def digits_npz(digits, write_npz) -> DatasetSource:
 @pytest.fixture(scope="session")
 def ts_run(teacher_ts, digits_npz, tmp_path_factory):
     """One full job with the TorchScript teacher and every export, shared by several tests."""
-    from engine import run
-
-    reporter = RecordingReporter()
-    out = tmp_path_factory.mktemp("ts_run")
-    result = run(make_spec(exports=ALL_EXPORTS), teacher_ts, digits_npz, out, reporter, device="cpu", threads=1)
-    return result, reporter, out
+    return _whole_job(make_spec(exports=ALL_EXPORTS), teacher_ts, digits_npz, tmp_path_factory.mktemp("ts_run"))
 
 
 @pytest.fixture(scope="session")
 def onnx_run(teacher_onnx, digits_npz, tmp_path_factory):
     """One full job with the ONNX teacher."""
-    from engine import run
-
-    reporter = RecordingReporter()
-    out = tmp_path_factory.mktemp("onnx_run")
-    result = run(make_spec(), teacher_onnx, digits_npz, out, reporter, device="cpu", threads=1)
-    return result, reporter, out
+    return _whole_job(make_spec(), teacher_onnx, digits_npz, tmp_path_factory.mktemp("onnx_run"))
 
 
 # ---- shared with the compression tests (tests/engine/compression_fixtures.py) ----------------------
@@ -152,16 +158,30 @@ def split():
     return compression_fixtures._split()
 
 
+def _trained_once(tmp_path_factory, name: str, train, make) -> torch.nn.Module:
+    """``train()``'s model, trained by the first process of the run that needs it; the others (pytest-xdist
+    workers) load its weights into ``make()`` — seeded training gives every process the same weights."""
+    with built_once(tmp_path_factory, name) as (directory, build):
+        if build:
+            model = train()
+            torch.save(model.state_dict(), directory / "weights.pt")
+            return model
+    model = make()
+    model.load_state_dict(torch.load(directory / "weights.pt", weights_only=True))
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
-def teacher():
+def teacher(tmp_path_factory):
     """Trained 64-1200-1200-10 MLP (eval mode); do not modify it in a test."""
-    return compression_fixtures._teacher()
+    return _trained_once(tmp_path_factory, "compression-teacher", compression_fixtures._teacher,
+                         compression_fixtures.make_mlp)
 
 
 @pytest.fixture(scope="session")
-def cnn():
+def cnn(tmp_path_factory):
     """Trained small CNN on [N, 1, 8, 8] digits (eval mode)."""
-    return compression_fixtures._cnn()
+    return _trained_once(tmp_path_factory, "compression-cnn", compression_fixtures._cnn, compression_fixtures.make_cnn)
 
 
 # ---- an embedding teacher on token sequences (tests/engine/test_formats_tasks.py, test_method_matrix.py) ---

@@ -21,6 +21,8 @@ from engine import run
 
 from .helpers import RecordingReporter, make_spec
 
+pytestmark = pytest.mark.slow  # a whole job per data format and task, held to accuracy floors
+
 FAST = {"step__epochs": 20}
 
 

@@ -78,6 +78,7 @@ def test_wrong_format_and_unknown_format(teacher_ts, teacher_onnx):
     assert "unsupported model format 'tflite'" in inspect_model(teacher_ts.path, "tflite")["error"]
 
 
+@pytest.mark.slow  # runs the inspector command line (a python + torch process per call)
 def test_cli_success_and_failure(teacher_onnx, teacher_ts, tmp_path):
     code, info, _ = _cli("--format", "onnx", str(teacher_onnx.path))
     assert code == 0 and info["ok"] and info["num_parameters"] == TEACHER_PARAMS
@@ -97,6 +98,7 @@ def test_torch_save_checkpoint_gets_an_actionable_message(teacher_module, tmp_pa
     assert info["ok"] is False and "torch.save() checkpoint" in info["error"]
 
 
+@pytest.mark.slow  # saves and loads a torch.export program (its first use in a process costs seconds)
 def test_inspect_torch_export_and_safetensors(teacher_module, tmp_path):
     import json as _json
     import subprocess

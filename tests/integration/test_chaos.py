@@ -1,6 +1,6 @@
 """Faults an operator meets, with real processes: each test breaks one thing mid-flight and measures how the
 service recovers. Every job must end in the right terminal state, none run twice, none lost; the recovery
-times are printed (``pytest -s``) and recorded in docs/operations.md.
+times are printed (``pytest -s -n0``) and recorded in docs/operations.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Chaos: the broker hangs (SIGSTOP) or loses its data (FLUSHALL) while jobs are submitted and waiting. Real
 processes on a Redis and a database of their own (:mod:`tests.integration.chaos_stack`); recovery times are
-printed (``pytest -s``) and recorded in docs/operations.md."""
+printed (``pytest -s -n0``) and recorded in docs/operations.md."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Chaos: many tiny jobs (JOBS, six per worker) arrive at once on two workers. Real processes on a Redis and a database of their own
-(:mod:`tests.integration.chaos_stack`); the throughput is printed (``pytest -s``)."""
+(:mod:`tests.integration.chaos_stack`); the throughput is printed (``pytest -s -n0``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Chaos: a worker freezes (SIGSTOP) past its lease mid-job and the other worker takes over. Real processes on a Redis and a database of their own (:mod:`tests.integration.chaos_stack`); recovery times
-are printed (``pytest -s``) and recorded in docs/operations.md."""
+are printed (``pytest -s -n0``) and recorded in docs/operations.md."""
 
 from __future__ import annotations
 

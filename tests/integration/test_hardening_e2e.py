@@ -2,7 +2,7 @@
 
 The server here has its own data directory (so every byte it writes can be measured), a 10 MiB
 upload limit, its spooled multipart files inside that directory (TMPDIR), and a job queue no worker
-consumes (jobs stay queued, for the followers). Numbers are printed (``pytest -s`` shows them).
+consumes (jobs stay queued, for the followers). Numbers are printed (``pytest -s -n0`` shows them).
 """
 
 from __future__ import annotations

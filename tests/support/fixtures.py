@@ -47,6 +47,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         elif item.get_closest_marker("slow") is not None:
             # A slow module stays on one worker: its module-scoped servers and workers start once.
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    # Longest first (the chaos suite, then the other slow tests), so that the quick tests fill the other workers
+    # while the long ones run instead of leaving one worker alone at the end. The sort is stable: each group
+    # keeps the order of its files.
+    items.sort(key=lambda item: 0 if item.get_closest_marker("chaos") else 1 if item.get_closest_marker("slow") else 2)
 
 
 def wants_postgres(node: pytest.Item) -> bool:

@@ -30,7 +30,9 @@ def hook_settings(backend, monkeypatch):
 
     s = get_settings()
     for name, value in {"webhook_allow_http": True, "webhook_allowed_hosts": ["127.0.0.1"],
-                        "webhook_timeout_seconds": 2.0, "webhook_retry_schedule": [0.0, 0.0],
+                        # 10 s: a receiver thread starved by a loaded machine must not turn an answer into a
+                        # timeout (and a second request); the tests about timeouts set their own.
+                        "webhook_timeout_seconds": 10.0, "webhook_retry_schedule": [0.0, 0.0],
                         "webhook_disable_after_failures": 5}.items():
         monkeypatch.setattr(s, name, value)
     return s

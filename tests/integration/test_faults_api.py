@@ -13,7 +13,7 @@ import pytest
 from tests.integration.chaos_stack import client_of, tiny
 from tests.support.chaos import TERMINAL, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.chaos(lane=1)]  # the chaos suite, 2nd lane
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.chaos]  # the chaos suite
 
 
 def test_kill_9_of_the_api_mid_submission_makes_each_job_once(chaos_stack):

@@ -11,7 +11,7 @@ import pytest
 from tests.integration.chaos_stack import client_of, db_now, first_sent, long, tiny
 from tests.support.chaos import TERMINAL, assert_each_ran_once, submit_many, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.chaos(lane=1)]  # the chaos suite, 2nd lane
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.chaos]  # the chaos suite
 
 
 #: Seconds the broker stays frozen: several of the API's bounded broker timeouts (2 s) and readiness probes long.

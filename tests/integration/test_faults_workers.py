@@ -11,7 +11,7 @@ import pytest
 from tests.integration.chaos_stack import LEASE, client_of, long, tiny
 from tests.support.chaos import TERMINAL, signal_tree, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.chaos(lane=1)]  # the chaos suite, 2nd lane
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.chaos]  # the chaos suite
 
 
 def test_a_frozen_worker_is_replaced_and_its_stale_attempt_changes_nothing(chaos_stack):

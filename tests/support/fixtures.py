@@ -40,11 +40,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.get_closest_marker("integration") is not None
                 or PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.slow)
-        if (chaos := item.get_closest_marker("chaos")) is not None:
-            # Under pytest-xdist (``--dist loadgroup``, as `make test` runs) the chaos suite runs in two lanes (the
-            # marker's ``lane``), each on one worker, module after module: at most two stacks side by side, so the
-            # timings they assert are not those of a machine running every stack at once.
-            item.add_marker(pytest.mark.xdist_group(f"chaos-{chaos.kwargs.get('lane', 0)}"))
+        if item.get_closest_marker("chaos") is not None:
+            # Under pytest-xdist (``--dist loadgroup``, as `make test` runs) the chaos suite runs on one worker, one
+            # module after the other: two stacks side by side would fight for the CPU whose timings they assert.
+            item.add_marker(pytest.mark.xdist_group("chaos"))
         elif item.get_closest_marker("slow") is not None:
             # A slow module stays on one worker: its module-scoped servers and workers start once.
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

@@ -1,4 +1,4 @@
-"""engine/ may only import torch, numpy, onnx, onnxruntime, safetensors, pyarrow, PIL, the
+"""engine/ may only import torch, numpy, onnx, onnxruntime, safetensors, pyarrow, PIL, transformers, tokenizers, gguf, the
 standard library, ``jobspec`` (the job spec's pydantic models) and ``safezip`` (the stdlib-only archive check it shares with the API), and must never
 unpickle."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parents[2] / "engine"
 ALLOWED = {"torch_pruning", "matplotlib", "torch", "numpy", "onnx", "onnxruntime", "safetensors", "pyarrow", "PIL",
-           "safezip", "engine", "jobspec", "pydantic"}
+           "safezip", "engine", "jobspec", "pydantic", "transformers", "tokenizers", "gguf"}
 
 
 def _modules():

@@ -13,7 +13,7 @@ from jobspec.base import DATASET_FORMATS, EXPORT_FORMATS, MODEL_FORMATS, TASKS, 
 from jobspec.capabilities import capabilities
 from jobspec.data import Coreset, InputReduction, InputSpec, Synthesize
 from jobspec.job import JobSpec
-from jobspec.losses import LOSSES, CosineLoss, HardLoss, Hint, KDLoss, MSELoss, SoftCELoss
+from jobspec.losses import LOSSES, CosineLoss, HardLoss, Hint, KDLoss, MSELoss, SoftCELoss, TokenKDLoss
 from jobspec.rules import Conflict, Facts, conflicts
 from jobspec.steps import STEP_KINDS, DistillStep, Finetune, Gate, PruneStep, QuantizeStep
 from jobspec.students import (
@@ -22,6 +22,7 @@ from jobspec.students import (
     DeriveRatios,
     DerivedStudent,
     EmbeddingBagStudent,
+    HFCausalLMStudent,
     MLPStudent,
     ResNetStudent,
     TextTransformerStudent,
@@ -33,7 +34,8 @@ from jobspec.training import OPTIMIZERS, SCHEDULES, Augment, EarlyStopping, Opti
 __all__ = [
     "DATASET_FORMATS", "EXPORT_FORMATS", "MODEL_FORMATS", "TASKS", "Config", "capabilities", "Coreset",
     "InputReduction", "InputSpec", "Synthesize", "JobSpec", "LOSSES", "CosineLoss", "HardLoss", "Hint", "KDLoss",
-    "MSELoss", "SoftCELoss", "Conflict", "Facts", "conflicts", "STEP_KINDS", "DistillStep", "Finetune", "Gate",
+    "MSELoss", "SoftCELoss",
+    "TokenKDLoss", "HFCausalLMStudent", "Conflict", "Facts", "conflicts", "STEP_KINDS", "DistillStep", "Finetune", "Gate",
     "PruneStep", "QuantizeStep", "STUDENT_FAMILIES", "CNNStudent", "DeriveRatios", "DerivedStudent",
     "EmbeddingBagStudent", "MLPStudent", "ResNetStudent", "TextTransformerStudent", "UploadedStudent",
     "OPTIMIZERS", "SCHEDULES", "Augment", "EarlyStopping", "OptimizerConfig", "ScheduleConfig", "MlflowRegister",

@@ -23,10 +23,14 @@ def union(table: dict[str, type[Config]], key: str) -> Any:
     return Annotated[Union[members], Field(discriminator=key)]  # type: ignore[valid-type]
 
 
-TASKS = ("classification", "regression", "embedding")
-MODEL_FORMATS = ("torchscript", "onnx", "torch_export", "safetensors")
-DATASET_FORMATS = ("npz", "pt", "csv", "parquet", "image_folder")
+TASKS = ("classification", "regression", "embedding", "causal_lm")
+MODEL_FORMATS = ("torchscript", "onnx", "torch_export", "safetensors", "hf_transformers")
+DATASET_FORMATS = ("npz", "pt", "csv", "parquet", "image_folder", "jsonl")
+#: The exports of a fixed-shape model (classification, regression, embedding); its default.
 EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")
+#: The exports of a generative language model (``causal_lm``); ``hf`` is its default.
+LM_EXPORT_FORMATS = ("hf", "gguf", "onnx")
+ALL_EXPORT_FORMATS = ("torchscript", "onnx", "safetensors", "hf", "gguf")
 
 
 def validation_message(exc: Any, limit: int = 5) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobspec.base import DATASET_FORMATS, EXPORT_FORMATS, MODEL_FORMATS, TASKS, Config
+from jobspec.base import ALL_EXPORT_FORMATS, DATASET_FORMATS, EXPORT_FORMATS, LM_EXPORT_FORMATS, MODEL_FORMATS, TASKS, Config
 from jobspec.losses import HINT_DISTANCES, LOSSES
 from jobspec.steps import GATE_METRICS, PRUNE_METHODS, QUANTIZE_METHODS, STEP_KINDS
 from jobspec.students import STUDENT_FAMILIES, STUDENT_SOURCES
@@ -39,5 +39,7 @@ def capabilities() -> dict[str, Any]:
         "model_formats": list(MODEL_FORMATS),
         "tasks": list(TASKS),
         "dataset_formats": list(DATASET_FORMATS),
-        "export_formats": list(EXPORT_FORMATS),
+        "export_formats": list(ALL_EXPORT_FORMATS),
+        "export_formats_by_task": {task: list(LM_EXPORT_FORMATS if task == "causal_lm" else EXPORT_FORMATS)
+                                   for task in TASKS},
     }

@@ -17,7 +17,7 @@ from jobspec.steps import DistillStep, Step
 from jobspec.students import Student, UploadedStudent
 from jobspec.tracking import Tracking
 
-ExportFormat = Literal["torchscript", "onnx", "safetensors"]
+ExportFormat = Literal["torchscript", "onnx", "safetensors", "hf", "gguf"]
 MetadataValue = Union[str, int, float, bool, None]
 SEED_MAX = 2**31 - 1
 
@@ -50,7 +50,9 @@ class JobSpec(Config):
     steps: list[Step] = Field(default_factory=lambda: [DistillStep()], min_length=1, max_length=16)
     baseline: bool = Field(False, description="Also train the student on labels alone, same budget; report both.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share when the dataset has no x_val.")
-    exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS), max_length=3)
+    exports: list[ExportFormat] = Field(default_factory=lambda: list(EXPORT_FORMATS), max_length=5,
+                                        description="Default: torchscript, onnx, safetensors; for a causal_lm "
+                                                    "teacher: hf.")
     seed: int = Field(0, ge=0, le=SEED_MAX)
     metadata: dict[Annotated[str, Field(max_length=64)], MetadataValue] = Field(default_factory=dict, max_length=50)
     tracking: Tracking | None = Field(None, description="Also log the job to an experiment tracker (MLflow) and "

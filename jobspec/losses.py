@@ -53,8 +53,30 @@ class CosineLoss(Config):
     mse_weight: float = Field(0.0, ge=0, le=100)
 
 
+class TokenKDLoss(Config):
+    """Token-level KD for generative LMs: a divergence between the teacher's and the student's next-token
+    distributions at every position, optionally mixed with cross-entropy on the data's tokens.
+
+    loss = (1 − sft_weight)·T²·D(p_teacher^T, p_student^T) + sft_weight·CE(student, data). ``divergence``:
+    ``forward_kl`` KL(p_t ‖ p_s) (Hinton et al. 2015; mode-covering), ``reverse_kl`` KL(p_s ‖ p_t) (MiniLLM, Gu
+    et al. 2024; mode-seeking), ``jsd`` the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024)
+    with ``beta`` (0 → forward KL, 1 → reverse KL), ``tvd`` total variation. ``top_k``: keep the teacher's
+    distribution as its k most likely tokens plus the remaining (tail) mass, so the cached teacher targets
+    take k numbers per token instead of the vocabulary size.
+    """
+
+    type: Literal["token_kd"] = "token_kd"
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0, le=1, description="jsd: the mixture weight β of GKD's generalized JSD.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Softening temperature T of both distributions.")
+    top_k: int | None = Field(None, ge=1, le=1_000_000,
+                              description="Keep the teacher's k most likely tokens + tail mass (None: all).")
+    sft_weight: float = Field(0.1, ge=0, le=1, description="Weight of cross-entropy on the data's own tokens "
+                                                            "(a little keeps the student anchored to the data).")
+
+
 LOSSES: dict[str, type[Config]] = {"kd": KDLoss, "soft_ce": SoftCELoss, "hard": HardLoss, "mse": MSELoss,
-                                   "cosine": CosineLoss}
+                                   "cosine": CosineLoss, "token_kd": TokenKDLoss}
 Loss = union(LOSSES, "type")
 
 HINT_DISTANCES = ("mse", "cosine", "attention")

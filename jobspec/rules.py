@@ -15,9 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from jobspec.base import EXPORT_FORMATS, LM_EXPORT_FORMATS
 from jobspec.job import JobSpec
-from jobspec.losses import Loss
+from jobspec.losses import Loss, TokenKDLoss
 from jobspec.steps import DistillStep, PruneStep, QuantizeStep
+from jobspec.students import DeriveRatios, DerivedStudent, HFCausalLMStudent, UploadedStudent
+from jobspec.training import OptimizerConfig, ScheduleConfig
 
 #: Teacher tasks each loss applies to.
 LOSS_TASKS: dict[str, frozenset[str]] = {
@@ -26,7 +29,17 @@ LOSS_TASKS: dict[str, frozenset[str]] = {
     "hard": frozenset({"classification"}),
     "mse": frozenset({"classification", "regression", "embedding"}),
     "cosine": frozenset({"embedding"}),
+    "token_kd": frozenset({"causal_lm"}),
 }
+#: Generative language models: the teacher format they come in, and their own defaults for a distill step
+#: (applied where the request left the field out, see :func:`with_task_defaults`).
+LM_TASK = "causal_lm"
+LM_FORMATS = frozenset({"hf_transformers"})
+LM_STEP_DEFAULTS = {"loss": TokenKDLoss(), "epochs": 3, "batch_size": 8,
+                    "optimizer": OptimizerConfig(type="adamw", lr=5e-4, weight_decay=0.01),
+                    "schedule": ScheduleConfig(type="cosine", warmup_fraction=0.05)}
+#: DistillStep fields that only a causal_lm job reads, with their defaults.
+LM_STEP_FIELDS = {"max_seq_len": 256, "grad_accumulation": 1, "gradient_checkpointing": False}
 
 
 def loss_tasks(loss: Loss) -> frozenset[str]:
@@ -70,6 +83,71 @@ class Facts:
     task: str
     teacher_format: str
     labelled: Mapping[str, bool] = field(default_factory=dict)
+    #: causal_lm: a digest of each model's tokenizer vocabulary (model id → sha256), to refuse a student whose
+    #: tokens mean something else than the teacher's before any training.
+    tokenizers: Mapping[str, str] = field(default_factory=dict)
+    #: Each dataset's format (dataset id → format), where known: text (``jsonl``) is for causal_lm teachers only.
+    formats: Mapping[str, str] = field(default_factory=dict)
+
+
+def with_task_defaults(spec: JobSpec, task: str) -> JobSpec:
+    """``spec`` with the defaults of its teacher's task where the request left a field out (pydantic's
+    ``model_fields_set``): a causal_lm job exports ``hf``, distills with ``token_kd`` for 3 epochs in batches
+    of 8 sequences with AdamW (5e-4, warm-up), and ``derive`` keeps the teacher's width. Called by the API
+    before the spec is stored; the stored spec then names every value, so the engine runs exactly it."""
+    if task != LM_TASK:
+        return spec
+    update: dict = {}
+    if "exports" not in spec.model_fields_set:
+        update["exports"] = ["hf"]
+    if isinstance(spec.student, DerivedStudent) and "width" not in spec.student.derive.model_fields_set:
+        derive = DeriveRatios(width=1.0, depth=spec.student.derive.depth)
+        update["student"] = spec.student.model_copy(update={"derive": derive})
+    steps = []
+    for step in spec.steps:
+        if isinstance(step, DistillStep):
+            missing = {k: v for k, v in LM_STEP_DEFAULTS.items() if k not in step.model_fields_set}
+            step = step.model_copy(update=missing) if missing else step
+        steps.append(step)
+    update["steps"] = steps
+    return spec.model_copy(update=update)
+
+
+def _lm_conflicts(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
+    """What a causal_lm job cannot combine (today: distill steps with token_kd, HF students, hf/gguf/onnx)."""
+    if facts.teacher_format not in LM_FORMATS:
+        yield Conflict("teacher_model_id", f"a causal_lm teacher must be uploaded as hf_transformers (a zipped "
+                       f"Hugging Face model directory), not {facts.teacher_format}")
+    for i, step in enumerate(spec.steps):
+        where = f"steps[{i}]"
+        if not isinstance(step, DistillStep):
+            yield Conflict(where, f"{step.kind} steps are not available for causal_lm teachers yet; distill "
+                           "into a smaller student instead", unsupported=True)
+            continue
+        for name in ("hints", "synthesize", "coreset", "input_reduction", "augment", "early_stopping", "gate"):
+            if getattr(step, name):
+                yield Conflict(f"{where}.{name}", f"'{name}' does not apply to a causal_lm teacher", unsupported=True)
+    student = spec.student
+    if student is not None and not isinstance(student, (HFCausalLMStudent, DerivedStudent, UploadedStudent)):
+        yield Conflict("student", f"a causal_lm teacher distills into {{\"derive\": {{\"depth\": 0.5}}}}, "
+                       f"{{\"family\": \"hf_causal_lm\", \"config\": {{...}}}} or an uploaded hf_transformers "
+                       f"model, not family {student.family!r}")
+    if isinstance(student, UploadedStudent):
+        theirs, ours = facts.tokenizers.get(student.model_id), facts.tokenizers.get(spec.teacher_model_id)
+        if theirs is None:
+            yield Conflict("student.model_id", "the student of a causal_lm teacher must be an hf_transformers model")
+        elif ours is not None and theirs != ours:
+            yield Conflict("student.model_id", "the student's tokenizer differs from the teacher's (another "
+                           "vocabulary): token-level KD compares distributions over the same tokens; use a "
+                           "student built with the teacher's tokenizer, or 'derive' / 'hf_causal_lm'")
+    for ds_id, fmt in facts.formats.items():
+        if fmt != "jsonl":
+            yield Conflict("dataset_id", f"dataset {ds_id} is {fmt}; a causal_lm teacher trains on text records "
+                           "(format 'jsonl')")
+    for fmt in spec.exports:
+        if fmt not in LM_EXPORT_FORMATS:
+            yield Conflict("exports", f"'{fmt}' is not an export of a causal_lm model; use: "
+                           f"{', '.join(LM_EXPORT_FORMATS)}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +174,10 @@ def _allowed(table: Mapping[str, frozenset[str]], task: str) -> str:
 def conflicts(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
     """Every rule ``spec`` breaks given ``facts``, in spec order."""
     task, onnx_teacher = facts.task, facts.teacher_format not in TORCH_FORMATS
+    if task == LM_TASK:
+        yield from _lm_conflicts(spec, facts)
+    else:
+        yield from _classic_only(spec, facts)
     for i, step in enumerate(spec.steps):
         where = f"steps[{i}]"
         loss = step.loss if isinstance(step, DistillStep) else (step.finetune.loss if step.finetune else None)
@@ -146,3 +228,25 @@ def conflicts(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
                 elif not facts.labelled.get(ds_id, False):
                     yield Conflict("baseline", f"the baseline trains on labels alone, but dataset {ds_id} "
                                    f"(steps[{i}]) has none")
+
+
+def _classic_only(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
+    """What only a causal_lm job may ask for."""
+    if facts.teacher_format in LM_FORMATS:
+        yield Conflict("teacher_model_id", f"an hf_transformers teacher is a generative language model: upload it "
+                       f"with task 'causal_lm' (this one is {facts.task})", unsupported=True)
+    if isinstance(spec.student, HFCausalLMStudent):
+        yield Conflict("student.family", "'hf_causal_lm' students are for causal_lm teachers")
+    for ds_id, fmt in facts.formats.items():
+        if fmt == "jsonl":
+            yield Conflict("dataset_id", f"dataset {ds_id} holds text records (jsonl), which only a causal_lm "
+                           f"teacher trains on; this teacher is {_a(facts.task)} model")
+    for i, step in enumerate(spec.steps):
+        if isinstance(step, DistillStep):
+            for name, default in LM_STEP_FIELDS.items():
+                if getattr(step, name) != default:
+                    yield Conflict(f"steps[{i}].{name}", f"'{name}' applies to causal_lm teachers only")
+    for fmt in spec.exports:
+        if fmt not in EXPORT_FORMATS:
+            yield Conflict("exports", f"'{fmt}' exports a generative language model; this job's student exports "
+                           f"as: {', '.join(EXPORT_FORMATS)}")

@@ -42,6 +42,12 @@ class DistillStep(Config):
     coreset: Coreset | None = None
     input_reduction: InputReduction | None = None
     gate: Gate | None = None
+    # Generative language models (task causal_lm) only.
+    max_seq_len: int = Field(256, ge=8, le=131_072, description="causal_lm: tokens per training sequence "
+                                                                "(documents are packed into blocks this long).")
+    grad_accumulation: int = Field(1, ge=1, le=1024, description="causal_lm: batches per optimizer step.")
+    gradient_checkpointing: bool = Field(False, description="causal_lm: recompute activations in the backward "
+                                                            "pass (less memory, ~30% more compute).")
 
     @model_validator(mode="after")
     def _data_source(self) -> DistillStep:

@@ -74,9 +74,23 @@ class TextTransformerStudent(Config):
         return self
 
 
+#: The portable names of an ``hf_causal_lm`` student's size (mapped to each architecture's own config keys).
+HF_SIZE_KEYS = ("layers", "hidden_size", "heads", "kv_heads", "intermediate_size", "context_length")
+
+
+class HFCausalLMStudent(Config):
+    """A fresh (randomly initialised) causal LM of the teacher's Hugging Face architecture and tokenizer, sized
+    by ``config`` (the teacher's value for every key not given), e.g. ``{"layers": 4, "hidden_size": 256}``."""
+
+    family: Literal["hf_causal_lm"] = "hf_causal_lm"
+    config: dict[Literal["layers", "hidden_size", "heads", "kv_heads", "intermediate_size", "context_length"],
+                 Annotated[int, Field(ge=1, le=1_000_000)]] = Field(default_factory=dict)
+
+
 STUDENT_FAMILIES: dict[str, type[Config]] = {"mlp": MLPStudent, "cnn": CNNStudent, "resnet": ResNetStudent,
                                              "embedding_bag": EmbeddingBagStudent,
-                                             "text_transformer": TextTransformerStudent}
+                                             "text_transformer": TextTransformerStudent,
+                                             "hf_causal_lm": HFCausalLMStudent}
 FamilyStudent = union(STUDENT_FAMILIES, "family")
 
 
@@ -87,7 +101,8 @@ class UploadedStudent(Config):
 
 
 class DeriveRatios(Config):
-    width: float = Field(0.5, gt=0, le=1, description="Hidden widths / channels are multiplied by this.")
+    width: float = Field(0.5, gt=0, le=1, description="Hidden widths / channels are multiplied by this "
+                                                      "(causal_lm: the MLP's intermediate units; default 1.0).")
     depth: float = Field(1.0, gt=0, le=1, description="Hidden layers / blocks kept (every other when 0.5).")
 
 

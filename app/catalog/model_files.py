@@ -21,6 +21,7 @@ from app.errors import Unprocessable
 from jobspec import MODEL_FORMATS
 from app.settings import get_settings
 from safezip import UnsafeArchive, check_zip
+from safezip.hf_model import CONFIG_FILES, NotAnHFModel, check_hf_config, check_hf_members, hf_root
 
 SUPPORTED_MODEL_FORMATS = MODEL_FORMATS
 ALL_MODEL_FORMATS = MODEL_FORMATS
@@ -28,7 +29,8 @@ ALL_MODEL_FORMATS = MODEL_FORMATS
 HOW_TO_EXPORT = (
     "Upload TorchScript (torch.jit.save(torch.jit.script(model), 'teacher.pt')), ONNX "
     "(torch.onnx.export(model, example, 'teacher.onnx')), torch.export (torch.export.save(ep, 'teacher.pt2')) "
-    "or safetensors weights with an 'architecture'."
+    "or safetensors weights with an 'architecture'; a generative language model as a zipped Hugging Face model "
+    "directory (model.save_pretrained(dir, safe_serialization=True) + tokenizer.save_pretrained(dir))."
 )
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 #: Most bytes the stored inspection schema (``io_schema`` / a dataset's ``schema_``) may take as JSON.
@@ -95,6 +97,8 @@ def detect_format(path: Path) -> str:
     if names is not None:
         roots = {n.split("/", 1)[0] for n in names}
         rels = {n.split("/", 1)[1] if "/" in n else n for n in names}
+        if hf_root(names) is not None:
+            return "hf_transformers"
         if any(r.startswith("code/") for r in rels) and "constants.pkl" in rels:
             return "torchscript"
         if any(n.endswith("archive_format") for n in names) or any(r.startswith("models/") for r in rels):
@@ -193,6 +197,18 @@ def safetensors_parameters(path: Path) -> int:
     return total
 
 
+def check_hf_archive(path: Path) -> None:
+    """A zipped Hugging Face model directory: data only (safezip.hf_model), its configs without remote code."""
+    names = _zip_names(path) or []
+    try:
+        root = check_hf_members(names)
+        for name in CONFIG_FILES:
+            if root + name in names:
+                check_hf_config(name, _read_member(path, root + name))
+    except NotAnHFModel as exc:
+        raise ModelFileError(str(exc)) from None
+
+
 def inspect_model_file(path: Path, claimed: str | None, timeout: float, architecture: dict | None = None) -> Inspection:
     """Detect, check and measure an uploaded checkpoint. Raises :class:`ModelFileError` with the reason."""
     detected = detect_format(path)
@@ -202,6 +218,8 @@ def inspect_model_file(path: Path, claimed: str | None, timeout: float, architec
         check_torchscript_pickles(path)
     elif detected == "torch_export":
         check_torch_export_pickles(path)
+    elif detected == "hf_transformers":
+        check_hf_archive(path)
     elif detected == "safetensors":
         if architecture is None:
             raise ModelFileError("safetensors holds weights only: also send 'architecture', a built-in family and "
@@ -211,6 +229,8 @@ def inspect_model_file(path: Path, claimed: str | None, timeout: float, architec
     args = ["--format", detected] + (["--architecture", json.dumps(architecture)] if architecture is not None else [])
     result = run_inspector("engine.inspection.model", args, path, timeout, error=ModelFileError,
                            what=f"the {detected} file")
-    io_schema = refuse_oversized_schema({"inputs": result.get("inputs", []), "outputs": result.get("outputs", [])},
-                                        ModelFileError)
+    schema = {"inputs": result.get("inputs", []), "outputs": result.get("outputs", [])}
+    if isinstance(result.get("hf"), dict):
+        schema["hf"] = result["hf"]  # architecture, vocabulary, context length, dtype, tokenizer digest
+    io_schema = refuse_oversized_schema(schema, ModelFileError)
     return Inspection(format=detected, num_parameters=int(result["num_parameters"]), io_schema=io_schema)

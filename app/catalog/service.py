@@ -114,6 +114,9 @@ def create_model(session: Session, storage: Storage, settings: Settings, tenant_
         return get_model(session, tenant_id, prior), False
     found = (_inspected_before(session, tenant_id, upload.sha256, format, arch)
              or inspect_model_file(upload.path, format, settings.inspect_timeout_seconds, arch))
+    if (found.format == "hf_transformers") != (task == "causal_lm"):
+        raise Unprocessable("a generative language model is uploaded as format 'hf_transformers' with task "
+                            f"'causal_lm' (this upload: format {found.format}, task {task})", code="invalid_task")
     blob = _put_blob(session, storage, f"models/{model_id}", upload)  # blob first, then the row
     row = Model(id=model_id, tenant_id=tenant_id, name=name, format=found.format, task=task, architecture=arch,
                 io_schema=found.io_schema, size_bytes=blob.size_bytes, sha256=upload.sha256,

@@ -16,6 +16,7 @@ from app.jobs import state, tracking
 from app.jobs.budget import check_job
 from app.jobs.events import append_event
 from jobspec import Facts, JobSpec, UploadedStudent, conflicts
+from jobspec.rules import with_task_defaults
 from app.pagination import paginate
 from app.queue import dispatch
 from app.settings import Settings
@@ -43,7 +44,8 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
     datasets = {ds_id: get_dataset(session, tenant_id, ds_id) for ds_id in spec.dataset_ids()}
     student_model = (get_model(session, tenant_id, spec.student.model_id)
                      if isinstance(spec.student, UploadedStudent) else None)
-    check_compatible(spec, teacher, datasets)
+    spec = with_task_defaults(spec, teacher.task)
+    check_compatible(spec, teacher, datasets, student_model)
     tracking.check_available(spec, settings)
     # Parameters, memory and time from metadata alone: 422 budget_exceeded before 202 (docs/budgets.md).
     check_job(spec, teacher, datasets, student_model, settings)
@@ -76,11 +78,15 @@ def _inputs(spec: JobSpec) -> list[tuple[str, str]]:
     return list(roles.items())
 
 
-def check_compatible(spec: JobSpec, teacher: Model, datasets: dict[str, Dataset]) -> None:
+def check_compatible(spec: JobSpec, teacher: Model, datasets: dict[str, Dataset],
+                     student: Model | None = None) -> None:
     """The spec against the teacher's and datasets' recorded facts (:mod:`jobspec.rules`, the same rules the
     engine checks again at job start), before the job is queued."""
+    tokenizers = {m.id: m.io_schema["hf"]["tokenizer_sha256"] for m in (teacher, student)
+                  if m is not None and isinstance((m.io_schema or {}).get("hf"), dict)}
     facts = Facts(task=teacher.task, teacher_format=teacher.format,
-                  labelled={ds_id: ds.has_labels for ds_id, ds in datasets.items()})
+                  labelled={ds_id: ds.has_labels for ds_id, ds in datasets.items()}, tokenizers=tokenizers,
+                  formats={ds_id: ds.format for ds_id, ds in datasets.items()})
     problem = next(conflicts(spec, facts), None)
     if problem is not None:
         raise Unprocessable(str(problem), code="incompatible_spec")

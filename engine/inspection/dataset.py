@@ -87,6 +87,10 @@ def inspect_dataset(path: Path, format: str, options: dict | None = None,
 
 
 def _inspect(path: Path, format: str, options: dict, inputs: list[str]) -> dict[str, Any]:
+    if format == "jsonl":
+        from engine.lm.text_data import describe
+
+        return describe(path)
     if format == "npz":
         return _check_arrays(_npz_headers(path), inputs)
     if format == "pt":

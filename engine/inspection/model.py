@@ -176,6 +176,25 @@ def _inspect_safetensors(path: Path, architecture: dict | None) -> dict[str, Any
             "inputs": inputs, "outputs": outputs}
 
 
+def _inspect_hf(path: Path) -> dict[str, Any]:
+    """A zipped Hugging Face causal LM: unpacked into the scratch directory, loaded, described."""
+    import tempfile
+
+    from engine.errors import EngineError
+    from engine.lm import model_dir
+
+    with tempfile.TemporaryDirectory(prefix="hf-", dir=".") as tmp:
+        try:
+            directory = model_dir.unpack(path, Path(tmp))
+            facts = model_dir.facts(directory)
+        except EngineError as exc:
+            return {"ok": False, "error": exc.message}
+    return {"ok": True, "format": "hf_transformers", "num_parameters": facts["num_parameters"],
+            "inputs": [{"name": "input_ids", "shape": [None, None], "dtype": "int64"}],
+            "outputs": [{"name": "logits", "shape": [None, None, facts["vocab_size"]], "dtype": "float32"}],
+            "hf": facts}
+
+
 def inspect_model(path: Path, format: str, architecture: dict | None = None) -> dict[str, Any]:
     """Check that ``path`` is a loadable model of ``format``; see module docstring."""
     path = Path(path)
@@ -194,6 +213,8 @@ def inspect_model(path: Path, format: str, architecture: dict | None = None) -> 
             return _inspect_torch_export(path)
         if format == "safetensors":
             return _inspect_safetensors(path, architecture)
+        if format == "hf_transformers":
+            return _inspect_hf(path)
         return _inspect_torchscript(path)
     except Exception as exc:  # never let a hostile file crash the caller
         return {"ok": False, "error": f"cannot inspect {format} model: {error_summary(exc)}"}

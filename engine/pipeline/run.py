@@ -41,6 +41,7 @@ from engine.export import formats as _export  # noqa: F401
 from engine.losses import outputs as _losses  # noqa: F401
 from engine.training import optim as _optim  # noqa: F401
 from engine.steps import kinds as _steps  # noqa: F401
+from engine.lm import components as _lm  # noqa: F401
 from engine.students import common, uploaded
 from engine.teachers import loading as _teachers
 from engine.data.plan import DataPlan
@@ -176,6 +177,10 @@ def run(
     and resume from it when it matches this job (see :mod:`.checkpoint`).
     """
     out_dir = Path(out_dir)
+    if teacher.format == "hf_transformers" or teacher.task == "causal_lm":
+        from engine.lm.pipeline import run_lm  # generative LMs: their own phases (transformers loads only here)
+
+        return run_lm(spec, teacher, datasets, out_dir, reporter, device=device, threads=threads, models=models)
     v = validate(spec, teacher, datasets, reporter, device, threads, out_dir)
     job, dev = v.job, v.device
     plan = DataPlan(v, reporter, out_dir)

@@ -52,7 +52,7 @@ def test_npz_refusals_are_precise(client, make_key):
 
 def test_unsupported_format_and_missing_fields(client, make_key, digits_npz):
     h = make_key("data-c")
-    r = client.post("/v1/datasets", headers=h, files={"file": ("d", digits_npz)}, data={"name": "d", "format": "jsonl"})
+    r = client.post("/v1/datasets", headers=h, files={"file": ("d", digits_npz)}, data={"name": "d", "format": "tfrecord"})
     assert r.status_code == 422 and "not supported" in r.json()["detail"]
     r = client.post("/v1/datasets", headers=h, files={"file": ("d", digits_npz)}, data={"name": "d"})
     assert r.status_code == 422 and "format" in r.json()["detail"]

@@ -121,13 +121,14 @@ def test_model_in_use_cannot_be_deleted(client, make_key, uploaded):
 
 def test_capabilities_and_openapi(client):
     caps = client.get("/v1/capabilities").json()
-    assert [c["name"] for c in caps["losses"]] == ["kd", "soft_ce", "hard", "mse", "cosine"]
+    assert [c["name"] for c in caps["losses"]] == ["kd", "soft_ce", "hard", "mse", "cosine", "token_kd"]
     assert "temperature" in caps["losses"][0]["config_schema"]["properties"]
     assert [c["name"] for c in caps["student_families"]] == ["mlp", "cnn", "resnet", "embedding_bag",
-                                                              "text_transformer"]
-    assert caps["model_formats"] == ["torchscript", "onnx", "torch_export", "safetensors"]
-    assert caps["dataset_formats"] == ["npz", "pt", "csv", "parquet", "image_folder"]
-    assert caps["tasks"] == ["classification", "regression", "embedding"]
+                                                              "text_transformer", "hf_causal_lm"]
+    assert caps["model_formats"] == ["torchscript", "onnx", "torch_export", "safetensors", "hf_transformers"]
+    assert caps["dataset_formats"] == ["npz", "pt", "csv", "parquet", "image_folder", "jsonl"]
+    assert caps["tasks"] == ["classification", "regression", "embedding", "causal_lm"]
+    assert caps["export_formats_by_task"]["causal_lm"] == ["hf", "gguf", "onnx"]
     spec = client.get("/openapi.json").json()
     assert "JobSpec" in spec["components"]["schemas"]
     for path in ("/v1/models", "/v1/datasets", "/v1/jobs", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/events",

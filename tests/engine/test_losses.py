@@ -216,6 +216,8 @@ def test_every_loss_has_gradients():
     from engine.registry import losses as reg
 
     for name in reg.names():
+        if name == "token_kd":  # per-token distributions [B, T, V]: tests/engine/lm/test_divergence.py
+            continue
         loss = reg.build({"type": name})
         assert loss.name == name
         s = torch.tensor(S, requires_grad=True)

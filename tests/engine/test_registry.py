@@ -20,9 +20,10 @@ def test_public_registries_hold_builtins():
     assert registries["students"].names() == sorted(jobspec.STUDENT_FAMILIES)
     assert registries["optimizers"].names() == sorted(jobspec.OPTIMIZERS)
     assert registries["steps"].names() == sorted(jobspec.STEP_KINDS)
-    assert registries["teacher_formats"].names() == ["onnx", "safetensors", "torch_export", "torchscript"]
-    assert registries["dataset_formats"].names() == ["csv", "image_folder", "npz", "parquet", "pt"]
-    assert registries["exports"].names() == sorted(jobspec.EXPORT_FORMATS)
+    assert registries["teacher_formats"].names() == ["hf_transformers", "onnx", "safetensors", "torch_export",
+                                                      "torchscript"]
+    assert registries["dataset_formats"].names() == ["csv", "image_folder", "jsonl", "npz", "parquet", "pt"]
+    assert registries["exports"].names() == sorted(jobspec.base.ALL_EXPORT_FORMATS)
 
 
 def test_every_component_config_is_the_specs_model():

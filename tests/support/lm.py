@@ -151,3 +151,30 @@ def zip_dir(directory: Path, out: Path, extra: dict[str, bytes] | None = None) -
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+#: The shared teacher's recipe: strong enough that distilling into half its layers beats training them on the data
+#: alone (measured: held-out perplexity teacher 17.5, KD student 18.3, data-only twin 18.7; see tests/engine/lm).
+TEACHER_STEPS = 1200
+
+
+def shared_teacher(tmp_path_factory: Any) -> tuple[Path, Path]:
+    """(model directory, zip) of the trained 4-layer Llama teacher, built once per test run (every xdist worker
+    loads the same files)."""
+    from tests.support.shared import built_once
+
+    train, _ = split_documents()
+    with built_once(tmp_path_factory, "lm-teacher") as (directory, build):
+        if build:
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                tok = tokenizer()
+                model = train_teacher(tok, train, steps=TEACHER_STEPS)
+            finally:
+                torch.set_num_threads(threads)
+            save_model_dir(model, tok, directory / "teacher")
+            zip_dir(directory / "teacher", directory / "teacher.zip")
+    return directory / "teacher", directory / "teacher.zip"

@@ -13,7 +13,7 @@ def test_every_component_the_api_accepts_is_implemented_and_vice_versa():
     assert set(registries["losses"].names()) == set(spec.LOSSES)
     assert set(registries["students"].names()) == set(spec.STUDENT_FAMILIES)
     assert set(registries["optimizers"].names()) == set(spec.OPTIMIZERS)
-    assert set(registries["exports"].names()) == set(spec.EXPORT_FORMATS)
+    assert set(registries["exports"].names()) == set(spec.base.ALL_EXPORT_FORMATS)
     assert set(registries["teacher_formats"].names()) == set(SUPPORTED_MODEL_FORMATS)
     assert set(registries["dataset_formats"].names()) == set(SUPPORTED_DATASET_FORMATS)
 

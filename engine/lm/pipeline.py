@@ -1,0 +1,288 @@
+"""``run_lm()``: a job whose teacher is a generative language model (task ``causal_lm``), spec to artifacts.
+
+:func:`engine.run` hands a job here when its teacher is ``hf_transformers``. Phases (each an event, as in the
+classic pipeline):
+
+1. ``validate`` - the spec and its rules (:mod:`jobspec.rules`) against the files: records of each jsonl dataset
+   (:mod:`.text_data`), the teacher archive unpacked and loaded (:mod:`.model_dir`), an uploaded student's
+   tokenizer compared with the teacher's;
+2. ``load`` - held-out records (``eval_dataset_id``, else a seeded ``val_fraction`` of the job's dataset),
+   tokenised with the teacher's tokenizer; the teacher's held-out perplexity and logits;
+3. ``teacher_outputs`` - per step, the teacher's targets for every training sequence cached once
+   (:class:`~engine.lm.divergence.TeacherCache`: top-k + tail when ``top_k``, memory-mapped when large);
+4. ``step_started`` / ``step_finished`` - each distill step trains the student (:mod:`.training`);
+   ``baseline`` trains its twin on the data alone;
+5. ``export`` - ``hf`` (a zipped model directory), ``gguf`` (f16 and q8_0), ``onnx``; each verified;
+6. ``report`` - rows, generation samples, ``report.json``, the model card and curves.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+import jobspec
+from engine.errors import EngineError, ExportFailed, InvalidDataset, InvalidSpec, Unsupported, error_summary
+from engine import registry
+from engine.lm import model_dir, report as lm_report, text_data
+from engine.lm.components import LM_EXPORTERS
+from engine.lm.training import LMContext, evaluate, fill_cache, fit_lm, teacher_val_logits
+from engine.report.rows import build_report, file_sha256, spec_sha256, versions, write_report
+from engine.training.progress import ProgressTracker
+from engine.values import ArtifactFile, DatasetSource, EngineResult, ModelSource, Reporter, TeacherSource
+from jobspec.base import validation_message
+
+
+def _sources(job: jobspec.JobSpec, datasets: Any) -> dict[str, DatasetSource]:
+    if isinstance(datasets, DatasetSource):
+        return {job.dataset_id or "dataset": datasets}
+    return dict(datasets or {})
+
+
+def _records(job: jobspec.JobSpec, sources: Mapping[str, DatasetSource]) -> dict[str, tuple[str, list[dict]]]:
+    out = {}
+    for ds_id in job.dataset_ids():
+        if ds_id not in sources:
+            raise InvalidSpec(f"dataset {ds_id!r} was not provided")
+        src = sources[ds_id]
+        if src.format != "jsonl":
+            raise InvalidDataset(f"dataset {ds_id}: a causal_lm teacher trains on text; upload it as 'jsonl' "
+                                 f"records (this one is {src.format})")
+        try:
+            out[ds_id] = text_data.read_records(Path(src.path))
+        except EngineError as exc:
+            raise InvalidDataset(f"dataset {ds_id}: {exc.message}") from None
+    return out
+
+
+def _student(job: jobspec.JobSpec, teacher: Any, teacher_digest: str, models: Mapping[str, ModelSource] | None,
+             work: Path) -> tuple[Any, dict[str, Any]]:
+    from engine.lm import students
+
+    s = job.student
+    if isinstance(s, jobspec.DerivedStudent):
+        model = students.derive_student(teacher, depth=s.derive.depth, width=s.derive.width)
+        how = {"derive": s.derive.model_dump()}
+    elif isinstance(s, jobspec.students.HFCausalLMStudent):
+        model = registry.students.build(s).create_lm(teacher)
+        how = {"family": "hf_causal_lm", "config": dict(s.config)}
+    elif isinstance(s, jobspec.UploadedStudent):
+        if not models or s.model_id not in models:
+            raise InvalidSpec(f"student model {s.model_id!r} was not provided")
+        directory = model_dir.unpack(Path(models[s.model_id].path), work / "student")
+        if model_dir.tokenizer_digest(model_dir.load_tokenizer(directory)) != teacher_digest:
+            raise InvalidSpec("the student's tokenizer differs from the teacher's: token-level KD compares "
+                              "distributions over the same tokens")
+        model = model_dir.load_causal_lm(directory)
+        how = {"model_id": s.model_id}
+    else:
+        raise InvalidSpec("a causal_lm job needs a student: {\"derive\": {\"depth\": 0.5}}, "
+                          "{\"family\": \"hf_causal_lm\", \"config\": {...}} or an uploaded hf_transformers model")
+    return model.float().train(), {**how, **students.describe(model)}
+
+
+def run_lm(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, out_dir: Path, reporter: Reporter, *,
+           device: str = "auto", threads: int | None = None, models: Mapping[str, ModelSource] | None = None,
+           **_checkpointing: Any) -> EngineResult:
+    """Run a causal_lm job (see the module docstring). Same contract as :func:`engine.run`; mid-step checkpoints
+    are not written for LM jobs yet (a retried attempt starts over)."""
+    from engine.pipeline.validate import resolve_device
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = out_dir / "work"
+    reporter.event("validate", "checking spec, text datasets and the language model")
+    try:
+        job = jobspec.JobSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        raise InvalidSpec(validation_message(exc)) from None
+    dev = resolve_device(device)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    sources = _sources(job, datasets)
+    records = _records(job, sources)
+    try:
+        teacher_dir = model_dir.unpack(Path(teacher.path), work / "teacher")
+        tmodel = model_dir.load_causal_lm(teacher_dir)
+        tok = model_dir.load_tokenizer(teacher_dir)
+        digest = model_dir.tokenizer_digest(tok)
+        facts = jobspec.Facts(task=teacher.task, teacher_format=teacher.format,
+                              labelled={k: kind != "prompt" for k, (kind, _) in records.items()},
+                              tokenizers={job.teacher_model_id: digest})
+        for problem in jobspec.conflicts(job, facts):
+            raise (Unsupported if problem.unsupported else InvalidSpec)(str(problem))
+        tmodel = tmodel.to(dev)
+        for p in tmodel.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(job.seed)
+        student, architecture = _student(job, tmodel, digest, models, work)
+        student = student.to(dev)
+        reporter.event("validate", f"teacher {tmodel.config.model_type} with "
+                       f"{sum(p.numel() for p in tmodel.parameters()):,} parameters; student "
+                       f"{architecture['parameters']:,} parameters ({architecture.get('layers')} layers)",
+                       data={"teacher": lm_report.model_bytes(tmodel), "student": architecture,
+                             "datasets": {k: {"records": len(r), "kind": kind} for k, (kind, r) in records.items()}})
+        return _run(job, spec, teacher, sources, records, tok, tmodel, student, architecture, out_dir, reporter, dev)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _split(job: jobspec.JobSpec, records: Mapping[str, tuple[str, list[dict]]]
+           ) -> tuple[str, list[dict], dict[str, list[dict]], str]:
+    """(kind, held-out records, training records per dataset id, where the held-out records come from)."""
+    train = {k: r for k, (_, r) in records.items()}
+    if job.eval_dataset_id:
+        kind, val = records[job.eval_dataset_id]
+        return kind, val, train, f"eval dataset {job.eval_dataset_id}"
+    main_id = job.heldout_dataset_id()
+    kind, rows = records[main_id]
+    tr, val = text_data.split_records(rows, job.val_fraction, job.seed)
+    train[main_id] = tr
+    return kind, val, train, f"{len(val)} of {len(rows)} records held out (seed {job.seed})"
+
+
+def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, sources: Mapping[str, DatasetSource],
+         records: Mapping[str, tuple[str, list[dict]]], tok: Any, tmodel: Any, student: Any,
+         architecture: dict[str, Any], out_dir: Path, reporter: Reporter, dev: torch.device) -> EngineResult:
+    work = out_dir / "work"
+    val_kind, val_records, train_records, val_source = _split(job, records)
+    first = job.steps[0]
+    val = text_data.tokenize(tok, val_kind, val_records, first.max_seq_len)
+    started = time.perf_counter()
+    val_teacher = teacher_val_logits(tmodel, val, dev)
+    teacher_scores = evaluate(tmodel, val, dev)
+    reporter.event("load", f"{val.n} held-out sequences ({val.tokens()} target tokens; {val_source}) on {dev}; "
+                   f"teacher perplexity {teacher_scores['perplexity']:.3f}",
+                   data={"val_sequences": val.n, "val_tokens": val.tokens(), "val_source": val_source,
+                         "device": str(dev), "teacher_perplexity": teacher_scores["perplexity"],
+                         "seconds": time.perf_counter() - started})
+    init_state = copy.deepcopy(student.state_dict()) if job.baseline else None
+    total_epochs = sum(s.epochs for s in job.steps) * (2 if job.baseline else 1)
+    progress = ProgressTracker(reporter, total_epochs)
+    ctx = LMContext(student=student, teacher=tmodel, val=val, device=dev, reporter=reporter, progress=progress,
+                    generator=torch.Generator().manual_seed(job.seed), work_dir=work)
+    prompt = val.input_ids[:1, : lm_report.SAMPLE_PROMPT_TOKENS]
+    step_data: list[text_data.TokenBlocks] = []
+    rows: list[dict[str, Any]] = []
+    for index, step in enumerate(job.steps):
+        ds_id = job.step_dataset_id(index)
+        kind = records[ds_id][0]
+        data = text_data.tokenize(tok, kind, train_records[ds_id], step.max_seq_len)
+        step_data.append(data)
+        reporter.event("step_started", f"step {index}: distill {step.loss.type} ({step.loss.divergence}) on "
+                       f"{data.n} sequences of {step.max_seq_len} tokens",
+                       data={"step_index": index, "kind": "distill", "sequences": data.n})
+        started = time.perf_counter()
+        cache = fill_cache(tmodel, data, registry.losses.build(step.loss), dev, work / f"cache{index}",
+                           ctx.check_stop)
+        reporter.event("teacher_outputs", f"teacher targets cached for {data.n} sequences in "
+                       f"{time.perf_counter() - started:.2f}s ({cache.nbytes:,} bytes"
+                       f"{', memory-mapped' if cache.on_disk else ''})",
+                       data={"seconds": time.perf_counter() - started, "bytes": cache.nbytes,
+                             "top_k": step.loss.top_k, "memory_mapped": cache.on_disk})
+        with cache:
+            info = fit_lm(ctx, step, index, data, cache=cache, val_teacher=val_teacher)
+        scores = evaluate(student, val, dev, teacher_logits=val_teacher)
+        row = {"index": index, "kind": "distill", "method": step.loss.type,
+               **lm_report.model_row(student, scores, prompt, tok.pad_token_id),
+               "data": {"sequences": data.n, "tokens": data.tokens(), "dataset_id": ds_id, **info}}
+        rows.append(row)
+        reporter.event("step_finished", f"step {index} finished: held-out perplexity {scores['perplexity']:.3f} "
+                       f"(teacher {teacher_scores['perplexity']:.3f}), agreement {scores['agreement']:.3f}",
+                       data={"step_index": index, **scores})
+    baseline_row = None
+    if job.baseline:
+        baseline_row = _baseline(job, ctx, student, init_state, step_data, prompt, tok, val_teacher)
+    ctx.check_stop("before the exports")
+    artifacts = _exports(job, student, tok, val, out_dir, work, reporter)
+    teacher_row = lm_report.model_row(tmodel, {**teacher_scores, "agreement": 1.0, "kl": 0.0}, prompt,
+                                      tok.pad_token_id)
+    final = {k: v for k, v in rows[-1].items() if k not in ("index", "kind", "method", "data")}
+    report = build_report(teacher=teacher_row, steps=rows, student=final, architecture=architecture,
+                          reproducibility={"seed": job.seed, "versions": versions(), "spec_sha256": spec_sha256(spec),
+                                           "teacher_sha256": teacher.sha256 or file_sha256(Path(teacher.path)),
+                                           "datasets_sha256": {k: s.sha256 or file_sha256(Path(s.path))
+                                                               for k, s in sources.items() if k in records},
+                                           "device": str(dev), "threads": torch.get_num_threads()},
+                          data={"task": "causal_lm", "architecture": tmodel.config.model_type,
+                                "records": {k: len(r) for k, (_, r) in records.items()},
+                                "record_kind": {k: kind for k, (kind, _) in records.items()},
+                                "train_sequences": step_data[0].n, "val_sequences": val.n,
+                                "val_tokens": val.tokens(), "val_source": val_source,
+                                "max_seq_len": first.max_seq_len, "vocab_size": len(tok)})
+    report["recipe"] = list(spec.get("steps") or [])
+    report["samples"] = lm_report.samples(tmodel, student, tok, val, dev)
+    metrics: dict[str, Any] = {"teacher": {k: teacher_row[k] for k in ("perplexity", "nll") if k in teacher_row},
+                               "student": {k: final[k] for k in lm_report.LM_METRICS if k in final}}
+    if baseline_row is not None:
+        report["baseline"] = baseline_row
+        report["teacher_gain"] = {k: float(final[k]) - float(baseline_row[k]) for k in lm_report.LM_METRICS
+                                  if k in final and k in baseline_row}
+        metrics["baseline"] = {k: baseline_row[k] for k in lm_report.LM_METRICS if k in baseline_row}
+        metrics["teacher_gain"] = report["teacher_gain"]
+    try:
+        artifacts += lm_report.history_plot(ctx.history, out_dir)
+        artifacts.append(lm_report.write_model_card(report, spec, out_dir))
+    except Exception as exc:  # noqa: BLE001 - the card and plots are extras; never fail a job over them
+        reporter.event("report", f"model card / plots skipped: {error_summary(exc)}", level="warning")
+    artifacts.append(write_report(report, out_dir))
+    reporter.event("report", f"report written: student perplexity {final['perplexity']:.3f} (teacher "
+                   f"{teacher_row['perplexity']:.3f}), {report['parameter_ratio']:.2f}x fewer parameters, "
+                   f"{report['speedup']:.2f}x faster generation (batch 32)" if report.get("speedup") else
+                   "report written", data={"compression_ratio": report["compression_ratio"],
+                                           "speedup": report["speedup"]})
+    return EngineResult(artifacts=artifacts, metrics=metrics, report=report)
+
+
+def _baseline(job: jobspec.JobSpec, ctx: LMContext, student: Any, init_state: Any, step_data: list[Any], prompt: Any,
+              tok: Any, val_teacher: Any) -> dict[str, Any]:
+    """The same student from the same initial weights, trained on the data's tokens alone, same steps and budget."""
+    ctx.reporter.event("baseline", "training the same student on the data alone (same steps, epochs, optimizer, "
+                       "seed)")
+    twin = copy.deepcopy(student)
+    twin.load_state_dict(init_state)
+    bctx = LMContext(student=twin.train(), teacher=None, val=ctx.val, device=ctx.device, reporter=ctx.reporter,
+                     progress=ctx.progress, generator=torch.Generator().manual_seed(job.seed), work_dir=ctx.work_dir,
+                     history=ctx.history)
+    for index, (step, data) in enumerate(zip(job.steps, step_data)):
+        fit_lm(bctx, step, index, data, cache=None, val_teacher=val_teacher, baseline=True)
+    scores = evaluate(twin, ctx.val, ctx.device, teacher_logits=val_teacher)
+    ctx.reporter.event("baseline", f"baseline finished: held-out perplexity {scores['perplexity']:.3f}", data=scores)
+    return lm_report.model_row(twin, scores, prompt, tok.pad_token_id)
+
+
+def _exports(job: jobspec.JobSpec, student: Any, tok: Any, val: text_data.TokenBlocks, out_dir: Path, work: Path,
+             reporter: Reporter) -> list[ArtifactFile]:
+    """Write and verify each requested export of the final student (:data:`engine.lm.components.LM_EXPORTERS`)."""
+    model = copy.deepcopy(student).to("cpu").float().eval()
+    example = val.input_ids[: min(2, val.n), : min(32, val.input_ids.shape[1])]
+    out: list[ArtifactFile] = []
+    for fmt in job.exports:
+        started = time.perf_counter()
+        try:
+            files, check = LM_EXPORTERS[fmt]().write_lm(model, tok, example, out_dir, work, len(job.steps) - 1)
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise ExportFailed(f"{fmt} export failed: {error_summary(exc)}") from None
+        out += files
+        reporter.event("export", f"{fmt} written and verified in {time.perf_counter() - started:.2f}s",
+                       data={"format": fmt, "verification": _jsonable(check)})
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return str(value)

@@ -1,0 +1,118 @@
+"""A whole causal-LM job in this process (engine.run): derive a 2-layer student from a trained 4-layer Llama teacher,
+distill it with token-level KD on text records, train its baseline twin on the data alone, export it."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine
+from engine import DatasetSource, TeacherSource
+from engine.errors import InvalidDataset, InvalidModel, InvalidSpec
+from tests.engine.helpers import RecordingReporter
+from tests.support import lm
+
+pytestmark = pytest.mark.slow
+
+
+def _spec(**over):
+    spec = {"teacher_model_id": "mdl_teacher", "dataset_id": "ds_text", "student": {"derive": {"depth": 0.5}},
+            "steps": [{"kind": "distill", "loss": {"type": "token_kd", "top_k": 32}, "epochs": 3, "batch_size": 16,
+                       "max_seq_len": 64, "optimizer": {"type": "adamw", "lr": 2e-3, "weight_decay": 0.01},
+                       "schedule": {"type": "cosine", "warmup_fraction": 0.05}}],
+            "exports": ["hf"], "val_fraction": 0.1, "seed": 0}
+    spec.update(over)
+    return spec
+
+
+def _data(tmp_path: Path, docs: list[str], name: str = "text.jsonl") -> DatasetSource:
+    return DatasetSource(lm.write_jsonl(tmp_path / name, [{"text": d} for d in docs]), "jsonl")
+
+
+def _run(spec, teacher, data, out, models=None, held=None):
+    reporter = RecordingReporter()
+    datasets = {"ds_text": data, **({"ds_held": held} if held is not None else {})}
+    result = engine.run(spec, TeacherSource(teacher.zip, "hf_transformers", "causal_lm"), datasets, out,
+                        reporter, device="cpu", threads=1, models=models)
+    return result, reporter
+
+
+def test_derived_student_distilled_beats_its_baseline_and_ships_as_hf(lm_teacher, tmp_path):
+    """Held-out text the teacher never saw (eval_dataset_id); the student distills on the teacher's training text."""
+    data, held = _data(tmp_path, lm_teacher.train_docs), _data(tmp_path, lm_teacher.held_docs, "held.jsonl")
+    spec = _spec(baseline=True, eval_dataset_id="ds_held")
+    result, reporter = _run(spec, lm_teacher, data, tmp_path / "out", held=held)
+    report = result.report
+    teacher_ppl, student_ppl = report["teacher"]["perplexity"], report["student"]["perplexity"]
+    baseline_ppl = report["baseline"]["perplexity"]
+    assert student_ppl < baseline_ppl, (student_ppl, baseline_ppl)
+    assert student_ppl < 1.3 * teacher_ppl, (student_ppl, teacher_ppl)
+    assert report["architecture"]["layers"] == 2 and report["parameter_ratio"] > 1.2
+    assert report["student"]["latency_ms"]["batch_1"] > 0 and len(report["samples"]) == 3
+    assert {"load", "teacher_outputs", "step_finished", "baseline", "export", "report"} <= set(reporter.event_types())
+    hf = next(a for a in result.artifacts if a.format == "hf")
+    # The shipped files, loaded as a user would, give the perplexity the report states.
+    unpacked = tmp_path / "unpacked"
+    with zipfile.ZipFile(hf.path) as z:
+        z.extractall(unpacked)
+    from transformers import AutoModelForCausalLM
+
+    shipped = AutoModelForCausalLM.from_pretrained(unpacked, local_files_only=True).eval()
+    assert shipped.config.num_hidden_layers == 2
+    recomputed = lm.perplexity(shipped, lm_teacher.tok, lm_teacher.held_docs)
+    assert recomputed == pytest.approx(student_ppl, rel=0.05)
+    card = next(a for a in result.artifacts if a.kind == "model_card").path.read_text()
+    assert "Generation samples" in card and "baseline" in card
+    assert json.loads(next(a for a in result.artifacts if a.kind == "report").path.read_text())["data"]["task"] == \
+        "causal_lm"
+
+
+def test_prompt_completion_records_train_on_completions_only(lm_teacher, tmp_path):
+    docs = lm_teacher.train_docs[:30]
+    records = [{"prompt": d[:80], "completion": d[80:300]} for d in docs]
+    data = DatasetSource(lm.write_jsonl(tmp_path / "pc.jsonl", records), "jsonl")
+    spec = _spec(student={"family": "hf_causal_lm", "config": {"layers": 1, "hidden_size": 64, "heads": 4,
+                                                                "kv_heads": 2, "intermediate_size": 128}})
+    spec["steps"][0].update(epochs=1, max_seq_len=128)
+    result, _ = _run(spec, lm_teacher, data, tmp_path / "out")
+    assert result.report["architecture"]["layers"] == 1
+    assert result.report["data"]["record_kind"] == {"ds_text": "prompt_completion"}
+
+
+def test_a_mixed_or_broken_jsonl_fails_fast_naming_the_line(lm_teacher, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a b c"}\n{"prompt": "x", "completion": "y"}\n')
+    with pytest.raises(InvalidDataset, match="line 2"):
+        _run(_spec(), lm_teacher, DatasetSource(path, "jsonl"), tmp_path / "out")
+
+
+def test_a_classic_loss_on_a_language_model_is_refused(lm_teacher, tmp_path):
+    data = _data(tmp_path, lm_teacher.train_docs[:5])
+    spec = _spec()
+    spec["steps"][0]["loss"] = {"type": "kd"}
+    with pytest.raises(InvalidSpec, match="token_kd"):
+        _run(spec, lm_teacher, data, tmp_path / "out")
+
+
+def test_an_archive_with_code_or_pickles_is_refused_before_loading(lm_teacher, tmp_path):
+    data = _data(tmp_path, lm_teacher.train_docs[:5])
+    for extra, why in (({"modeling_evil.py": b"import os"}, "is code"),
+                       ({"pytorch_model.bin": b"\x80\x04K\x01."}, "pickle")):
+        bad = lm.zip_dir(lm_teacher.directory, tmp_path / "bad.zip", extra=extra)
+        teacher = type(lm_teacher)(lm_teacher.tok, None, lm_teacher.directory, bad, [], [])
+        with pytest.raises(InvalidModel, match=why):
+            _run(_spec(), teacher, data, tmp_path / "out")
+    config = json.loads((lm_teacher.directory / "config.json").read_text())
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for f in lm_teacher.directory.iterdir():
+        (remote / f.name).write_bytes(f.read_bytes())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "evil.Model"}}))
+    teacher = type(lm_teacher)(lm_teacher.tok, None, remote, lm.zip_dir(remote, tmp_path / "remote.zip"), [], [])
+    with pytest.raises(InvalidModel, match="auto_map"):
+        _run(_spec(), teacher, data, tmp_path / "out")
+    assert torch.get_num_threads() >= 1

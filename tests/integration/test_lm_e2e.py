@@ -1,0 +1,132 @@
+"""Generative language models through the real service: a Llama teacher trained in the test on the CPython
+documentation, uploaded as a zipped Hugging Face directory, distilled into half its layers with token-level KD by a
+real worker in the sandboxed executor; the downloaded exports are checked the way their users would load them."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from tests.support import lm
+from tests.support.flow import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _upload_model(http, content: bytes, **fields):
+    return http.post("/v1/models", files={"file": ("model.zip", content)},
+                     data={"name": "lm", "task": "causal_lm", **fields})
+
+
+def _dataset(http, records: list[dict]) -> str:
+    body = "".join(json.dumps(r) + "\n" for r in records).encode()
+    r = http.post("/v1/datasets", files={"file": ("d.jsonl", body)}, data={"name": "text", "format": "jsonl"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def _files(http, job_id: str) -> dict[str, bytes]:
+    arts = http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+    return {a["filename"]: http.get(f"/v1/artifacts/{a['id']}/content").content for a in arts}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return lm.shared_teacher(tmp_path_factory)
+
+
+def test_distill_a_causal_lm_into_half_its_layers_and_use_every_export(http, teacher, tmp_path):
+    directory, archive = teacher
+    r = _upload_model(http, archive.read_bytes())
+    assert r.status_code == 201, r.text
+    facts = r.json()["io_schema"]["hf"]
+    assert facts["model_type"] == "llama" and facts["layers"] == 4 and facts["vocab_size"] == 512
+    train, held = lm.split_documents()
+    body = {"teacher_model_id": r.json()["id"], "dataset_id": _dataset(http, [{"text": d} for d in train]),
+            "eval_dataset_id": _dataset(http, [{"text": d} for d in held]),
+            "student": {"derive": {"depth": 0.5}}, "baseline": True, "exports": ["hf", "gguf", "onnx"],
+            "steps": [{"kind": "distill", "loss": {"type": "token_kd", "top_k": 32}, "epochs": 3, "batch_size": 16,
+                       "max_seq_len": 64, "optimizer": {"type": "adamw", "lr": 2e-3, "weight_decay": 0.01}}]}
+    job = http.post("/v1/jobs", json=body)
+    assert job.status_code == 202, job.text
+    assert job.json()["spec"]["steps"][0]["schedule"]["warmup_fraction"] == 0.05  # the causal_lm defaults filled
+    final = wait_for(http, job.json()["id"], timeout=420)
+    assert final["status"] == "succeeded", final["error"]
+    files = _files(http, final["id"])
+    report = json.loads(files["report.json"])
+
+    # The student as its users load it: transformers from the downloaded zip, perplexity recomputed here.
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    unpacked = tmp_path / "student"
+    zipfile.ZipFile(io.BytesIO(files["student-hf.zip"])).extractall(unpacked)
+    student = AutoModelForCausalLM.from_pretrained(unpacked, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(unpacked, local_files_only=True)
+    assert student.config.num_hidden_layers == 2
+    ppl = lm.perplexity(student, tok, held)
+    assert ppl < report["baseline"]["perplexity"], (ppl, report["baseline"])
+    assert ppl < 1.3 * report["teacher"]["perplexity"], (ppl, report["teacher"])
+    text = pipeline("text-generation", model=student, tokenizer=tok, device="cpu")("The", max_new_tokens=5)
+    assert text[0]["generated_text"].startswith("The")
+
+    # GGUF: read back with llama.cpp's own reader, every tensor of a 2-layer Llama present.
+    import gguf
+
+    names = {t.name for t in gguf.GGUFReader(_write(tmp_path / "s.gguf", files["student-f16.gguf"])).tensors}
+    assert {"token_embd.weight", "output_norm.weight", "output.weight"} <= names
+    assert {f"blk.{i}.{p}.weight" for i in (0, 1) for p in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+                                                              "ffn_up", "ffn_down", "attn_norm", "ffn_norm")} <= names
+    assert gguf.GGUFReader(_write(tmp_path / "q.gguf", files["student-q8_0.gguf"])).tensors
+
+    # ONNX: onnxruntime against the downloaded transformers model's logits.
+    import onnxruntime as ort
+    import torch
+
+    ids = lm.blocks(tok, held[:1], 32)[:2]
+    sess = ort.InferenceSession(files["student.onnx"], providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})[0]
+    with torch.no_grad():
+        want = student(input_ids=ids).logits.numpy()
+    assert np.abs(got - want).max() < 1e-3
+    assert "Generation samples" in files["model_card.md"].decode()
+
+
+def _write(path, content: bytes):
+    path.write_bytes(content)
+    return str(path)
+
+
+def test_code_pickles_remote_code_and_foreign_vocabularies_are_refused(http, teacher, tmp_path):
+    directory, archive = teacher
+    for extra, why in (({"modeling_llama.py": b"import os"}, "is code"),
+                       ({"pytorch_model.bin": b"\x80\x04K\x01."}, "pickle")):
+        r = _upload_model(http, lm.zip_dir(directory, tmp_path / "bad.zip", extra=extra).read_bytes())
+        assert r.status_code == 422 and why in r.json()["detail"], r.text
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for f in directory.iterdir():
+        (remote / f.name).write_bytes(f.read_bytes())
+    config = json.loads((directory / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Model"}}))
+    r = _upload_model(http, lm.zip_dir(remote, tmp_path / "remote.zip").read_bytes())
+    assert r.status_code == 422 and "auto_map" in r.json()["detail"], r.text
+
+    # A student with another tokenizer: refused before any training, naming why.
+    other_tok = lm.tokenizer(vocab_size=300)
+    other = lm.save_model_dir(lm.build_model(other_tok, layers=1, hidden=32, intermediate=64), other_tok,
+                              tmp_path / "other")
+    teacher_id = _upload_model(http, archive.read_bytes()).json()["id"]
+    student = _upload_model(http, lm.zip_dir(other, tmp_path / "other.zip").read_bytes())
+    assert student.status_code == 201, student.text
+    ds = _dataset(http, [{"text": d} for d in lm.documents(limit=3)])
+    r = http.post("/v1/jobs", json={"teacher_model_id": teacher_id, "dataset_id": ds,
+                                    "student": {"model_id": student.json()["id"]}})
+    assert r.status_code == 422 and "tokenizer" in r.json()["detail"], r.text
+    # A causal_lm upload in another format, and an LM archive declared as a classifier.
+    r = http.post("/v1/models", files={"file": ("m.zip", archive.read_bytes())},
+                  data={"name": "lm", "task": "classification"})
+    assert r.status_code == 422 and "causal_lm" in r.json()["detail"], r.text

@@ -15,7 +15,7 @@ from jobspec.data import Coreset, InputReduction, InputSpec, Synthesize
 from jobspec.job import JobSpec
 from jobspec.losses import LOSSES, CosineLoss, HardLoss, Hint, KDLoss, MSELoss, SoftCELoss, TokenKDLoss
 from jobspec.rules import Conflict, Facts, conflicts
-from jobspec.steps import STEP_KINDS, DistillStep, Finetune, Gate, PruneStep, QuantizeStep
+from jobspec.steps import STEP_KINDS, DistillStep, Finetune, Gate, GenerateStep, PruneStep, QuantizeStep
 from jobspec.students import (
     STUDENT_FAMILIES,
     CNNStudent,
@@ -36,6 +36,7 @@ __all__ = [
     "InputReduction", "InputSpec", "Synthesize", "JobSpec", "LOSSES", "CosineLoss", "HardLoss", "Hint", "KDLoss",
     "MSELoss", "SoftCELoss",
     "TokenKDLoss", "HFCausalLMStudent", "Conflict", "Facts", "conflicts", "STEP_KINDS", "DistillStep", "Finetune", "Gate",
+    "GenerateStep",
     "PruneStep", "QuantizeStep", "STUDENT_FAMILIES", "CNNStudent", "DeriveRatios", "DerivedStudent",
     "EmbeddingBagStudent", "MLPStudent", "ResNetStudent", "TextTransformerStudent", "UploadedStudent",
     "OPTIMIZERS", "SCHEDULES", "Augment", "EarlyStopping", "OptimizerConfig", "ScheduleConfig", "MlflowRegister",

@@ -77,9 +77,11 @@ class JobSpec(Config):
         if kinds.count("quantize") > 1:
             raise ValueError("quantize at most once per job")
         if any(k != "distill" for k in kinds) and self.dataset_id is None:
-            raise ValueError("prune and quantize steps fine-tune, calibrate and measure on the job's 'dataset_id'")
-        if self.baseline and any(k != "distill" for k in kinds):
-            raise ValueError("baseline: only for jobs whose steps are all 'distill'")
+            raise ValueError("prune, quantize and generate steps read the job's 'dataset_id'")
+        if self.baseline and any(k not in ("distill", "generate") for k in kinds):
+            raise ValueError("baseline: only for jobs whose steps are all 'distill' (after 'generate' steps)")
+        if "generate" in kinds and kinds[-1] == "generate":
+            raise ValueError("a generate step makes data for the distill steps after it; add one")
         for i, step in enumerate(self.steps):
             if not isinstance(step, DistillStep):
                 continue
@@ -95,6 +97,14 @@ class JobSpec(Config):
     @property
     def kind(self) -> str:
         return "+".join(s.kind for s in self.steps)
+
+    def generated_for(self, index: int) -> int | None:
+        """The generate step whose completions distill step ``index`` trains on: the last one before it, when the
+        step names no dataset of its own (None: it trains on a dataset)."""
+        step = self.steps[index]
+        if getattr(step, "dataset_id", None) is not None or step.kind != "distill":
+            return None
+        return next((i for i in range(index - 1, -1, -1) if self.steps[i].kind == "generate"), None)
 
     def step_dataset_id(self, index: int) -> str | None:
         """The dataset step ``index`` trains on: its own, else the job's (None: data-free)."""

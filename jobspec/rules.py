@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from jobspec.base import EXPORT_FORMATS, LM_EXPORT_FORMATS
 from jobspec.job import JobSpec
 from jobspec.losses import Loss, TokenKDLoss
-from jobspec.steps import DistillStep, PruneStep, QuantizeStep
+from jobspec.steps import DistillStep, GenerateStep, PruneStep, QuantizeStep
 from jobspec.students import DeriveRatios, DerivedStudent, HFCausalLMStudent, UploadedStudent
 from jobspec.training import OptimizerConfig, ScheduleConfig
 
@@ -39,7 +39,7 @@ LM_STEP_DEFAULTS = {"loss": TokenKDLoss(), "epochs": 3, "batch_size": 8,
                     "optimizer": OptimizerConfig(type="adamw", lr=5e-4, weight_decay=0.01),
                     "schedule": ScheduleConfig(type="cosine", warmup_fraction=0.05)}
 #: DistillStep fields that only a causal_lm job reads, with their defaults.
-LM_STEP_FIELDS = {"max_seq_len": 256, "grad_accumulation": 1, "gradient_checkpointing": False}
+LM_STEP_FIELDS = {"max_seq_len": 256, "grad_accumulation": 1, "gradient_checkpointing": False, "on_policy": 0.0}
 
 
 def loss_tasks(loss: Loss) -> frozenset[str]:
@@ -88,6 +88,8 @@ class Facts:
     tokenizers: Mapping[str, str] = field(default_factory=dict)
     #: Each dataset's format (dataset id → format), where known: text (``jsonl``) is for causal_lm teachers only.
     formats: Mapping[str, str] = field(default_factory=dict)
+    #: jsonl datasets: their record kind (``text``, ``prompt_completion``, ``messages``, ``prompt``), where known.
+    kinds: Mapping[str, str] = field(default_factory=dict)
 
 
 def with_task_defaults(spec: JobSpec, task: str) -> JobSpec:
@@ -120,6 +122,12 @@ def _lm_conflicts(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
                        f"Hugging Face model directory), not {facts.teacher_format}")
     for i, step in enumerate(spec.steps):
         where = f"steps[{i}]"
+        if isinstance(step, GenerateStep):
+            ds_id = step.dataset_id or spec.dataset_id
+            if facts.kinds.get(ds_id or "") not in (None, "prompt", "prompt_completion"):
+                yield Conflict(f"{where}.dataset_id", f"generate writes completions for prompts: dataset {ds_id} "
+                               f"holds {facts.kinds[ds_id]!r} records; give {{\"prompt\"}} records")
+            continue
         if not isinstance(step, DistillStep):
             yield Conflict(where, f"{step.kind} steps are not available for causal_lm teachers yet; distill "
                            "into a smaller student instead", unsupported=True)
@@ -180,6 +188,8 @@ def conflicts(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
         yield from _classic_only(spec, facts)
     for i, step in enumerate(spec.steps):
         where = f"steps[{i}]"
+        if isinstance(step, GenerateStep):
+            continue  # makes data: checked with the causal_lm rules
         loss = step.loss if isinstance(step, DistillStep) else (step.finetune.loss if step.finetune else None)
         if isinstance(step, QuantizeStep) and step.method == "qat" and step.finetune is None:
             loss = None  # the Finetune defaults: KD, checked below with the task
@@ -223,6 +233,8 @@ def conflicts(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
         else:
             for i in range(len(spec.steps)):
                 ds_id = spec.step_dataset_id(i)
+                if spec.steps[i].kind == "generate" or spec.generated_for(i) is not None:
+                    continue  # the teacher's completions are the data's targets
                 if ds_id is None:
                     yield Conflict("baseline", f"the baseline trains on labels alone, but steps[{i}] is data-free")
                 elif not facts.labelled.get(ds_id, False):
@@ -237,6 +249,9 @@ def _classic_only(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
                        f"with task 'causal_lm' (this one is {facts.task})", unsupported=True)
     if isinstance(spec.student, HFCausalLMStudent):
         yield Conflict("student.family", "'hf_causal_lm' students are for causal_lm teachers")
+    for i, step in enumerate(spec.steps):
+        if isinstance(step, GenerateStep):
+            yield Conflict(f"steps[{i}]", "generate steps make text with a causal_lm teacher")
     for ds_id, fmt in facts.formats.items():
         if fmt == "jsonl":
             yield Conflict("dataset_id", f"dataset {ds_id} holds text records (jsonl), which only a causal_lm "

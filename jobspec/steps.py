@@ -48,6 +48,8 @@ class DistillStep(Config):
     grad_accumulation: int = Field(1, ge=1, le=1024, description="causal_lm: batches per optimizer step.")
     gradient_checkpointing: bool = Field(False, description="causal_lm: recompute activations in the backward "
                                                             "pass (less memory, ~30% more compute).")
+    on_policy: float = Field(0.0, ge=0, le=1, description="causal_lm: the share λ of batches whose continuations the "
+                                                          "student samples itself, scored by the teacher (GKD).")
 
     @model_validator(mode="after")
     def _data_source(self) -> DistillStep:
@@ -97,5 +99,24 @@ class QuantizeStep(Config):
     gate: Gate | None = None
 
 
-STEP_KINDS: dict[str, type[Config]] = {"distill": DistillStep, "prune": PruneStep, "quantize": QuantizeStep}
+class GenerateStep(Config):
+    """causal_lm: the teacher writes completions for a dataset of prompts; the following distill steps that name
+    no dataset of their own train on them (sequence-level KD, Kim & Rush 2016). The result is also an artifact."""
+
+    kind: Literal["generate"] = "generate"
+    dataset_id: str | None = Field(None, max_length=40, description="The prompts (default: the job's dataset): "
+                                                                    "{\"prompt\"} or {\"prompt\", \"completion\"} records.")
+    max_new_tokens: int = Field(128, ge=1, le=8192)
+    temperature: float = Field(1.0, ge=0, le=10, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest token set holding this mass.")
+    num_return_sequences: int = Field(1, ge=1, le=16, description="Completions per prompt.")
+    gate: None = None  # nothing to compare: the step makes data, not a model
+
+    @property
+    def epochs(self) -> int:
+        return 0
+
+
+STEP_KINDS: dict[str, type[Config]] = {"distill": DistillStep, "prune": PruneStep, "quantize": QuantizeStep,
+                                       "generate": GenerateStep}
 Step = union(STEP_KINDS, "kind")

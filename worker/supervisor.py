@@ -32,8 +32,10 @@ log = logging.getLogger("distillery.worker")
 #: What the executor may hand back, and how each format is served.
 MEDIA_TYPES = {"torchscript": "application/octet-stream", "onnx": "application/octet-stream",
                "safetensors": "application/octet-stream", "json": "application/json", "markdown": "text/markdown",
-               "png": "image/png"}
-ARTIFACT_KINDS = ("student", "report", "architecture", "model_card", "plot")
+               "png": "image/png", "hf": "application/zip", "gguf": "application/octet-stream",
+               "jsonl": "application/jsonl"}
+#: ``dataset``: data a job made (a generate step's completions).
+ARTIFACT_KINDS = ("student", "report", "architecture", "model_card", "plot", "dataset")
 MAX_ARTIFACTS = 256
 #: Error codes an executor may end a job with; anything else is a protocol violation (executor_crashed).
 EXECUTOR_CODES = frozenset(ERROR_CODES) | {"resource_limit", "internal_error"}

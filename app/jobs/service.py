@@ -86,7 +86,9 @@ def check_compatible(spec: JobSpec, teacher: Model, datasets: dict[str, Dataset]
                   if m is not None and isinstance((m.io_schema or {}).get("hf"), dict)}
     facts = Facts(task=teacher.task, teacher_format=teacher.format,
                   labelled={ds_id: ds.has_labels for ds_id, ds in datasets.items()}, tokenizers=tokenizers,
-                  formats={ds_id: ds.format for ds_id, ds in datasets.items()})
+                  formats={ds_id: ds.format for ds_id, ds in datasets.items()},
+                  kinds={ds_id: (ds.schema_ or {}).get("records") for ds_id, ds in datasets.items()
+                         if ds.format == "jsonl"})
     problem = next(conflicts(spec, facts), None)
     if problem is not None:
         raise Unprocessable(str(problem), code="incompatible_spec")

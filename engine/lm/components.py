@@ -20,7 +20,8 @@ import torch
 
 import jobspec
 from engine.lm import divergence
-from engine.registry import dataset_formats, exports, losses, students, teacher_formats
+from engine.errors import Unsupported
+from engine.registry import dataset_formats, exports, losses, steps, students, teacher_formats
 from engine.values import ArtifactFile
 
 ZIP = "application/zip"
@@ -45,6 +46,22 @@ class TokenKD:
         c = self.config
         return divergence.token_kd_loss(student_logits, teacher, labels, mask, divergence=c.divergence, beta=c.beta,
                                         temperature=c.temperature, sft_weight=c.sft_weight)
+
+
+@steps.register("generate")
+class Generate:
+    """The teacher writes completions for prompts (:func:`engine.lm.generation.generate_records`); run by the LM
+    pipeline, which hands the records to the following distill steps."""
+
+    Config = jobspec.GenerateStep
+    epochs = 0
+    method = "generate"
+
+    def __init__(self, config: jobspec.GenerateStep):
+        self.config = config
+
+    def run(self, ctx: Any, index: int) -> None:
+        raise Unsupported("generate steps need a causal_lm teacher")
 
 
 @students.register("hf_causal_lm")

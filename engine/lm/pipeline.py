@@ -19,6 +19,7 @@ classic pipeline):
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import time
 from collections.abc import Mapping
@@ -29,9 +30,9 @@ import torch
 from pydantic import ValidationError
 
 import jobspec
-from engine.errors import EngineError, ExportFailed, InvalidDataset, InvalidSpec, Unsupported, error_summary
+from engine.errors import Cancelled, EngineError, ExportFailed, InvalidDataset, InvalidSpec, Unsupported, error_summary
 from engine import registry
-from engine.lm import model_dir, report as lm_report, text_data
+from engine.lm import generation, model_dir, report as lm_report, text_data
 from engine.lm.components import LM_EXPORTERS
 from engine.lm.training import LMContext, evaluate, fill_cache, fit_lm, teacher_val_logits
 from engine.report.rows import build_report, file_sha256, spec_sha256, versions, write_report
@@ -115,7 +116,8 @@ def run_lm(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, out_d
         digest = model_dir.tokenizer_digest(tok)
         facts = jobspec.Facts(task=teacher.task, teacher_format=teacher.format,
                               labelled={k: kind != "prompt" for k, (kind, _) in records.items()},
-                              tokenizers={job.teacher_model_id: digest})
+                              tokenizers={job.teacher_model_id: digest},
+                              kinds={k: kind for k, (kind, _) in records.items()})
         for problem in jobspec.conflicts(job, facts):
             raise (Unsupported if problem.unsupported else InvalidSpec)(str(problem))
         tmodel = tmodel.to(dev)
@@ -153,7 +155,14 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
          architecture: dict[str, Any], out_dir: Path, reporter: Reporter, dev: torch.device) -> EngineResult:
     work = out_dir / "work"
     val_kind, val_records, train_records, val_source = _split(job, records)
-    first = job.steps[0]
+    distills = [s for s in job.steps if isinstance(s, jobspec.DistillStep)]
+    first = distills[0]
+    generates = [s for s in job.steps if isinstance(s, jobspec.GenerateStep)]
+    if val_kind == "prompt" and generates:
+        # Held-out prompts are scored on the teacher's own completions, as the steps train on them.
+        val_records = generation.generate_records(tmodel, tok, [r["prompt"] for r in val_records], generates[0], dev,
+                                                  job.seed, first.max_seq_len // 2, _stop(reporter))
+        val_kind, val_source = "prompt_completion", val_source + ", completed by the teacher"
     val = text_data.tokenize(tok, val_kind, val_records, first.max_seq_len)
     started = time.perf_counter()
     val_teacher = teacher_val_logits(tmodel, val, dev)
@@ -167,15 +176,24 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
     total_epochs = sum(s.epochs for s in job.steps) * (2 if job.baseline else 1)
     progress = ProgressTracker(reporter, total_epochs)
     ctx = LMContext(student=student, teacher=tmodel, val=val, device=dev, reporter=reporter, progress=progress,
-                    generator=torch.Generator().manual_seed(job.seed), work_dir=work)
+                    generator=torch.Generator().manual_seed(job.seed), work_dir=work, eos_id=tok.eos_token_id,
+                    pad_id=tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
     prompt = val.input_ids[:1, : lm_report.SAMPLE_PROMPT_TOKENS]
-    step_data: list[text_data.TokenBlocks] = []
+    step_data: list[tuple[int, jobspec.DistillStep, text_data.TokenBlocks]] = []
     rows: list[dict[str, Any]] = []
+    generated: dict[int, list[dict[str, str]]] = {}
+    artifacts: list[ArtifactFile] = []
     for index, step in enumerate(job.steps):
         ds_id = job.step_dataset_id(index)
-        kind = records[ds_id][0]
-        data = text_data.tokenize(tok, kind, train_records[ds_id], step.max_seq_len)
-        step_data.append(data)
+        if isinstance(step, jobspec.GenerateStep):
+            generated[index] = _generate(step, index, train_records[ds_id], tok, tmodel, dev, job.seed, out_dir,
+                                         reporter, progress, artifacts)
+            continue
+        source = job.generated_for(index)
+        kind, step_records = (("prompt_completion", generated[source]) if source is not None
+                              else (records[ds_id][0], train_records[ds_id]))
+        data = text_data.tokenize(tok, kind, step_records, step.max_seq_len)
+        step_data.append((index, step, data))
         reporter.event("step_started", f"step {index}: distill {step.loss.type} ({step.loss.divergence}) on "
                        f"{data.n} sequences of {step.max_seq_len} tokens",
                        data={"step_index": index, "kind": "distill", "sequences": data.n})
@@ -192,7 +210,9 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
         scores = evaluate(student, val, dev, teacher_logits=val_teacher)
         row = {"index": index, "kind": "distill", "method": step.loss.type,
                **lm_report.model_row(student, scores, prompt, tok.pad_token_id),
-               "data": {"sequences": data.n, "tokens": data.tokens(), "dataset_id": ds_id, **info}}
+               "data": {"sequences": data.n, "tokens": data.tokens(),
+                        **({"generated_by_step": source} if source is not None else {"dataset_id": ds_id}),
+                        "on_policy": step.on_policy, **info}}
         rows.append(row)
         reporter.event("step_finished", f"step {index} finished: held-out perplexity {scores['perplexity']:.3f} "
                        f"(teacher {teacher_scores['perplexity']:.3f}), agreement {scores['agreement']:.3f}",
@@ -201,7 +221,7 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
     if job.baseline:
         baseline_row = _baseline(job, ctx, student, init_state, step_data, prompt, tok, val_teacher)
     ctx.check_stop("before the exports")
-    artifacts = _exports(job, student, tok, val, out_dir, work, reporter)
+    artifacts += _exports(job, student, tok, val, out_dir, work, reporter)
     teacher_row = lm_report.model_row(tmodel, {**teacher_scores, "agreement": 1.0, "kl": 0.0}, prompt,
                                       tok.pad_token_id)
     final = {k: v for k, v in rows[-1].items() if k not in ("index", "kind", "method", "data")}
@@ -214,7 +234,7 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
                           data={"task": "causal_lm", "architecture": tmodel.config.model_type,
                                 "records": {k: len(r) for k, (_, r) in records.items()},
                                 "record_kind": {k: kind for k, (kind, _) in records.items()},
-                                "train_sequences": step_data[0].n, "val_sequences": val.n,
+                                "train_sequences": step_data[0][2].n, "val_sequences": val.n,
                                 "val_tokens": val.tokens(), "val_source": val_source,
                                 "max_seq_len": first.max_seq_len, "vocab_size": len(tok)})
     report["recipe"] = list(spec.get("steps") or [])
@@ -241,6 +261,32 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
     return EngineResult(artifacts=artifacts, metrics=metrics, report=report)
 
 
+def _stop(reporter: Reporter) -> Any:
+    def check(where: str) -> None:
+        if reporter.should_stop():
+            raise Cancelled(f"cancelled {where}")
+    return check
+
+
+def _generate(step: jobspec.GenerateStep, index: int, prompts: list[dict], tok: Any, tmodel: Any, dev: torch.device,
+              seed: int, out_dir: Path, reporter: Reporter, progress: ProgressTracker,
+              artifacts: list[ArtifactFile]) -> list[dict[str, str]]:
+    """Run a generate step: the teacher's completions of the prompts, also delivered as ``generated-step{i}.jsonl``."""
+    progress.step_started(step_index=index, step_kind="generate", epochs=0)
+    started = time.perf_counter()
+    records = generation.generate_records(tmodel, tok, [r["prompt"] for r in prompts], step, dev, seed + index,
+                                          1024, _stop(reporter))
+    path = out_dir / f"generated-step{index}.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    artifacts.append(ArtifactFile("dataset", "jsonl", path, index, "application/jsonl"))
+    reporter.event("generate", f"step {index}: the teacher wrote {len(records)} completions for {len(prompts)} "
+                   f"prompts in {time.perf_counter() - started:.1f}s",
+                   data={"step_index": index, "prompts": len(prompts), "completions": len(records),
+                         "seconds": time.perf_counter() - started,
+                         "mean_characters": sum(len(r["completion"]) for r in records) / max(1, len(records))})
+    return records
+
+
 def _baseline(job: jobspec.JobSpec, ctx: LMContext, student: Any, init_state: Any, step_data: list[Any], prompt: Any,
               tok: Any, val_teacher: Any) -> dict[str, Any]:
     """The same student from the same initial weights, trained on the data's tokens alone, same steps and budget."""
@@ -251,7 +297,7 @@ def _baseline(job: jobspec.JobSpec, ctx: LMContext, student: Any, init_state: An
     bctx = LMContext(student=twin.train(), teacher=None, val=ctx.val, device=ctx.device, reporter=ctx.reporter,
                      progress=ctx.progress, generator=torch.Generator().manual_seed(job.seed), work_dir=ctx.work_dir,
                      history=ctx.history)
-    for index, (step, data) in enumerate(zip(job.steps, step_data)):
+    for index, step, data in step_data:
         fit_lm(bctx, step, index, data, cache=None, val_teacher=val_teacher, baseline=True)
     scores = evaluate(twin, ctx.val, ctx.device, teacher_logits=val_teacher)
     ctx.reporter.event("baseline", f"baseline finished: held-out perplexity {scores['perplexity']:.3f}", data=scores)
@@ -274,15 +320,19 @@ def _exports(job: jobspec.JobSpec, student: Any, tok: Any, val: text_data.TokenB
             raise ExportFailed(f"{fmt} export failed: {error_summary(exc)}") from None
         out += files
         reporter.event("export", f"{fmt} written and verified in {time.perf_counter() - started:.2f}s",
-                       data={"format": fmt, "verification": _jsonable(check)})
+                       data={"format": fmt, "verification": _scalars(check)})
     return out
 
 
-def _jsonable(value: Any) -> Any:
-    import json
-
-    try:
-        json.dumps(value)
-        return value
-    except TypeError:
-        return str(value)
+def _scalars(check: Mapping[str, Any], depth: int = 0) -> dict[str, Any]:
+    """The scalar facts of an export's verification (numbers, short strings), nested one level: an event is one
+    bounded line on the executor's pipe, so lists of tensors stay out of it."""
+    out: dict[str, Any] = {}
+    for key, value in check.items():
+        if isinstance(value, bool | int | float) or value is None:
+            out[str(key)] = value
+        elif isinstance(value, str):
+            out[str(key)] = value[:200]
+        elif isinstance(value, Mapping) and depth == 0:
+            out[str(key)] = _scalars(value, 1)
+    return out

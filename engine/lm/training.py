@@ -25,6 +25,7 @@ import torch
 
 from engine.errors import Cancelled, TrainingDiverged
 from engine.lm import divergence
+from engine.lm.generation import on_policy_batch
 from engine.lm.text_data import TokenBlocks
 from engine.registry import losses, optimizers
 from engine.training.optim import Scheduler
@@ -50,6 +51,8 @@ class LMContext:
     generator: torch.Generator
     work_dir: Path
     history: list[dict[str, Any]] = field(default_factory=list)
+    eos_id: int | None = None
+    pad_id: int = 0
 
     def check_stop(self, where: str) -> None:
         if self.reporter.should_stop():
@@ -148,7 +151,8 @@ def fit_lm(ctx: LMContext, step: DistillStep, index: int, data: TokenBlocks, *,
     kind = "baseline" if baseline else "distill"
     prefix = "baseline_" if baseline else ""
     best = (math.inf, 0, None)
-    tokens_seen, train_seconds = 0, 0.0
+    tokens_seen, train_seconds, sampled = 0, 0.0, 0
+    coin = torch.Generator().manual_seed(1000 + index)  # its own stream: on_policy leaves the batch order alone
     ctx.progress.step_started(step_index=index, step_kind=kind, epochs=step.epochs)
     for epoch in range(1, step.epochs + 1):
         started = time.perf_counter()
@@ -157,11 +161,18 @@ def fit_lm(ctx: LMContext, step: DistillStep, index: int, data: TokenBlocks, *,
         for bi, rows in enumerate(batches):
             ctx.check_stop(f"in step {index}, epoch {epoch}")
             ids, att, labels, mask = shifted(data, rows, dev)
+            live = False
+            if not baseline and step.on_policy > 0 and float(torch.rand((), generator=coin)) < step.on_policy:
+                ids, att, target = on_policy_batch(model, ids, att, data.target_mask[rows].to(dev), eos=ctx.eos_id,
+                                                   pad=ctx.pad_id)
+                mask = target[:, 1:] & att[:, 1:].bool()
+                labels = ids[:, 1:].masked_fill(~mask, -100)
+                live, sampled = True, sampled + 1
             logits = logits_of(model, ids, att)
             if baseline:
                 loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100)
             else:
-                if cache is not None:
+                if cache is not None and not live:
                     targets = cache.get(rows, dev)
                 else:
                     with torch.no_grad():
@@ -198,4 +209,5 @@ def fit_lm(ctx: LMContext, step: DistillStep, index: int, data: TokenBlocks, *,
         model.gradient_checkpointing_disable()
     model.eval()
     return {"epochs": step.epochs, "best_epoch": best[1], "train_tokens_per_second":
-            tokens_seen / train_seconds if train_seconds else None, "train_seconds": train_seconds}
+            tokens_seen / train_seconds if train_seconds else None, "train_seconds": train_seconds,
+            "on_policy_batches": sampled}

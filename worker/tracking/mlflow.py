@@ -30,7 +30,8 @@ TEACHER_TAG = "distillery.teacher_sha256"
 RUN_STATUS = {state.SUCCEEDED: "FINISHED", state.FAILED: "FAILED", state.CANCELLED: "KILLED"}
 MAX_REPORT_BYTES = 32 << 20
 #: Where each kind of job file goes in the run's artifacts ("" = the root).
-ARTIFACT_DIRS = {"report": "", "model_card": "", "plot": "plots", "student": "student", "architecture": "student"}
+ARTIFACT_DIRS = {"report": "", "model_card": "", "plot": "plots", "student": "student", "architecture": "student",
+                 "dataset": "data"}
 _BATCH_PARAMS, _BATCH_METRICS = 100, 1000  # MLflow's own per-request limits
 
 

@@ -116,3 +116,41 @@ def test_an_archive_with_code_or_pickles_is_refused_before_loading(lm_teacher, t
     with pytest.raises(InvalidModel, match="auto_map"):
         _run(_spec(), teacher, data, tmp_path / "out")
     assert torch.get_num_threads() >= 1
+
+
+def _prompts(docs: list[str], n: int) -> list[dict]:
+    """Prompts cut from the documents: the opening words of each paragraph-sized piece."""
+    out = []
+    for d in docs:
+        words = d.split()
+        for i in range(0, len(words) - 12, 60):
+            out.append({"prompt": " ".join(words[i:i + 8])})
+    return out[:n]
+
+
+def test_generate_then_distill_from_prompts_only(lm_teacher, tmp_path):
+    """Sequence-level KD: the teacher completes prompts, the student distills on the completions."""
+    data = DatasetSource(lm.write_jsonl(tmp_path / "p.jsonl", _prompts(lm_teacher.train_docs, 48)), "jsonl")
+    spec = _spec(student={"family": "hf_causal_lm", "config": {"layers": 1}}, baseline=True)
+    spec["steps"] = [{"kind": "generate", "max_new_tokens": 24, "temperature": 0.7},
+                     {**spec["steps"][0], "epochs": 1}]
+    result, reporter = _run(spec, lm_teacher, data, tmp_path / "out")
+    gen = next(a for a in result.artifacts if a.kind == "dataset")
+    records = [json.loads(line) for line in gen.path.read_text().splitlines()]
+    held_out = round(48 * 0.1)
+    assert len(records) == 48 - held_out and all(r["completion"] for r in records[:5])
+    assert "generate" in reporter.event_types()
+    step = result.report["steps"][0]
+    assert step["index"] == 1 and step["data"]["generated_by_step"] == 0
+    assert "completed by the teacher" in result.report["data"]["val_source"]
+    assert result.report["baseline"]["perplexity"] > 0  # the twin trains on the same completions
+
+
+def test_on_policy_jsd_samples_from_the_student(lm_teacher, tmp_path):
+    data = _data(tmp_path, lm_teacher.train_docs[:6])
+    spec = _spec()
+    spec["steps"][0].update(epochs=1, on_policy=0.5, loss={"type": "token_kd", "divergence": "jsd", "beta": 0.5})
+    result, _ = _run(spec, lm_teacher, data, tmp_path / "out")
+    info = result.report["steps"][0]["data"]
+    assert info["on_policy"] == 0.5 and 0 < info["on_policy_batches"]
+    assert result.report["student"]["perplexity"] < 200

@@ -13,7 +13,10 @@ context length; a ``jsonl`` dataset its characters. Tokens are estimated as char
   cache ``tokens·(k·(2+4) or V·2)`` bytes (top-k float16 log-probs + int32 ids, or the float16 distribution),
   memory-mapped beyond 256 MiB and then not counted.
 * **FLOPs**: training ``6·P_s`` per token per epoch (forward 2P, backward 4P), the teacher's cache ``2·P_t`` per
-  token once, held-out scoring per epoch ``2·P_s`` per held-out token; doubled for ``baseline``.
+  token once, held-out scoring per epoch ``2·P_s`` per held-out token; doubled for ``baseline``. A ``generate`` step
+  costs ``2·P_t`` per prompt token and per written token (``prompts · num_return_sequences · max_new_tokens``), and
+  the distill steps after it train on those tokens; ``on_policy`` adds the student's sampling (``2·P_s`` per
+  sampled token) and a live teacher pass (``2·P_t``) for that share of the batches.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from app.db.models import Dataset, Model
-from jobspec import DerivedStudent, DistillStep, JobSpec, UploadedStudent
+from jobspec import DerivedStudent, DistillStep, GenerateStep, JobSpec, UploadedStudent
 from jobspec.students import HFCausalLMStudent
 
 CHARS_PER_TOKEN = 4
@@ -71,10 +74,19 @@ def estimate_lm(spec: JobSpec, teacher: Model, datasets: Mapping[str, Dataset], 
 
     val_tokens = int(tokens(spec.heldout_dataset_id()) * (1 if spec.eval_dataset_id else spec.val_fraction))
     flops, peak = 0.0, {"teacher weights": 4 * p_t, "student training state": 4 * p_s * 5}
+    generated: dict[int, int] = {}
     for i, step in enumerate(spec.steps):
+        if isinstance(step, GenerateStep):
+            ds = datasets.get(step.dataset_id or spec.dataset_id or "")
+            prompts = int(ds.num_rows) if ds is not None else 1
+            written = prompts * step.num_return_sequences * step.max_new_tokens
+            generated[i] = written + tokens(step.dataset_id or spec.dataset_id) * step.num_return_sequences
+            flops += 2 * p_t * generated[i]
+            continue
         if not isinstance(step, DistillStep):
             continue
-        train_tokens = tokens(spec.step_dataset_id(i))
+        source = spec.generated_for(i)
+        train_tokens = generated[source] if source is not None else tokens(spec.step_dataset_id(i))
         k = step.loss.top_k if hasattr(step.loss, "top_k") and step.loss.top_k else vocab
         cache = train_tokens * (k * 6 if k < vocab else vocab * 2)
         if cache <= CACHE_MEMORY_LIMIT:
@@ -83,6 +95,7 @@ def estimate_lm(spec: JobSpec, teacher: Model, datasets: Mapping[str, Dataset], 
         peak[f"step {i} activations"] = max(peak.get(f"step {i} activations", 0), acts)
         flops += (6 * p_s * train_tokens + 2 * p_s * val_tokens) * step.epochs * (2 if spec.baseline else 1)
         flops += 2 * p_t * train_tokens
+        flops += step.on_policy * train_tokens * step.epochs * 2 * (p_s + p_t)
     from app.settings import get_settings
 
     largest = ("teacher", p_t) if p_t >= p_s else ("student", p_s)

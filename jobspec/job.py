@@ -54,6 +54,8 @@ class JobSpec(Config):
                                         description="Default: torchscript, onnx, safetensors; for a causal_lm "
                                                     "teacher: hf.")
     seed: int = Field(0, ge=0, le=SEED_MAX)
+    devices: int = Field(1, ge=1, le=64, description="causal_lm: train data-parallel on this many devices (GPUs with "
+                                                     "NCCL; CPU processes with gloo), one process each.")
     metadata: dict[Annotated[str, Field(max_length=64)], MetadataValue] = Field(default_factory=dict, max_length=50)
     tracking: Tracking | None = Field(None, description="Also log the job to an experiment tracker (MLflow) and "
                                                         "optionally register the student there.")

@@ -252,6 +252,9 @@ def _classic_only(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
     for i, step in enumerate(spec.steps):
         if isinstance(step, GenerateStep):
             yield Conflict(f"steps[{i}]", "generate steps make text with a causal_lm teacher")
+    if spec.devices > 1:
+        yield Conflict("devices", "data-parallel training ('devices' > 1) is for causal_lm teachers",
+                       unsupported=True)
     for ds_id, fmt in facts.formats.items():
         if fmt == "jsonl":
             yield Conflict("dataset_id", f"dataset {ds_id} holds text records (jsonl), which only a causal_lm "

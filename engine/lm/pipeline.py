@@ -206,8 +206,9 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
                        data={"seconds": time.perf_counter() - started, "bytes": cache.nbytes,
                              "top_k": step.loss.top_k, "memory_mapped": cache.on_disk})
         with cache:
-            info = fit_lm(ctx, step, index, data, cache=cache, val_teacher=val_teacher)
-        scores = evaluate(student, val, dev, teacher_logits=val_teacher)
+            info = _fit(job, ctx, step, index, data, cache=cache, val_teacher=val_teacher)
+        scores = evaluate(student, val, dev, teacher=tmodel if val_teacher is None else None,
+                          teacher_logits=val_teacher)
         row = {"index": index, "kind": "distill", "method": step.loss.type,
                **lm_report.model_row(student, scores, prompt, tok.pad_token_id),
                "data": {"sequences": data.n, "tokens": data.tokens(),
@@ -261,6 +262,16 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
     return EngineResult(artifacts=artifacts, metrics=metrics, report=report)
 
 
+def _fit(job: jobspec.JobSpec, ctx: LMContext, step: jobspec.DistillStep, index: int, data: text_data.TokenBlocks,
+         **kw: Any) -> dict[str, Any]:
+    """One distill step: in this process, or data-parallel over ``job.devices`` processes (:mod:`.distributed`)."""
+    if job.devices > 1:
+        from engine.lm.distributed import fit_lm_ddp
+
+        return fit_lm_ddp(ctx, step, index, data, devices=job.devices, **kw)
+    return fit_lm(ctx, step, index, data, **kw)
+
+
 def _stop(reporter: Reporter) -> Any:
     def check(where: str) -> None:
         if reporter.should_stop():
@@ -294,12 +305,13 @@ def _baseline(job: jobspec.JobSpec, ctx: LMContext, student: Any, init_state: An
                        "seed)")
     twin = copy.deepcopy(student)
     twin.load_state_dict(init_state)
-    bctx = LMContext(student=twin.train(), teacher=None, val=ctx.val, device=ctx.device, reporter=ctx.reporter,
+    bctx = LMContext(student=twin.train(), teacher=ctx.teacher, val=ctx.val, device=ctx.device, reporter=ctx.reporter,
                      progress=ctx.progress, generator=torch.Generator().manual_seed(job.seed), work_dir=ctx.work_dir,
                      history=ctx.history)
     for index, step, data in step_data:
-        fit_lm(bctx, step, index, data, cache=None, val_teacher=val_teacher, baseline=True)
-    scores = evaluate(twin, ctx.val, ctx.device, teacher_logits=val_teacher)
+        _fit(job, bctx, step, index, data, cache=None, val_teacher=val_teacher, baseline=True)
+    scores = evaluate(twin, ctx.val, ctx.device, teacher=ctx.teacher if val_teacher is None else None,
+                      teacher_logits=val_teacher)
     ctx.reporter.event("baseline", f"baseline finished: held-out perplexity {scores['perplexity']:.3f}", data=scores)
     return lm_report.model_row(twin, scores, prompt, tok.pad_token_id)
 

@@ -35,6 +35,8 @@ from jobspec import DistillStep
 
 #: Sequences per teacher / evaluation forward pass.
 EVAL_BATCH = 16
+#: Most bytes of held-out teacher logits kept for every epoch's scoring.
+VAL_LOGITS_LIMIT = 512 << 20
 
 
 @dataclass
@@ -125,11 +127,43 @@ def evaluate(model: Any, blocks: TokenBlocks, device: torch.device, teacher: Any
     return out
 
 
-def teacher_val_logits(teacher: Any, blocks: TokenBlocks, device: torch.device) -> list[torch.Tensor]:
-    """The teacher's held-out logits per evaluation batch, computed once for every epoch's scoring (CPU copies)."""
+def teacher_val_logits(teacher: Any, blocks: TokenBlocks, device: torch.device) -> list[torch.Tensor] | None:
+    """The teacher's held-out logits per evaluation batch, computed once for every epoch's scoring (CPU copies);
+    None when they would take more than :data:`VAL_LOGITS_LIMIT` (a real vocabulary: the teacher then runs again
+    at each scoring instead)."""
+    vocab = int(teacher.get_output_embeddings().weight.shape[0])
+    if blocks.n * (blocks.input_ids.shape[1] - 1) * vocab * 4 > VAL_LOGITS_LIMIT:
+        return None
     with torch.no_grad():
         return [logits_of(teacher, *shifted(blocks, rows, device)[:2]).cpu()
                 for rows in _batches(blocks.n, EVAL_BATCH)]
+
+
+def batch_loss(model: Any, teacher: Any, kd: Any, data: TokenBlocks, rows: torch.Tensor, cache: Any,
+               dev: torch.device, *, live: bool, baseline: bool, eos_id: int | None, pad_id: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss over the target tokens of ``rows``, target mask [b, L-1], attention mask [b, L]).
+
+    ``live``: the continuations are sampled by the student first (on-policy) and the teacher scores them now;
+    else the teacher's targets come from ``cache`` (``.get(rows, device)``) or a live pass. ``baseline``:
+    cross-entropy on the data's tokens, no teacher. ``model`` may be wrapped (DDP): generation uses ``.module``."""
+    ids, att, labels, mask = shifted(data, rows, dev)
+    if live:
+        ids, att, target = on_policy_batch(getattr(model, "module", model), ids, att, data.target_mask[rows].to(dev),
+                                           eos=eos_id, pad=pad_id)
+        mask = target[:, 1:] & att[:, 1:].bool()
+        labels = ids[:, 1:].masked_fill(~mask, -100)
+    logits = logits_of(model, ids, att)
+    if baseline:
+        # The sum / count rather than F.cross_entropy's mean: a share without targets gives 0, not 0/0.
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+        return ce / max(1, int(mask.sum())), mask, att
+    if cache is not None and not live:
+        targets = cache.get(rows, dev)
+    else:
+        with torch.no_grad():
+            targets = kd.targets(logits_of(teacher, ids, att))
+    return kd(logits, targets, labels, mask)[0], mask, att
 
 
 def fit_lm(ctx: LMContext, step: DistillStep, index: int, data: TokenBlocks, *,
@@ -160,24 +194,10 @@ def fit_lm(ctx: LMContext, step: DistillStep, index: int, data: TokenBlocks, *,
         batches = _batches(data.n, batch, ctx.generator)
         for bi, rows in enumerate(batches):
             ctx.check_stop(f"in step {index}, epoch {epoch}")
-            ids, att, labels, mask = shifted(data, rows, dev)
-            live = False
-            if not baseline and step.on_policy > 0 and float(torch.rand((), generator=coin)) < step.on_policy:
-                ids, att, target = on_policy_batch(model, ids, att, data.target_mask[rows].to(dev), eos=ctx.eos_id,
-                                                   pad=ctx.pad_id)
-                mask = target[:, 1:] & att[:, 1:].bool()
-                labels = ids[:, 1:].masked_fill(~mask, -100)
-                live, sampled = True, sampled + 1
-            logits = logits_of(model, ids, att)
-            if baseline:
-                loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100)
-            else:
-                if cache is not None and not live:
-                    targets = cache.get(rows, dev)
-                else:
-                    with torch.no_grad():
-                        targets = kd.targets(logits_of(ctx.teacher, ids, att))
-                loss, _ = kd(logits, targets, labels, mask)
+            live = not baseline and step.on_policy > 0 and float(torch.rand((), generator=coin)) < step.on_policy
+            sampled += int(live)
+            loss, mask, att = batch_loss(model, ctx.teacher, kd, data, rows, cache, dev, live=live, baseline=baseline,
+                                         eos_id=ctx.eos_id, pad_id=ctx.pad_id)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"step {index}, epoch {epoch}: the loss became {float(loss)}; lower the "
                                        f"learning rate (now {step.optimizer.lr}) or set grad_clip")
@@ -192,7 +212,8 @@ def fit_lm(ctx: LMContext, step: DistillStep, index: int, data: TokenBlocks, *,
             count += int(mask.sum())
             tokens_seen += int(att.sum())
         train_seconds += time.perf_counter() - started
-        scores = evaluate(model, ctx.val, dev, teacher_logits=val_teacher)
+        scores = evaluate(model, ctx.val, dev, teacher=ctx.teacher if val_teacher is None else None,
+                          teacher_logits=val_teacher)
         for name in ("perplexity", "agreement", "kl"):
             if name in scores:
                 ctx.reporter.metric(step=index, epoch=epoch, name=prefix + name, value=float(scores[name]))

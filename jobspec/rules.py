@@ -38,6 +38,8 @@ LM_FORMATS = frozenset({"hf_transformers"})
 LM_STEP_DEFAULTS = {"loss": TokenKDLoss(), "epochs": 3, "batch_size": 8,
                     "optimizer": OptimizerConfig(type="adamw", lr=5e-4, weight_decay=0.01),
                     "schedule": ScheduleConfig(type="cosine", warmup_fraction=0.05)}
+#: Compression of causal LMs: MLP channel pruning (Wanda-ranked) and dynamic int8 (engine/lm/compress.py).
+LM_COMPRESSION = {"prune": ("channel",), "quantize": ("dynamic_int8",)}
 #: DistillStep fields that only a causal_lm job reads, with their defaults.
 LM_STEP_FIELDS = {"max_seq_len": 256, "grad_accumulation": 1, "gradient_checkpointing": False, "on_policy": 0.0}
 
@@ -110,6 +112,10 @@ def with_task_defaults(spec: JobSpec, task: str) -> JobSpec:
         if isinstance(step, DistillStep):
             missing = {k: v for k, v in LM_STEP_DEFAULTS.items() if k not in step.model_fields_set}
             step = step.model_copy(update=missing) if missing else step
+        elif isinstance(step, PruneStep) and step.finetune is not None:
+            missing = {k: v for k, v in LM_STEP_DEFAULTS.items()
+                       if k not in step.finetune.model_fields_set and k in ("loss", "batch_size")}
+            step = step.model_copy(update={"finetune": step.finetune.model_copy(update=missing)}) if missing else step
         steps.append(step)
     update["steps"] = steps
     return spec.model_copy(update=update)
@@ -128,9 +134,17 @@ def _lm_conflicts(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
                 yield Conflict(f"{where}.dataset_id", f"generate writes completions for prompts: dataset {ds_id} "
                                f"holds {facts.kinds[ds_id]!r} records; give {{\"prompt\"}} records")
             continue
-        if not isinstance(step, DistillStep):
-            yield Conflict(where, f"{step.kind} steps are not available for causal_lm teachers yet; distill "
-                           "into a smaller student instead", unsupported=True)
+        if isinstance(step, PruneStep | QuantizeStep):
+            if step.method not in LM_COMPRESSION[step.kind]:
+                yield Conflict(f"{where}.method", f"{step.kind} '{step.method}' is not available for causal_lm "
+                               f"models; use: {', '.join(LM_COMPRESSION[step.kind])}", unsupported=True)
+            if isinstance(step, PruneStep) and step.iterations != 1:
+                yield Conflict(f"{where}.iterations", "causal_lm models are pruned in one round", unsupported=True)
+            if step.gate is not None:
+                yield Conflict(f"{where}.gate", "gates are not measured for causal_lm steps yet", unsupported=True)
+            if spec.student is None:
+                yield Conflict(where, f"{step.kind} works on a distilled causal_lm student: add a student and a "
+                               "distill step first", unsupported=True)
             continue
         for name in ("hints", "synthesize", "coreset", "input_reduction", "augment", "early_stopping", "gate"):
             if getattr(step, name):

@@ -173,7 +173,7 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
                          "device": str(dev), "teacher_perplexity": teacher_scores["perplexity"],
                          "seconds": time.perf_counter() - started})
     init_state = copy.deepcopy(student.state_dict()) if job.baseline else None
-    total_epochs = sum(s.epochs for s in job.steps) * (2 if job.baseline else 1)
+    total_epochs = sum(_epochs(s) for s in job.steps) * (2 if job.baseline else 1)
     progress = ProgressTracker(reporter, total_epochs)
     ctx = LMContext(student=student, teacher=tmodel, val=val, device=dev, reporter=reporter, progress=progress,
                     generator=torch.Generator().manual_seed(job.seed), work_dir=work, eos_id=tok.eos_token_id,
@@ -188,6 +188,11 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
         if isinstance(step, jobspec.GenerateStep):
             generated[index] = _generate(step, index, train_records[ds_id], tok, tmodel, dev, job.seed, out_dir,
                                          reporter, progress, artifacts)
+            continue
+        if isinstance(step, jobspec.PruneStep | jobspec.QuantizeStep):
+            calib = text_data.tokenize(tok, records[ds_id][0], train_records[ds_id], first.max_seq_len)
+            row = _compress(job, ctx, step, index, calib, val_teacher, prompt, tok, work)
+            rows.append(row)
             continue
         source = job.generated_for(index)
         kind, step_records = (("prompt_completion", generated[source]) if source is not None
@@ -218,6 +223,11 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
         reporter.event("step_finished", f"step {index} finished: held-out perplexity {scores['perplexity']:.3f} "
                        f"(teacher {teacher_scores['perplexity']:.3f}), agreement {scores['agreement']:.3f}",
                        data={"step_index": index, **scores})
+    if ctx.student is not student:  # a prune step rebuilt it smaller
+        from engine.lm.students import describe
+
+        student = ctx.student
+        architecture = {**architecture, **describe(student)}
     baseline_row = None
     if job.baseline:
         baseline_row = _baseline(job, ctx, student, init_state, step_data, prompt, tok, val_teacher)
@@ -260,6 +270,61 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
                    "report written", data={"compression_ratio": report["compression_ratio"],
                                            "speedup": report["speedup"]})
     return EngineResult(artifacts=artifacts, metrics=metrics, report=report)
+
+
+def _epochs(step: Any) -> int:
+    """Epochs a step trains for (a prune step's fine-tune; none for quantize and generate)."""
+    if isinstance(step, jobspec.DistillStep):
+        return step.epochs
+    finetune = getattr(step, "finetune", None)
+    return finetune.epochs if isinstance(step, jobspec.PruneStep) and finetune is not None else 0
+
+
+def _compress(job: jobspec.JobSpec, ctx: LMContext, step: Any, index: int, calib: text_data.TokenBlocks,
+              val_teacher: Any, prompt: Any, tok: Any, work: Path) -> dict[str, Any]:
+    """A prune (MLP channels, Wanda-ranked on the job's text, then the optional KD fine-tune) or quantize
+    (dynamic int8) step on the student; its report row. After ``dynamic_int8`` the delivered files stay the float
+    weights: quantizing them at load (``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, torch.qint8)``,
+    a pure function of the weights) gives exactly the model this row measured; ``gguf`` q8_0 is the int8 file."""
+    from engine.lm import compress
+
+    ctx.progress.step_started(step_index=index, step_kind=step.kind, epochs=_epochs(step))
+    ctx.reporter.event("step_started", f"step {index}: {step.kind} {step.method}",
+                       data={"step_index": index, "kind": step.kind})
+    extra: dict[str, Any] = {}
+    if isinstance(step, jobspec.PruneStep):
+        pruned, facts = compress.prune_mlp_channels(ctx.student, step.amount, calibration=calib.select(
+            torch.arange(min(calib.n, 32))))
+        ctx.student = pruned.to(ctx.device)
+        extra["prune"] = {k: v for k, v in facts.items() if k != "kept_units"}
+        ctx.reporter.event("prune", f"step {index}: {facts['intermediate_before']} → {facts['intermediate_after']} "
+                           f"MLP units per layer ({facts['criterion']})", data=extra["prune"])
+        if step.finetune is not None:
+            ft = step.finetune
+            tune = jobspec.DistillStep(loss=ft.loss, epochs=ft.epochs, batch_size=ft.batch_size,
+                                       optimizer=ft.optimizer, schedule=ft.schedule, grad_clip=ft.grad_clip,
+                                       max_seq_len=int(calib.input_ids.shape[1]))
+            with fill_cache(ctx.teacher, calib, registry.losses.build(ft.loss), ctx.device, work / f"cache{index}",
+                            ctx.check_stop) as cache:
+                extra["finetune"] = _fit(job, ctx, tune, index, calib, cache=cache, val_teacher=val_teacher)
+        model = ctx.student
+        scores = evaluate(model, ctx.val, ctx.device, teacher=ctx.teacher if val_teacher is None else None,
+                          teacher_logits=val_teacher)
+        row = lm_report.model_row(model, scores, prompt, tok.pad_token_id)
+    else:
+        quantized, facts = compress.quantize_dynamic_int8(ctx.student)
+        cpu = torch.device("cpu")
+        scores = evaluate(quantized, ctx.val, cpu, teacher_logits=val_teacher)
+        row = lm_report.model_row(quantized, scores, prompt, tok.pad_token_id)
+        row["size_bytes"] = compress.quantized_size_bytes(quantized)
+        extra["quantization"] = {**facts, "notes": "dynamic int8 (torch.ao) of every Linear, measured on the CPU; "
+                                 "the files hold the float weights: quantize them at load with "
+                                 "torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, torch.qint8) to get "
+                                 "exactly this model, or take the gguf q8_0 export"}
+    ctx.reporter.event("step_finished", f"step {index} finished: held-out perplexity {scores['perplexity']:.3f}",
+                       data={"step_index": index, **scores})
+    return {"index": index, "kind": step.kind, "method": step.method, **row, **extra,
+            "data": {"calibration_sequences": min(calib.n, 32)}}
 
 
 def _fit(job: jobspec.JobSpec, ctx: LMContext, step: jobspec.DistillStep, index: int, data: text_data.TokenBlocks,

@@ -167,3 +167,20 @@ def test_two_devices_train_the_same_student_as_one(lm_teacher, tmp_path):
     one, _ = _run(spec, lm_teacher, data, tmp_path / "one")
     two, _ = _run({**spec, "devices": 2}, lm_teacher, data, tmp_path / "two")
     assert two.report["student"]["perplexity"] == pytest.approx(one.report["student"]["perplexity"], rel=1e-3)
+
+
+def test_prune_and_quantize_a_distilled_student(lm_teacher, tmp_path):
+    """distill → prune 50 % of the MLP units (Wanda-ranked, KD fine-tune) → dynamic int8: each step one row."""
+    data = _data(tmp_path, lm_teacher.train_docs[:8])
+    spec = _spec()
+    spec["steps"][0]["epochs"] = 1
+    spec["steps"] += [{"kind": "prune", "method": "channel", "amount": 0.5,
+                       "finetune": {"epochs": 1, "loss": {"type": "token_kd"}, "batch_size": 16}},
+                      {"kind": "quantize", "method": "dynamic_int8"}]
+    result, _ = _run(spec, lm_teacher, data, tmp_path / "out")
+    distilled, pruned, quantized = result.report["steps"]
+    assert pruned["prune"]["intermediate_after"] == pruned["prune"]["intermediate_before"] // 2
+    assert pruned["num_parameters"] < distilled["num_parameters"]
+    assert quantized["size_bytes"] < 0.5 * pruned["size_bytes"]
+    assert quantized["perplexity"] < 1.05 * pruned["perplexity"]  # dynamic int8 keeps perplexity within 5 %
+    assert result.report["architecture"]["intermediate_size"] == pruned["prune"]["intermediate_after"]

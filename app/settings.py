@@ -87,6 +87,14 @@ class Settings(BaseSettings):
     dataset_fetch_timeout_seconds: float = Field(300.0, gt=0, description="Longest a dataset URI may take to "
                                                  "download, connecting and every redirect included.")
 
+    # ---- served teachers (docs/llm.md#a-served-teacher) ----------------------------------------------
+    teacher_endpoint_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Hosts (host or host:port, comma-separated or a JSON list) a job's "
+                                          "teacher.endpoint may name; empty: served teachers are off.")
+    teacher_endpoint_api_key: str | None = Field(None, description="Bearer token the worker sends to served "
+                                                 "teachers (never stored in a spec, never seen by the executor).")
+    teacher_endpoint_timeout_seconds: float = Field(120.0, gt=0, description="Each request to a served teacher.")
+
     # ---- the sandboxed executor (docs/security.md) ------------------------------------------
     sandbox: Literal["auto", "bwrap", "process"] = Field(
         "auto", description="How untrusted work (upload inspection, job runs) is isolated: bwrap (bubblewrap "
@@ -187,7 +195,7 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(8, ge=1, le=256, description="Deliveries the leading worker sends at once "
                                      "(one at a time per endpoint).")
 
-    @field_validator("webhook_allowed_hosts", "webhook_retry_schedule", mode="before")
+    @field_validator("webhook_allowed_hosts", "webhook_retry_schedule", "teacher_endpoint_hosts", mode="before")
     @classmethod
     def _list_from_env(cls, v: Any) -> Any:
         """A JSON list, or the friendlier ``a,b,c``."""
@@ -198,7 +206,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in v.split(",") if part.strip()]
         return v
 
-    @field_validator("webhook_allowed_hosts")
+    @field_validator("webhook_allowed_hosts", "teacher_endpoint_hosts")
     @classmethod
     def _hosts_lowercase(cls, v: list[str]) -> list[str]:
         return [h.strip().lower().strip("[]").rstrip(".") for h in v if h.strip()]
@@ -244,6 +252,17 @@ class Settings(BaseSettings):
     @classmethod
     def _lowercase(cls, v: list[str]) -> list[str]:
         return [item.strip().lower() for item in v if item.strip()]
+
+    def teacher_endpoint_allowed(self, url: str) -> bool:
+        """Whether a served teacher at ``url`` is on the allow-list: its host, or host:port, is listed."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower().rstrip(".")
+        if parts.scheme not in ("http", "https") or not host:
+            return False
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return host in self.teacher_endpoint_hosts or f"{host}:{port}" in self.teacher_endpoint_hosts
 
     @property
     def resolved_database_url(self) -> str:

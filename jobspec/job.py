@@ -22,6 +22,24 @@ MetadataValue = Union[str, int, float, bool, None]
 SEED_MAX = 2**31 - 1
 
 
+class EndpointTeacher(Config):
+    """A causal LM served behind an OpenAI-compatible API (``POST {url}/completions``). Its host must be on the
+    deployment's allow-list (``DISTILLERY_TEACHER_ENDPOINT_HOSTS``); credentials come from the deployment
+    (``DISTILLERY_TEACHER_ENDPOINT_API_KEY``), never from the spec."""
+
+    url: str = Field(min_length=8, max_length=500, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+                     examples=["https://llm.internal/v1"], description="Base URL of the API (ends before /completions).")
+    model: str = Field(min_length=1, max_length=200, description="The served model's name.")
+    top_logprobs: int = Field(20, ge=1, le=20, description="Alternatives per token asked for (OpenAI caps it at 20); "
+                                                           "token_kd keeps them as its top-k.")
+
+
+class TeacherRef(Config):
+    """The teacher when it is not an uploaded model."""
+
+    endpoint: EndpointTeacher
+
+
 class JobSpec(Config):
     """What POST /v1/jobs accepts. Stored with defaults filled as the job's ``spec``."""
 
@@ -42,7 +60,10 @@ class JobSpec(Config):
         },
     )
 
-    teacher_model_id: str = Field(min_length=1, max_length=40)
+    teacher_model_id: str | None = Field(None, min_length=1, max_length=40,
+                                         description="The uploaded teacher (or 'teacher' for a served one).")
+    teacher: TeacherRef | None = Field(None, description="causal_lm: a teacher served by an OpenAI-compatible "
+                                                         "endpoint, instead of teacher_model_id.")
     dataset_id: str | None = Field(None, max_length=40, description="Transfer data; omit for data-free jobs.")
     eval_dataset_id: str | None = Field(None, max_length=40, description="Held-out data to score the result on.")
     input_spec: InputSpec | None = Field(None, description="Input shape for data-free jobs.")
@@ -63,6 +84,9 @@ class JobSpec(Config):
     @model_validator(mode="after")
     def _combinations(self) -> JobSpec:
         """Rules between fields of the spec itself (no teacher or dataset facts needed)."""
+        if (self.teacher_model_id is None) == (self.teacher is None):
+            raise ValueError("give the teacher as 'teacher_model_id' (an uploaded model) or as 'teacher': "
+                             "{\"endpoint\": {\"url\", \"model\"}} (a served causal LM), exactly one of them")
         if len(set(self.exports)) != len(self.exports):
             raise ValueError("exports lists a format twice")
         if (self.tracking is not None and self.tracking.mlflow.register_ is not None
@@ -130,7 +154,7 @@ class JobSpec(Config):
         return list(dict.fromkeys(i for i in ids if i))
 
     def model_ids(self) -> list[str]:
-        ids = [self.teacher_model_id]
+        ids = [self.teacher_model_id] if self.teacher_model_id else []
         if isinstance(self.student, UploadedStudent):
             ids.append(self.student.model_id)
         return ids

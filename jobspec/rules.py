@@ -90,6 +90,8 @@ class Facts:
     tokenizers: Mapping[str, str] = field(default_factory=dict)
     #: Each dataset's format (dataset id → format), where known: text (``jsonl``) is for causal_lm teachers only.
     formats: Mapping[str, str] = field(default_factory=dict)
+    #: Each model's format (model id → format), where known.
+    model_formats: Mapping[str, str] = field(default_factory=dict)
     #: jsonl datasets: their record kind (``text``, ``prompt_completion``, ``messages``, ``prompt``), where known.
     kinds: Mapping[str, str] = field(default_factory=dict)
 
@@ -99,7 +101,7 @@ def with_task_defaults(spec: JobSpec, task: str) -> JobSpec:
     ``model_fields_set``): a causal_lm job exports ``hf``, distills with ``token_kd`` for 3 epochs in batches
     of 8 sequences with AdamW (5e-4, warm-up), and ``derive`` keeps the teacher's width. Called by the API
     before the spec is stored; the stored spec then names every value, so the engine runs exactly it."""
-    if task != LM_TASK:
+    if task != LM_TASK and spec.teacher is None:
         return spec
     update: dict = {}
     if "exports" not in spec.model_fields_set:
@@ -121,9 +123,35 @@ def with_task_defaults(spec: JobSpec, task: str) -> JobSpec:
     return spec.model_copy(update=update)
 
 
+def _endpoint_conflicts(spec: JobSpec) -> Iterator[Conflict]:
+    """A served teacher gives completions and its top log-probabilities at T = 1, nothing else."""
+    if not isinstance(spec.student, UploadedStudent):
+        yield Conflict("student", "a served teacher has no weights to derive or size a student from: upload the "
+                       "student (an hf_transformers model with the served model's tokenizer) and give its "
+                       "'model_id'")
+    top = spec.teacher.endpoint.top_logprobs
+    for i, step in enumerate(spec.steps):
+        where = f"steps[{i}]"
+        if isinstance(step, PruneStep | QuantizeStep):
+            yield Conflict(where, f"{step.kind} steps are not available with a served teacher", unsupported=True)
+        if not isinstance(step, DistillStep) or step.loss.type != "token_kd":
+            continue
+        if step.loss.temperature != 1.0:
+            yield Conflict(f"{where}.loss.temperature", "a served teacher's log-probabilities are at temperature 1; "
+                           "set temperature 1.0")
+        if step.loss.top_k is not None and step.loss.top_k > top:
+            yield Conflict(f"{where}.loss.top_k", f"the endpoint is asked for {top} alternatives per token "
+                           f"(teacher.endpoint.top_logprobs); top_k must be at most that")
+        if step.on_policy:
+            yield Conflict(f"{where}.on_policy", "on-policy batches with a served teacher are not available yet",
+                           unsupported=True)
+
+
 def _lm_conflicts(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
     """What a causal_lm job cannot combine (today: distill steps with token_kd, HF students, hf/gguf/onnx)."""
-    if facts.teacher_format not in LM_FORMATS:
+    if spec.teacher is not None:
+        yield from _endpoint_conflicts(spec)
+    elif facts.teacher_format not in LM_FORMATS:
         yield Conflict("teacher_model_id", f"a causal_lm teacher must be uploaded as hf_transformers (a zipped "
                        f"Hugging Face model directory), not {facts.teacher_format}")
     for i, step in enumerate(spec.steps):
@@ -155,10 +183,11 @@ def _lm_conflicts(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
                        f"{{\"family\": \"hf_causal_lm\", \"config\": {{...}}}} or an uploaded hf_transformers "
                        f"model, not family {student.family!r}")
     if isinstance(student, UploadedStudent):
-        theirs, ours = facts.tokenizers.get(student.model_id), facts.tokenizers.get(spec.teacher_model_id)
-        if theirs is None:
-            yield Conflict("student.model_id", "the student of a causal_lm teacher must be an hf_transformers model")
-        elif ours is not None and theirs != ours:
+        theirs, ours = facts.tokenizers.get(student.model_id), facts.tokenizers.get(spec.teacher_model_id or "")
+        if facts.model_formats.get(student.model_id, "hf_transformers") != "hf_transformers":
+            yield Conflict("student.model_id", f"the student of a causal_lm teacher must be an hf_transformers "
+                           f"model (this one is {facts.model_formats[student.model_id]})")
+        elif ours is not None and theirs is not None and theirs != ours:
             yield Conflict("student.model_id", "the student's tokenizer differs from the teacher's (another "
                            "vocabulary): token-level KD compares distributions over the same tokens; use a "
                            "student built with the teacher's tokenizer, or 'derive' / 'hf_causal_lm'")
@@ -196,7 +225,7 @@ def _allowed(table: Mapping[str, frozenset[str]], task: str) -> str:
 def conflicts(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
     """Every rule ``spec`` breaks given ``facts``, in spec order."""
     task, onnx_teacher = facts.task, facts.teacher_format not in TORCH_FORMATS
-    if task == LM_TASK:
+    if task == LM_TASK or spec.teacher is not None:
         yield from _lm_conflicts(spec, facts)
     else:
         yield from _classic_only(spec, facts)

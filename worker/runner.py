@@ -223,12 +223,14 @@ def _inputs(job_id: str) -> tuple[dict, list[_Input]]:
         job = s.get(Job, job_id)
         assert job is not None
         spec = dict(job.spec)
-        model = s.get(Model, spec["teacher_model_id"])
-        if model is None:
-            raise _MissingInput(f"teacher model {spec['teacher_model_id']} was deleted before the job ran")
-        needed = [_Input(f"teacher model {model.id}", "teacher", model.id, model.storage_key, model.sha256,
-                         functools.partial(engine.TeacherSource, format=model.format, task=model.task,
-                                           sha256=model.sha256, architecture=model.architecture))]
+        needed = []
+        if spec.get("teacher_model_id") is not None:  # else a served teacher (worker/teacher_proxy.py)
+            model = s.get(Model, spec["teacher_model_id"])
+            if model is None:
+                raise _MissingInput(f"teacher model {spec['teacher_model_id']} was deleted before the job ran")
+            needed.append(_Input(f"teacher model {model.id}", "teacher", model.id, model.storage_key, model.sha256,
+                                 functools.partial(engine.TeacherSource, format=model.format, task=model.task,
+                                                   sha256=model.sha256, architecture=model.architecture)))
         for ds_id in _dataset_ids(spec):
             ds = s.get(Dataset, ds_id)
             if ds is None:
@@ -257,7 +259,9 @@ def _place(spec: dict, needed: list[_Input], storage: Storage, inputs: CacheSess
         except InputCorrupt as exc:
             raise _MissingInput(f"the stored file of {item.what} is damaged: {exc}") from exc
         placed[item.role][item.id] = item.source(path=path)
-    (teacher,) = placed["teacher"].values()
+    teacher = next(iter(placed["teacher"].values()), None)
+    if teacher is None:  # the supervisor stages the served teacher's description in the job's scratch directory
+        teacher = engine.TeacherSource(path=Path("endpoint.json"), format="endpoint", task="causal_lm")
     return supervisor.JobFiles(spec, teacher, placed["dataset"], placed["model"])
 
 

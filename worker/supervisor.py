@@ -9,6 +9,7 @@ kill the executor's process group, so they take effect in any phase (data loadin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -279,6 +280,26 @@ def supervise(files: JobFiles, scratch: Path, checkpoints: CheckpointTarget, set
     cancelled or taken away; ``should_release`` (polled the same way) that the worker is shutting down.
     The newest checkpoint is restored from ``checkpoints`` and each new one pushed to it."""
     scratch.mkdir(parents=True, exist_ok=True)
+    proxy = None
+    if files.teacher.format == "endpoint":  # a served teacher: the executor's one way out (worker/teacher_proxy.py)
+        from worker.teacher_proxy import EndpointRefused, TeacherProxy
+
+        try:
+            proxy = TeacherProxy(scratch, files.spec["teacher"]["endpoint"], settings)
+        except EndpointRefused as exc:
+            return Failed("invalid_spec", str(exc))
+        files = dataclasses.replace(files, teacher=dataclasses.replace(files.teacher, path=proxy.config_path))
+    try:
+        return _supervise(files, scratch, checkpoints, settings, reporter, should_stop, should_release,
+                          release_seconds)
+    finally:
+        if proxy is not None:
+            proxy.close()
+
+
+def _supervise(files: JobFiles, scratch: Path, checkpoints: CheckpointTarget, settings: Settings, reporter: Any,
+               should_stop: Callable[[], bool], should_release: Callable[[], bool], release_seconds: float
+               ) -> Ending:
     job_file, inputs = stage(files, scratch, checkpoints, settings)
     mode = sandbox.resolve_mode(settings.sandbox)
     ex = sandbox.spawn(executor_argv(job_file), scratch=scratch, inputs=inputs, limits=job_limits(settings),

@@ -745,7 +745,7 @@ def check(est: Estimate, settings: Settings) -> Estimate:
 def check_job(spec: JobSpec, teacher: Model, datasets: Mapping[str, Dataset], student_model: Model | None,
               settings: Settings) -> Estimate:
     """:func:`estimate` then :func:`check`: the one call ``create_job`` makes before 202."""
-    if teacher.task == "causal_lm":
+    if teacher is None or teacher.task == "causal_lm":
         from app.jobs.budget_lm import estimate_lm
 
         return check(estimate_lm(spec, teacher, datasets, student_model), settings)

@@ -38,7 +38,7 @@ def _hf(model: Model | None) -> Mapping[str, Any]:
     return hf if isinstance(hf, Mapping) else {}
 
 
-def student_parameters(spec: JobSpec, teacher: Model, student_model: Model | None) -> int:
+def student_parameters(spec: JobSpec, teacher: Model | None, student_model: Model | None) -> int:
     t = _hf(teacher)
     vocab, hidden, layers = int(t.get("vocab_size") or 1), int(t.get("hidden_size") or 1), int(t.get("layers") or 1)
     embed = 2 * vocab * hidden
@@ -54,16 +54,18 @@ def student_parameters(spec: JobSpec, teacher: Model, student_model: Model | Non
         return int(2 * vocab * h + n * (4 * h * h + 2 * h * inter))
     if isinstance(s, UploadedStudent) and student_model is not None:
         return int(student_model.num_parameters)
-    return int(teacher.num_parameters)
+    return int(teacher.num_parameters) if teacher is not None else 0
 
 
-def estimate_lm(spec: JobSpec, teacher: Model, datasets: Mapping[str, Dataset], student_model: Model | None):
-    """An :class:`app.jobs.budget.Estimate` for a causal_lm job (formulas in the module docstring)."""
+def estimate_lm(spec: JobSpec, teacher: Model | None, datasets: Mapping[str, Dataset], student_model: Model | None):
+    """An :class:`app.jobs.budget.Estimate` for a causal_lm job (formulas in the module docstring). A served
+    teacher (``teacher`` None) costs this deployment no weights and no FLOPs; the student's facts size the rest."""
     from app.jobs.budget import Estimate
 
-    t = _hf(teacher)
+    t = _hf(teacher) or _hf(student_model)
     vocab, hidden = int(t.get("vocab_size") or 1), int(t.get("hidden_size") or 1)
-    p_t, p_s = int(teacher.num_parameters), student_parameters(spec, teacher, student_model)
+    p_t = int(teacher.num_parameters) if teacher is not None else 0
+    p_s = student_parameters(spec, teacher, student_model)
     layers_s = max(1, int(t.get("layers") or 1))
     notes = [f"tokens estimated as characters / {CHARS_PER_TOKEN}"]
 

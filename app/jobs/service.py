@@ -40,11 +40,14 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
     if (prior := idempotency.lookup(session, tenant_id, "jobs", idempotency_key, req)) is not None:
         return get_job(session, tenant_id, prior), False
     spec = JobSpec.model_validate(body)
-    teacher = get_model(session, tenant_id, spec.teacher_model_id)
+    teacher = get_model(session, tenant_id, spec.teacher_model_id) if spec.teacher_model_id else None
+    if spec.teacher is not None and not settings.teacher_endpoint_allowed(spec.teacher.endpoint.url):
+        raise Unprocessable(f"teacher.endpoint.url: the host of {spec.teacher.endpoint.url!r} is not on this "
+                            "deployment's allow-list (DISTILLERY_TEACHER_ENDPOINT_HOSTS)", code="endpoint_not_allowed")
     datasets = {ds_id: get_dataset(session, tenant_id, ds_id) for ds_id in spec.dataset_ids()}
     student_model = (get_model(session, tenant_id, spec.student.model_id)
                      if isinstance(spec.student, UploadedStudent) else None)
-    spec = with_task_defaults(spec, teacher.task)
+    spec = with_task_defaults(spec, teacher.task if teacher is not None else "causal_lm")
     check_compatible(spec, teacher, datasets, student_model)
     tracking.check_available(spec, settings)
     # Parameters, memory and time from metadata alone: 422 budget_exceeded before 202 (docs/budgets.md).
@@ -54,7 +57,8 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
     if (prior := idempotency.claim(session, tenant_id, "jobs", idempotency_key, req, job_id)) is not None:
         return get_job(session, tenant_id, prior), False
     job = Job(id=job_id, tenant_id=tenant_id, status=state.QUEUED, kind=spec.kind,
-              teacher_model_id=teacher.id, dataset_id=spec.dataset_id, spec=spec.model_dump(mode="json"),
+              teacher_model_id=teacher.id if teacher is not None else None, dataset_id=spec.dataset_id,
+              spec=spec.model_dump(mode="json"),
               queue=settings.job_queue, attempts=0, max_attempts=settings.max_attempts,
               tracking=tracking.initial_state(spec),
               progress={"step_index": 0, "step_kind": spec.steps[0].kind, "epoch": 0,
@@ -70,7 +74,7 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
 
 
 def _inputs(spec: JobSpec) -> list[tuple[str, str]]:
-    roles = {spec.teacher_model_id: "teacher"}
+    roles = {spec.teacher_model_id: "teacher"} if spec.teacher_model_id else {}
     if isinstance(spec.student, UploadedStudent):
         roles.setdefault(spec.student.model_id, "student")
     for ds_id in spec.dataset_ids():
@@ -78,15 +82,16 @@ def _inputs(spec: JobSpec) -> list[tuple[str, str]]:
     return list(roles.items())
 
 
-def check_compatible(spec: JobSpec, teacher: Model, datasets: dict[str, Dataset],
+def check_compatible(spec: JobSpec, teacher: Model | None, datasets: dict[str, Dataset],
                      student: Model | None = None) -> None:
     """The spec against the teacher's and datasets' recorded facts (:mod:`jobspec.rules`, the same rules the
     engine checks again at job start), before the job is queued."""
     tokenizers = {m.id: m.io_schema["hf"]["tokenizer_sha256"] for m in (teacher, student)
                   if m is not None and isinstance((m.io_schema or {}).get("hf"), dict)}
-    facts = Facts(task=teacher.task, teacher_format=teacher.format,
+    facts = Facts(task=teacher.task if teacher else "causal_lm", teacher_format=teacher.format if teacher else "endpoint",
                   labelled={ds_id: ds.has_labels for ds_id, ds in datasets.items()}, tokenizers=tokenizers,
                   formats={ds_id: ds.format for ds_id, ds in datasets.items()},
+                  model_formats={m.id: m.format for m in (teacher, student) if m is not None},
                   kinds={ds_id: (ds.schema_ or {}).get("records") for ds_id, ds in datasets.items()
                          if ds.format == "jsonl"})
     problem = next(conflicts(spec, facts), None)

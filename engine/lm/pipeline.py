@@ -19,6 +19,7 @@ classic pipeline):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import time
@@ -32,13 +33,15 @@ from pydantic import ValidationError
 import jobspec
 from engine.errors import Cancelled, EngineError, ExportFailed, InvalidDataset, InvalidSpec, Unsupported, error_summary
 from engine import registry
-from engine.lm import generation, model_dir, report as lm_report, text_data
+from engine.lm import model_dir, report as lm_report, text_data
 from engine.lm.components import LM_EXPORTERS
-from engine.lm.training import LMContext, evaluate, fill_cache, fit_lm, teacher_val_logits
+from engine.lm.teachers import LocalTeacher, ServedTeacher
+from engine.lm.training import LMContext, evaluate, fill_cache, fit_lm
 from engine.report.rows import build_report, file_sha256, spec_sha256, versions, write_report
 from engine.training.progress import ProgressTracker
 from engine.values import ArtifactFile, DatasetSource, EngineResult, ModelSource, Reporter, TeacherSource
 from jobspec.base import validation_message
+from jobspec.rules import with_task_defaults
 
 
 def _sources(job: jobspec.JobSpec, datasets: Any) -> dict[str, DatasetSource]:
@@ -101,7 +104,8 @@ def run_lm(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, out_d
     work = out_dir / "work"
     reporter.event("validate", "checking spec, text datasets and the language model")
     try:
-        job = jobspec.JobSpec.model_validate(dict(spec))
+        # A stored spec names every field; a script's may not, and gets the causal_lm defaults the API would fill.
+        job = with_task_defaults(jobspec.JobSpec.model_validate(dict(spec)), "causal_lm")
     except ValidationError as exc:
         raise InvalidSpec(validation_message(exc)) from None
     dev = resolve_device(device)
@@ -109,31 +113,57 @@ def run_lm(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Any, out_d
         torch.set_num_threads(threads)
     sources = _sources(job, datasets)
     records = _records(job, sources)
+    facts = jobspec.Facts(task=teacher.task, teacher_format=teacher.format,
+                          labelled={k: kind != "prompt" for k, (kind, _) in records.items()},
+                          kinds={k: kind for k, (kind, _) in records.items()})
     try:
-        teacher_dir = model_dir.unpack(Path(teacher.path), work / "teacher")
-        tmodel = model_dir.load_causal_lm(teacher_dir)
-        tok = model_dir.load_tokenizer(teacher_dir)
-        digest = model_dir.tokenizer_digest(tok)
-        facts = jobspec.Facts(task=teacher.task, teacher_format=teacher.format,
-                              labelled={k: kind != "prompt" for k, (kind, _) in records.items()},
-                              tokenizers={job.teacher_model_id: digest},
-                              kinds={k: kind for k, (kind, _) in records.items()})
-        for problem in jobspec.conflicts(job, facts):
-            raise (Unsupported if problem.unsupported else InvalidSpec)(str(problem))
-        tmodel = tmodel.to(dev)
-        for p in tmodel.parameters():
-            p.requires_grad_(False)
-        torch.manual_seed(job.seed)
-        student, architecture = _student(job, tmodel, digest, models, work)
+        if teacher.format == "endpoint":
+            side, tok, student, architecture = _served(job, facts, Path(teacher.path), models, work, records)
+        else:
+            teacher_dir = model_dir.unpack(Path(teacher.path), work / "teacher")
+            tmodel = model_dir.load_causal_lm(teacher_dir)
+            tok = model_dir.load_tokenizer(teacher_dir)
+            digest = model_dir.tokenizer_digest(tok)
+            _check(job, dataclasses.replace(facts, tokenizers={job.teacher_model_id: digest}))
+            tmodel = tmodel.to(dev)
+            for p in tmodel.parameters():
+                p.requires_grad_(False)
+            torch.manual_seed(job.seed)
+            student, architecture = _student(job, tmodel, digest, models, work)
+            side = LocalTeacher(tmodel, dev)
         student = student.to(dev)
-        reporter.event("validate", f"teacher {tmodel.config.model_type} with "
-                       f"{sum(p.numel() for p in tmodel.parameters()):,} parameters; student "
-                       f"{architecture['parameters']:,} parameters ({architecture.get('layers')} layers)",
-                       data={"teacher": lm_report.model_bytes(tmodel), "student": architecture,
+        reporter.event("validate", f"teacher {side.name}; student {architecture['parameters']:,} parameters "
+                       f"({architecture.get('layers')} layers)",
+                       data={"teacher": side.name, "student": architecture,
                              "datasets": {k: {"records": len(r), "kind": kind} for k, (kind, r) in records.items()}})
-        return _run(job, spec, teacher, sources, records, tok, tmodel, student, architecture, out_dir, reporter, dev)
+        return _run(job, spec, teacher, sources, records, tok, side, student, architecture, out_dir, reporter, dev)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _check(job: jobspec.JobSpec, facts: jobspec.Facts) -> None:
+    for problem in jobspec.conflicts(job, facts):
+        raise (Unsupported if problem.unsupported else InvalidSpec)(str(problem))
+
+
+def _served(job: jobspec.JobSpec, facts: jobspec.Facts, config: Path, models: Mapping[str, ModelSource] | None,
+            work: Path, records: Mapping[str, tuple[str, list[dict]]]) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """A served teacher: the uploaded student and its tokenizer, checked against the endpoint's on sample text."""
+    from engine.lm import students
+    from engine.lm.endpoint import EndpointTeacher
+
+    _check(job, facts)
+    s = job.student
+    if not isinstance(s, jobspec.UploadedStudent) or not models or s.model_id not in models:
+        raise InvalidSpec("a served teacher needs an uploaded student ('student': {\"model_id\": ...})")
+    directory = model_dir.unpack(Path(models[s.model_id].path), work / "student")
+    tok = model_dir.load_tokenizer(directory)
+    student = model_dir.load_causal_lm(directory).float().train()
+    endpoint = EndpointTeacher(config, tok)
+    if any(isinstance(st, jobspec.DistillStep) and job.generated_for(i) is None for i, st in enumerate(job.steps)):
+        texts = [r.get("text") or r.get("prompt") or "" for _, rows in records.values() for r in rows[:4]]
+        endpoint.check_tokenizer([t for t in texts if t])
+    return ServedTeacher(endpoint), tok, student, {"model_id": s.model_id, **students.describe(student)}
 
 
 def _split(job: jobspec.JobSpec, records: Mapping[str, tuple[str, list[dict]]]
@@ -151,7 +181,7 @@ def _split(job: jobspec.JobSpec, records: Mapping[str, tuple[str, list[dict]]]
 
 
 def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, sources: Mapping[str, DatasetSource],
-         records: Mapping[str, tuple[str, list[dict]]], tok: Any, tmodel: Any, student: Any,
+         records: Mapping[str, tuple[str, list[dict]]], tok: Any, side: Any, student: Any,
          architecture: dict[str, Any], out_dir: Path, reporter: Reporter, dev: torch.device) -> EngineResult:
     work = out_dir / "work"
     val_kind, val_records, train_records, val_source = _split(job, records)
@@ -160,13 +190,13 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
     generates = [s for s in job.steps if isinstance(s, jobspec.GenerateStep)]
     if val_kind == "prompt" and generates:
         # Held-out prompts are scored on the teacher's own completions, as the steps train on them.
-        val_records = generation.generate_records(tmodel, tok, [r["prompt"] for r in val_records], generates[0], dev,
-                                                  job.seed, first.max_seq_len // 2, _stop(reporter))
+        val_records = side.complete(tok, [r["prompt"] for r in val_records], generates[0], job.seed,
+                                    first.max_seq_len // 2, _stop(reporter))
         val_kind, val_source = "prompt_completion", val_source + ", completed by the teacher"
     val = text_data.tokenize(tok, val_kind, val_records, first.max_seq_len)
     started = time.perf_counter()
-    val_teacher = teacher_val_logits(tmodel, val, dev)
-    teacher_scores = evaluate(tmodel, val, dev)
+    val_teacher = side.val_targets(val)
+    teacher_scores = side.scores(val)
     reporter.event("load", f"{val.n} held-out sequences ({val.tokens()} target tokens; {val_source}) on {dev}; "
                    f"teacher perplexity {teacher_scores['perplexity']:.3f}",
                    data={"val_sequences": val.n, "val_tokens": val.tokens(), "val_source": val_source,
@@ -175,7 +205,7 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
     init_state = copy.deepcopy(student.state_dict()) if job.baseline else None
     total_epochs = sum(_epochs(s) for s in job.steps) * (2 if job.baseline else 1)
     progress = ProgressTracker(reporter, total_epochs)
-    ctx = LMContext(student=student, teacher=tmodel, val=val, device=dev, reporter=reporter, progress=progress,
+    ctx = LMContext(student=student, teacher=side.model, val=val, device=dev, reporter=reporter, progress=progress,
                     generator=torch.Generator().manual_seed(job.seed), work_dir=work, eos_id=tok.eos_token_id,
                     pad_id=tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
     prompt = val.input_ids[:1, : lm_report.SAMPLE_PROMPT_TOKENS]
@@ -186,7 +216,7 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
     for index, step in enumerate(job.steps):
         ds_id = job.step_dataset_id(index)
         if isinstance(step, jobspec.GenerateStep):
-            generated[index] = _generate(step, index, train_records[ds_id], tok, tmodel, dev, job.seed, out_dir,
+            generated[index] = _generate(step, index, train_records[ds_id], tok, side, job.seed, out_dir,
                                          reporter, progress, artifacts)
             continue
         if isinstance(step, jobspec.PruneStep | jobspec.QuantizeStep):
@@ -203,8 +233,7 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
                        f"{data.n} sequences of {step.max_seq_len} tokens",
                        data={"step_index": index, "kind": "distill", "sequences": data.n})
         started = time.perf_counter()
-        cache = fill_cache(tmodel, data, registry.losses.build(step.loss), dev, work / f"cache{index}",
-                           ctx.check_stop)
+        cache = side.fill_cache(data, registry.losses.build(step.loss), work / f"cache{index}", ctx.check_stop)
         reporter.event("teacher_outputs", f"teacher targets cached for {data.n} sequences in "
                        f"{time.perf_counter() - started:.2f}s ({cache.nbytes:,} bytes"
                        f"{', memory-mapped' if cache.on_disk else ''})",
@@ -212,7 +241,7 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
                              "top_k": step.loss.top_k, "memory_mapped": cache.on_disk})
         with cache:
             info = _fit(job, ctx, step, index, data, cache=cache, val_teacher=val_teacher)
-        scores = evaluate(student, val, dev, teacher=tmodel if val_teacher is None else None,
+        scores = evaluate(student, val, dev, teacher=side.model if val_teacher is None else None,
                           teacher_logits=val_teacher)
         row = {"index": index, "kind": "distill", "method": step.loss.type,
                **lm_report.model_row(student, scores, prompt, tok.pad_token_id),
@@ -233,23 +262,23 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
         baseline_row = _baseline(job, ctx, student, init_state, step_data, prompt, tok, val_teacher)
     ctx.check_stop("before the exports")
     artifacts += _exports(job, student, tok, val, out_dir, work, reporter)
-    teacher_row = lm_report.model_row(tmodel, {**teacher_scores, "agreement": 1.0, "kl": 0.0}, prompt,
-                                      tok.pad_token_id)
+    teacher_row = side.row(teacher_scores, prompt, tok.pad_token_id)
     final = {k: v for k, v in rows[-1].items() if k not in ("index", "kind", "method", "data")}
     report = build_report(teacher=teacher_row, steps=rows, student=final, architecture=architecture,
                           reproducibility={"seed": job.seed, "versions": versions(), "spec_sha256": spec_sha256(spec),
-                                           "teacher_sha256": teacher.sha256 or file_sha256(Path(teacher.path)),
+                                           "teacher_sha256": (teacher.sha256 or file_sha256(Path(teacher.path)))
+                                           if side.model is not None else None,
                                            "datasets_sha256": {k: s.sha256 or file_sha256(Path(s.path))
                                                                for k, s in sources.items() if k in records},
                                            "device": str(dev), "threads": torch.get_num_threads()},
-                          data={"task": "causal_lm", "architecture": tmodel.config.model_type,
+                          data={"task": "causal_lm", "architecture": side.name,
                                 "records": {k: len(r) for k, (_, r) in records.items()},
                                 "record_kind": {k: kind for k, (kind, _) in records.items()},
                                 "train_sequences": step_data[0][2].n, "val_sequences": val.n,
                                 "val_tokens": val.tokens(), "val_source": val_source,
                                 "max_seq_len": first.max_seq_len, "vocab_size": len(tok)})
     report["recipe"] = list(spec.get("steps") or [])
-    report["samples"] = lm_report.samples(tmodel, student, tok, val, dev)
+    report["samples"] = lm_report.samples(side, student, tok, val, dev)
     metrics: dict[str, Any] = {"teacher": {k: teacher_row[k] for k in ("perplexity", "nll") if k in teacher_row},
                                "student": {k: final[k] for k in lm_report.LM_METRICS if k in final}}
     if baseline_row is not None:
@@ -264,11 +293,11 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
     except Exception as exc:  # noqa: BLE001 - the card and plots are extras; never fail a job over them
         reporter.event("report", f"model card / plots skipped: {error_summary(exc)}", level="warning")
     artifacts.append(write_report(report, out_dir))
+    ratios = (f", {report['parameter_ratio']:.2f}x fewer parameters, {report['speedup']:.2f}x faster generation "
+              "(batch 32)" if report.get("speedup") and report.get("parameter_ratio") else "")
     reporter.event("report", f"report written: student perplexity {final['perplexity']:.3f} (teacher "
-                   f"{teacher_row['perplexity']:.3f}), {report['parameter_ratio']:.2f}x fewer parameters, "
-                   f"{report['speedup']:.2f}x faster generation (batch 32)" if report.get("speedup") else
-                   "report written", data={"compression_ratio": report["compression_ratio"],
-                                           "speedup": report["speedup"]})
+                   f"{teacher_row['perplexity']:.3f}){ratios}",
+                   data={"compression_ratio": report["compression_ratio"], "speedup": report["speedup"]})
     return EngineResult(artifacts=artifacts, metrics=metrics, report=report)
 
 
@@ -344,14 +373,13 @@ def _stop(reporter: Reporter) -> Any:
     return check
 
 
-def _generate(step: jobspec.GenerateStep, index: int, prompts: list[dict], tok: Any, tmodel: Any, dev: torch.device,
-              seed: int, out_dir: Path, reporter: Reporter, progress: ProgressTracker,
+def _generate(step: jobspec.GenerateStep, index: int, prompts: list[dict], tok: Any, side: Any, seed: int,
+              out_dir: Path, reporter: Reporter, progress: ProgressTracker,
               artifacts: list[ArtifactFile]) -> list[dict[str, str]]:
     """Run a generate step: the teacher's completions of the prompts, also delivered as ``generated-step{i}.jsonl``."""
     progress.step_started(step_index=index, step_kind="generate", epochs=0)
     started = time.perf_counter()
-    records = generation.generate_records(tmodel, tok, [r["prompt"] for r in prompts], step, dev, seed + index,
-                                          1024, _stop(reporter))
+    records = side.complete(tok, [r["prompt"] for r in prompts], step, seed + index, 1024, _stop(reporter))
     path = out_dir / f"generated-step{index}.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     artifacts.append(ArtifactFile("dataset", "jsonl", path, index, "application/jsonl"))

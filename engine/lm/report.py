@@ -70,19 +70,23 @@ def model_row(model: Any, scores: Mapping[str, float], prompt: torch.Tensor, pad
     return row
 
 
+def greedy(model: Any, tok: Any, ids: torch.Tensor, new_tokens: int = SAMPLE_NEW_TOKENS) -> str:
+    """The greedy continuation of ``ids`` [1, P] by a local model, as text."""
+    with torch.no_grad():
+        gen = _generate(model.eval(), ids, new_tokens, tok.pad_token_id)
+    return tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 def samples(teacher: Any, student: Any, tok: Any, val: TokenBlocks, device: torch.device, n: int = 3
             ) -> list[dict[str, str]]:
-    """Greedy continuations of the first tokens of ``n`` held-out sequences, teacher and student side by side."""
+    """Greedy continuations of the first tokens of ``n`` held-out sequences, teacher and student side by side;
+    ``teacher`` is a :mod:`engine.lm.teachers` side (``.greedy(tok, ids)``)."""
     out = []
-    with torch.no_grad():
-        for i in range(min(n, val.n)):
-            length = int(val.attention_mask[i].sum())
-            ids = val.input_ids[i: i + 1, : min(SAMPLE_PROMPT_TOKENS, max(1, length // 2))].to(device)
-            row = {"prompt": tok.decode(ids[0], skip_special_tokens=True)}
-            for name, model in (("teacher", teacher), ("student", student)):
-                gen = _generate(model.eval(), ids, SAMPLE_NEW_TOKENS, tok.pad_token_id)
-                row[name] = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-            out.append(row)
+    for i in range(min(n, val.n)):
+        length = int(val.attention_mask[i].sum())
+        ids = val.input_ids[i: i + 1, : min(SAMPLE_PROMPT_TOKENS, max(1, length // 2))].to(device)
+        out.append({"prompt": tok.decode(ids[0], skip_special_tokens=True), "teacher": teacher.greedy(tok, ids),
+                    "student": greedy(student, tok, ids)})
     return out
 
 

@@ -177,7 +177,7 @@ def run(
     and resume from it when it matches this job (see :mod:`.checkpoint`).
     """
     out_dir = Path(out_dir)
-    if teacher.format == "hf_transformers" or teacher.task == "causal_lm":
+    if teacher.format in ("hf_transformers", "endpoint") or teacher.task == "causal_lm":
         from engine.lm.pipeline import run_lm  # generative LMs: their own phases (transformers loads only here)
 
         return run_lm(spec, teacher, datasets, out_dir, reporter, device=device, threads=threads, models=models)

@@ -122,8 +122,9 @@ def model_row(num_parameters: int, size_bytes: int, latency_ms: Mapping[str, flo
     return row  # type: ignore[return-value]
 
 
-def _ratio(a: float, b: float) -> float | None:
-    return float(a) / float(b) if b else None
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a / b; None when either is unknown (a served teacher has no size or local speed)."""
+    return float(a) / float(b) if a is not None and b else None
 
 
 def build_report(

@@ -63,3 +63,5 @@ def test_generate_needs_prompts_and_a_foreign_tokenizer_is_refused():
     student = _spec(student={"model_id": "s"})
     assert any("tokenizer" in p for p in _problems(student, Facts(**{**LM.__dict__, "tokenizers": {"t": "a", "s": "b"}})))
     assert _problems(student, Facts(**{**LM.__dict__, "tokenizers": {"t": "a", "s": "a"}})) == []
+    onnx = Facts(**{**LM.__dict__, "model_formats": {"s": "onnx"}})
+    assert any("hf_transformers" in p for p in _problems(student, onnx))

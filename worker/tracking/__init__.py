@@ -71,7 +71,7 @@ def _open(attempt: Attempt, settings: Settings) -> Tracker:
         if job is None or job.tracking is None or (job.tracking.get("mlflow") or {}).get("status") != PENDING:
             return NoTracking()  # not asked for, or settled by an earlier attempt
         spec = JobSpec.model_validate(job.spec)
-        teacher = s.get(Model, spec.teacher_model_id)
+        teacher = s.get(Model, spec.teacher_model_id) if spec.teacher_model_id else None
         dataset = s.get(Dataset, spec.dataset_id or spec.heldout_dataset_id() or "")
         tracked = TrackedJob(job_id=job.id, tenant_id=job.tenant_id, spec=dict(job.spec),
                              request=spec.tracking.mlflow,  # type: ignore[union-attr]

@@ -130,3 +130,49 @@ def test_code_pickles_remote_code_and_foreign_vocabularies_are_refused(http, tea
     r = http.post("/v1/models", files={"file": ("m.zip", archive.read_bytes())},
                   data={"name": "lm", "task": "classification"})
     assert r.status_code == 422 and "causal_lm" in r.json()["detail"], r.text
+
+
+def test_a_served_teacher_distills_through_generate_and_token_kd(http, teacher, tmp_path):
+    """The teacher behind an OpenAI-compatible server started here; the worker's proxy is the sandbox's way to it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.lm.students import derive_student
+    from tests.support.backends import SERVED_TEACHER_KEY
+    from tests.support.openai_server import OpenAIServer
+
+    directory, _ = teacher
+    tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    initial = derive_student(model, depth=0.5)
+    student_dir = lm.save_model_dir(initial, tok, tmp_path / "student")
+    r = _upload_model(http, lm.zip_dir(student_dir, tmp_path / "student.zip").read_bytes())
+    assert r.status_code == 201, r.text
+    train, held = lm.split_documents()
+    prompts = _dataset(http, [{"prompt": " ".join(d.split()[i:i + 8])} for d in train[:20] for i in (0, 40)])
+    text = _dataset(http, [{"text": d} for d in train[:24]])
+    held_id = _dataset(http, [{"text": d} for d in held])
+    with OpenAIServer(model, tok, api_key=SERVED_TEACHER_KEY) as server:
+        endpoint = {"url": server.url, "model": "teacher-7b", "top_logprobs": 8}
+        body = {"teacher": {"endpoint": endpoint}, "dataset_id": prompts, "eval_dataset_id": held_id,
+                "student": {"model_id": r.json()["id"]}, "exports": ["hf"],
+                "steps": [{"kind": "generate", "max_new_tokens": 24, "temperature": 0.8},
+                          {"kind": "distill", "loss": {"type": "token_kd", "top_k": 8}, "epochs": 1,
+                           "batch_size": 16, "max_seq_len": 64},
+                          {"kind": "distill", "dataset_id": text, "loss": {"type": "token_kd", "top_k": 8},
+                           "epochs": 1, "batch_size": 16, "max_seq_len": 64}]}
+        refused = http.post("/v1/jobs", json={**body, "teacher": {"endpoint": {**endpoint,
+                                                                                "url": "https://evil.example/v1"}}})
+        assert refused.status_code == 422 and refused.json()["code"] == "endpoint_not_allowed", refused.text
+        job = http.post("/v1/jobs", json=body)
+        assert job.status_code == 202, job.text
+        final = wait_for(http, job.json()["id"], timeout=420)
+        assert final["status"] == "succeeded", final["error"]
+        assert all(req["headers"]["Authorization"] == f"Bearer {SERVED_TEACHER_KEY}" for req in server.requests)
+    files = _files(http, final["id"])
+    report = json.loads(files["report.json"])
+    assert report["teacher"]["served"] == {"model": "teacher-7b"}
+    assert len(files["generated-step0.jsonl"].splitlines()) == 40  # every prompt (the held-out text is its own)
+    shipped = tmp_path / "shipped"
+    zipfile.ZipFile(io.BytesIO(files["student-hf.zip"])).extractall(shipped)
+    student = AutoModelForCausalLM.from_pretrained(shipped, local_files_only=True).eval()
+    assert lm.perplexity(student, tok, held) < lm.perplexity(initial.eval(), tok, held)

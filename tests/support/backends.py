@@ -19,6 +19,10 @@ from pathlib import Path
 from tests.support import services
 
 
+#: The key the test deployment sends to served teachers (their test servers require it).
+SERVED_TEACHER_KEY = "sk-test-deployment"
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str  # "sqlite" or "postgres"
@@ -29,7 +33,10 @@ class Backend:
     @property
     def env(self) -> dict[str, str]:
         """The ``DISTILLERY_*`` variables a subprocess needs to use this backend."""
-        env = {"DISTILLERY_DATABASE_URL": self.database_url, "DISTILLERY_DATA_DIR": str(self.data_dir)}
+        env = {"DISTILLERY_DATABASE_URL": self.database_url, "DISTILLERY_DATA_DIR": str(self.data_dir),
+               # Served teachers the tests start on loopback (tests/support/openai_server.py).
+               "DISTILLERY_TEACHER_ENDPOINT_HOSTS": "127.0.0.1",
+               "DISTILLERY_TEACHER_ENDPOINT_API_KEY": SERVED_TEACHER_KEY}
         if self.broker_url:
             env["DISTILLERY_BROKER_URL"] = self.broker_url
         return env

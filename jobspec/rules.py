@@ -54,10 +54,11 @@ def loss_tasks(loss: Loss) -> frozenset[str]:
 #: Gate metrics measured for each teacher task.
 GATE_METRIC_TASKS: dict[str, frozenset[str]] = {
     "accuracy": frozenset({"classification"}),
-    "agreement": frozenset({"classification"}),
+    "agreement": frozenset({"classification", "causal_lm"}),
     "f1_macro": frozenset({"classification"}),
     "r2": frozenset({"regression"}),
     "cosine": frozenset({"embedding"}),
+    "perplexity": frozenset({"causal_lm"}),
 }
 #: Gate metrics scored against labels (the others compare with the teacher).
 LABELLED_GATE_METRICS = frozenset({"accuracy", "f1_macro", "r2"})
@@ -168,13 +169,11 @@ def _lm_conflicts(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
                                f"models; use: {', '.join(LM_COMPRESSION[step.kind])}", unsupported=True)
             if isinstance(step, PruneStep) and step.iterations != 1:
                 yield Conflict(f"{where}.iterations", "causal_lm models are pruned in one round", unsupported=True)
-            if step.gate is not None:
-                yield Conflict(f"{where}.gate", "gates are not measured for causal_lm steps yet", unsupported=True)
             if spec.student is None:
                 yield Conflict(where, f"{step.kind} works on a distilled causal_lm student: add a student and a "
                                "distill step first", unsupported=True)
             continue
-        for name in ("hints", "synthesize", "coreset", "input_reduction", "augment", "early_stopping", "gate"):
+        for name in ("hints", "synthesize", "coreset", "input_reduction", "augment", "early_stopping"):
             if getattr(step, name):
                 yield Conflict(f"{where}.{name}", f"'{name}' does not apply to a causal_lm teacher", unsupported=True)
     student = spec.student

@@ -11,16 +11,21 @@ from jobspec.data import Coreset, InputReduction, Synthesize
 from jobspec.losses import Hint, KDLoss, Loss
 from jobspec.training import Augment, EarlyStopping, OptimizerConfig, ScheduleConfig
 
-GATE_METRICS = ("accuracy", "agreement", "f1_macro", "r2", "cosine")
+GATE_METRICS = ("accuracy", "agreement", "f1_macro", "r2", "cosine", "perplexity")
 PRUNE_METHODS = ("magnitude", "random", "layer", "channel")
 QUANTIZE_METHODS = ("dynamic_int8", "static_int8", "onnx_int8", "fp16", "bf16", "qat")
 
 
 class Gate(Config):
-    """Quality gate: the step's output may lose at most ``max_drop`` of ``metric`` against the teacher."""
+    """Quality gate: the step's output may lose at most ``max_drop`` of ``metric`` against the teacher.
 
-    metric: Literal["accuracy", "agreement", "f1_macro", "r2", "cosine"] = "accuracy"
-    max_drop: float = Field(0.01, ge=0, le=1, description="Absolute drop allowed, e.g. 0.01 = one point.")
+    ``perplexity`` (causal_lm): ``max_drop`` is the relative increase allowed over the teacher's held-out
+    perplexity (0.3: at most 1.3× the teacher's); ``agreement`` on a causal_lm is top-1 token agreement (the
+    teacher's is 1)."""
+
+    metric: Literal["accuracy", "agreement", "f1_macro", "r2", "cosine", "perplexity"] = "accuracy"
+    max_drop: float = Field(0.01, ge=0, le=100, description="Absolute drop allowed, e.g. 0.01 = one point "
+                                                            "(perplexity: relative increase).")
 
 
 class DistillStep(Config):

@@ -31,7 +31,8 @@ import torch
 from pydantic import ValidationError
 
 import jobspec
-from engine.errors import Cancelled, EngineError, ExportFailed, InvalidDataset, InvalidSpec, Unsupported, error_summary
+from engine.errors import (Cancelled, EngineError, ExportFailed, InvalidDataset, InvalidSpec, QualityGateFailed,
+                           Unsupported, error_summary)
 from engine import registry
 from engine.lm import model_dir, report as lm_report, text_data
 from engine.lm.components import LM_EXPORTERS
@@ -213,8 +214,14 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
     rows: list[dict[str, Any]] = []
     generated: dict[int, list[dict[str, str]]] = {}
     artifacts: list[ArtifactFile] = []
+    failed: dict[str, Any] | None = None
+    passing = None  # the student of the last step that passed, kept while a gated step runs
     for index, step in enumerate(job.steps):
+        if failed is not None:
+            break
         ds_id = job.step_dataset_id(index)
+        if getattr(step, "gate", None) is not None:
+            passing = copy.deepcopy(ctx.student).cpu() if rows else None
         if isinstance(step, jobspec.GenerateStep):
             generated[index] = _generate(step, index, train_records[ds_id], tok, side, job.seed, out_dir,
                                          reporter, progress, artifacts)
@@ -223,6 +230,7 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
             calib = text_data.tokenize(tok, records[ds_id][0], train_records[ds_id], first.max_seq_len)
             row = _compress(job, ctx, step, index, calib, val_teacher, prompt, tok, work)
             rows.append(row)
+            failed = _gate(step, index, row, teacher_scores, reporter)
             continue
         source = job.generated_for(index)
         kind, step_records = (("prompt_completion", generated[source]) if source is not None
@@ -252,18 +260,23 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
         reporter.event("step_finished", f"step {index} finished: held-out perplexity {scores['perplexity']:.3f} "
                        f"(teacher {teacher_scores['perplexity']:.3f}), agreement {scores['agreement']:.3f}",
                        data={"step_index": index, **scores})
+        failed = _gate(step, index, row, teacher_scores, reporter)
     if ctx.student is not student:  # a prune step rebuilt it smaller
         from engine.lm.students import describe
 
         student = ctx.student
         architecture = {**architecture, **describe(student)}
     baseline_row = None
-    if job.baseline:
+    if job.baseline and failed is None:
         baseline_row = _baseline(job, ctx, student, init_state, step_data, prompt, tok, val_teacher)
     ctx.check_stop("before the exports")
-    artifacts += _exports(job, student, tok, val, out_dir, work, reporter)
+    shipped = student if failed is None else passing  # a broken gate ships the last step that passed, if any
+    if shipped is not None:
+        artifacts += _exports(job, shipped, tok, val, out_dir, work, reporter)
     teacher_row = side.row(teacher_scores, prompt, tok.pad_token_id)
-    final = {k: v for k, v in rows[-1].items() if k not in ("index", "kind", "method", "data")}
+    passed_rows = rows if failed is None else rows[:-1]
+    final = ({k: v for k, v in passed_rows[-1].items() if k not in ("index", "kind", "method", "data", "gate")}
+             if passed_rows else dict(teacher_row))
     report = build_report(teacher=teacher_row, steps=rows, student=final, architecture=architecture,
                           reproducibility={"seed": job.seed, "versions": versions(), "spec_sha256": spec_sha256(spec),
                                            "teacher_sha256": (teacher.sha256 or file_sha256(Path(teacher.path)))
@@ -279,6 +292,10 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
                                 "max_seq_len": first.max_seq_len, "vocab_size": len(tok)})
     report["recipe"] = list(spec.get("steps") or [])
     report["samples"] = lm_report.samples(side, student, tok, val, dev)
+    if failed is not None:
+        report["gate"] = failed
+        if not passed_rows:
+            report["student"] = None
     metrics: dict[str, Any] = {"teacher": {k: teacher_row[k] for k in ("perplexity", "nll") if k in teacher_row},
                                "student": {k: final[k] for k in lm_report.LM_METRICS if k in final}}
     if baseline_row is not None:
@@ -293,12 +310,41 @@ def _run(job: jobspec.JobSpec, spec: Mapping[str, Any], teacher: TeacherSource, 
     except Exception as exc:  # noqa: BLE001 - the card and plots are extras; never fail a job over them
         reporter.event("report", f"model card / plots skipped: {error_summary(exc)}", level="warning")
     artifacts.append(write_report(report, out_dir))
+    if failed is not None:
+        result = EngineResult(artifacts=artifacts, metrics=metrics, report=report)
+        raise QualityGateFailed(failed["message"], result)
     ratios = (f", {report['parameter_ratio']:.2f}x fewer parameters, {report['speedup']:.2f}x faster generation "
               "(batch 32)" if report.get("speedup") and report.get("parameter_ratio") else "")
     reporter.event("report", f"report written: student perplexity {final['perplexity']:.3f} (teacher "
                    f"{teacher_row['perplexity']:.3f}){ratios}",
                    data={"compression_ratio": report["compression_ratio"], "speedup": report["speedup"]})
     return EngineResult(artifacts=artifacts, metrics=metrics, report=report)
+
+
+def _gate(step: Any, index: int, row: dict[str, Any], teacher: Mapping[str, float], reporter: Reporter
+          ) -> dict[str, Any] | None:
+    """Check the step's gate into ``row["gate"]``; the failure (``report["gate"]``) when it broke, else None.
+    ``perplexity``: the relative increase over the teacher's; ``agreement``: 1 − top-1 token agreement."""
+    gate = getattr(step, "gate", None)
+    if gate is None:
+        return None
+    if gate.metric == "perplexity":
+        value, reference = float(row["perplexity"]), float(teacher["perplexity"])
+        drop = value / reference - 1.0
+    else:
+        value, reference = float(row["agreement"]), 1.0
+        drop = reference - value
+    passed = drop <= gate.max_drop + 1e-12
+    row["gate"] = {"metric": gate.metric, "teacher": reference, "value": value, "drop": drop,
+                   "max_drop": float(gate.max_drop), "passed": passed}
+    if passed:
+        return None
+    what = "perplexity rose" if gate.metric == "perplexity" else "agreement dropped"
+    message = (f"step {index} ({step.kind}): {what} {drop:.3f} against the teacher's (allowed {gate.max_drop:.3f})")
+    failed = {"failed_step": index, "metric": gate.metric, "drop": drop, "max_drop": float(gate.max_drop),
+              "message": message}
+    reporter.event("quality_gate", message, level="error", data=failed)
+    return failed
 
 
 def _epochs(step: Any) -> int:

@@ -184,3 +184,26 @@ def test_prune_and_quantize_a_distilled_student(lm_teacher, tmp_path):
     assert quantized["size_bytes"] < 0.5 * pruned["size_bytes"]
     assert quantized["perplexity"] < 1.05 * pruned["perplexity"]  # dynamic int8 keeps perplexity within 5 %
     assert result.report["architecture"]["intermediate_size"] == pruned["prune"]["intermediate_after"]
+
+
+def test_a_broken_gate_ships_the_last_step_that_passed(lm_teacher, tmp_path):
+    from engine.errors import QualityGateFailed
+
+    data = _data(tmp_path, lm_teacher.train_docs[:6])
+    spec = _spec()
+    spec["steps"][0]["epochs"] = 1
+    spec["steps"] += [{"kind": "prune", "method": "channel", "amount": 0.9,
+                       "gate": {"metric": "perplexity", "max_drop": 0.01}}]
+    with pytest.raises(QualityGateFailed, match="perplexity rose") as err:
+        _run(spec, lm_teacher, data, tmp_path / "out")
+    report = err.value.result.report
+    assert report["gate"]["failed_step"] == 1 and report["steps"][1]["gate"]["passed"] is False
+    assert report["student"]["perplexity"] == report["steps"][0]["perplexity"]  # the distilled one ships
+    hf = next(a for a in err.value.result.artifacts if a.format == "hf")
+    assert hf.path.exists()
+    spec["steps"] = spec["steps"][:1]
+    spec["steps"][0]["gate"] = {"metric": "agreement", "max_drop": 0.0}
+    with pytest.raises(QualityGateFailed, match="agreement dropped") as err:
+        _run(spec, lm_teacher, data, tmp_path / "out2")
+    assert err.value.result.report["student"] is None
+    assert not [a for a in err.value.result.artifacts if a.kind == "student"]

@@ -32,6 +32,8 @@ from engine.training.progress import ProgressTracker
 from tests.engine.helpers import RecordingReporter
 from tests.support import lm
 
+pytestmark = pytest.mark.slow  # starts worker processes (torch.multiprocessing spawn, gloo)
+
 SEQ = 32
 
 

@@ -24,6 +24,9 @@ MLP = {"llama": (("gate_proj", "up_proj"), "down_proj", "model.layers.{}.mlp"),
        "gpt2": (("c_fc",), "c_proj", "transformer.h.{}.mlp")}
 
 
+#: One worker runs this module, so the model below is trained once per run, not once per xdist worker.
+pytestmark = pytest.mark.xdist_group("lm-compress")
+
 @pytest.fixture(scope="module")
 def trained(tok):
     """A briefly trained 4-layer Llama (150 steps, ~6 s on 2 cores) and the held-out / calibration documents."""

@@ -56,8 +56,11 @@ def test_distill_a_causal_lm_into_half_its_layers_and_use_every_export(http, tea
     on_policy = {**body, "exports": ["hf"],
                  "steps": [{**body["steps"][0], "on_policy": 0.5,
                             "loss": {"type": "token_kd", "divergence": "jsd", "beta": 0.5, "top_k": 32}}]}
-    jobs = [http.post("/v1/jobs", json=b) for b in (body, on_policy)]
+    quantized = {**body, "baseline": False, "exports": [],
+                 "steps": [{**body["steps"][0], "epochs": 1}, {"kind": "quantize", "method": "dynamic_int8"}]}
+    jobs = [http.post("/v1/jobs", json=b) for b in (body, on_policy, quantized)]
     assert all(j.status_code == 202 for j in jobs), [j.text for j in jobs]
+    quantized_job = jobs.pop()
     assert jobs[0].json()["spec"]["steps"][0]["schedule"]["warmup_fraction"] == 0.05  # the causal_lm defaults filled
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
@@ -77,6 +80,10 @@ def test_distill_a_causal_lm_into_half_its_layers_and_use_every_export(http, tea
         assert ppl < report["baseline"]["perplexity"], (ppl, report["baseline"])
         assert ppl < 1.3 * report["teacher"]["perplexity"], (ppl, report["teacher"])
     assert report["steps"][0]["data"]["on_policy_batches"] > 0
+    final = wait_for(http, quantized_job.json()["id"], timeout=420)
+    assert final["status"] == "succeeded", final["error"]
+    distilled, int8 = json.loads(_files(http, final["id"])["report.json"])["steps"]
+    assert int8["perplexity"] < 1.05 * distilled["perplexity"] and int8["size_bytes"] < 0.6 * distilled["size_bytes"]
     files = _files(http, jobs[0].json()["id"])  # the first job's gguf and onnx, against its own hf files
     student = AutoModelForCausalLM.from_pretrained(tmp_path / jobs[0].json()["id"], local_files_only=True).eval()
     text = pipeline("text-generation", model=student, tokenizer=tok, device="cpu")("The", max_new_tokens=5)

@@ -1,4 +1,4 @@
-"""Token-level KD divergences (engine/lm/divergence.py): golden values, identities, top-k buckets, numerics, cache.
+"""Token-level KD divergences (engine/lm/divergence.py, cache.py): golden values, identities, top-k buckets, numerics, cache.
 
 Reference values are computed independently here, with math/numpy in float64, from the same distributions.
 """

@@ -1,4 +1,4 @@
-"""GGUF export of Hugging Face causal LMs (engine/lm/gguf_export.py): llama, qwen2 and gpt2 written as f16 and q8_0, read
+"""GGUF export of Hugging Face causal LMs (engine/lm/gguf_export/): llama, qwen2 and gpt2 written as f16 and q8_0, read
 back with gguf's own reader and compared with the torch weights through a name table and layout rules written here
 (not the exporter's), plus the refusals (unknown model type, broken directory) and a corrupted file failing the check."""
 

@@ -282,13 +282,20 @@ def test_on_postgresql_the_same_and_the_body_keeps_its_key_order(client, endpoin
     job = insert_job(h)
     move(job, "running")
     move(job, "cancelled", error_code="cancelled", error_message="cancelled by the client")
-    _drain(hook_settings, lambda: len(receiver.requests) == 3, "two events, one retried")
-    assert sorted(r.answered for r in receiver.requests) == [200, 200, 500]
+    def delivered() -> bool:
+        rows = _deliveries(client, h, created["id"])
+        return len(rows) == 2 and {d["status"] for d in rows} == {"succeeded"}
+
+    # Until both deliveries succeeded (not a request count: on a loaded machine a starved receiver may let one
+    # attempt time out, and that attempt is sent again).
+    _drain(hook_settings, delivered, "two events delivered, one after a 500")
+    answered = [r.answered for r in receiver.requests]
+    assert answered.count(500) == 1 and answered.count(200) >= 2
     bodies = [json.loads(r.body) for r in receiver.requests]
     assert all(list(b) == ["type", "timestamp", "data"] for b in bodies)
     # Events are not ordered (Standard Webhooks): both were due at once, so either met the one 500; that one came
-    # again.
+    # again and was answered.
     types = [verify(created["secret"], r)["type"] for r in receiver.requests]
-    retried = types[[r.answered for r in receiver.requests].index(500)]
-    assert sorted(types) == sorted(["job.cancelled", "job.running", retried])
-    assert {d["status"] for d in _deliveries(client, h, created["id"])} == {"succeeded"}
+    retried = types[answered.index(500)]
+    assert set(types) == {"job.cancelled", "job.running"}
+    assert any(t == retried and a == 200 for t, a in zip(types, answered))

@@ -21,7 +21,8 @@ from app.errors import Unprocessable
 from jobspec import MODEL_FORMATS
 from app.settings import get_settings
 from safezip import UnsafeArchive, check_zip
-from safezip.hf_model import CONFIG_FILES, NotAnHFModel, check_hf_config, check_hf_members, hf_root
+from safezip.hf_model import (CONFIG_FILES, MAX_CONFIG_BYTES, NotAnHFModel, check_hf_config, check_hf_members,
+                              hf_root)
 
 SUPPORTED_MODEL_FORMATS = MODEL_FORMATS
 ALL_MODEL_FORMATS = MODEL_FORMATS
@@ -198,12 +199,16 @@ def safetensors_parameters(path: Path) -> int:
 
 
 def check_hf_archive(path: Path) -> None:
-    """A zipped Hugging Face model directory: data only (safezip.hf_model), its configs without remote code."""
-    names = _zip_names(path) or []
+    """A zipped Hugging Face model directory: data only (safezip.hf_model), its configs without remote code. A
+    config is read only when its size (checked against the local header by check_zip) is within the limit."""
+    infos = {i.filename: i for i in check_archive(path, ModelFileError)}
+    names = list(infos)
     try:
         root = check_hf_members(names)
         for name in CONFIG_FILES:
-            if root + name in names:
+            if root + name in infos:
+                if infos[root + name].file_size > MAX_CONFIG_BYTES:
+                    raise NotAnHFModel(f"{name} is larger than {MAX_CONFIG_BYTES // 2**20} MiB")
                 check_hf_config(name, _read_member(path, root + name))
     except NotAnHFModel as exc:
         raise ModelFileError(str(exc)) from None

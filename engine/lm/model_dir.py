@@ -21,7 +21,7 @@ from typing import Any
 
 from engine.errors import InvalidModel
 from safezip import UnsafeArchive, check_zip
-from safezip.hf_model import CONFIG_FILES, NotAnHFModel, check_hf_config, check_hf_members
+from safezip.hf_model import CONFIG_FILES, MAX_CONFIG_BYTES, NotAnHFModel, check_hf_config, check_hf_members
 
 # Never reach a hub (the executor has no network anyway: fail at once instead of retrying), no progress bars in logs.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,9 +39,12 @@ def unpack(zip_path: Path, dest: Path) -> Path:
         infos = check_zip(zip_path, max_total_bytes=MAX_UNPACKED_BYTES, max_ratio=1000.0, max_members=MAX_MEMBERS)
         names = [i.filename for i in infos]
         root = check_hf_members(names)
+        sizes = {i.filename: i.file_size for i in infos}
         with zipfile.ZipFile(zip_path) as zf:
             for name in CONFIG_FILES:
                 if root + name in names:
+                    if sizes[root + name] > MAX_CONFIG_BYTES:  # read only what the limit allows
+                        raise NotAnHFModel(f"{name} is larger than {MAX_CONFIG_BYTES // 2**20} MiB")
                     check_hf_config(name, zf.read(root + name))
             dest.mkdir(parents=True, exist_ok=True)
             for info in infos:  # names were checked by check_zip: no absolute paths, no '..'

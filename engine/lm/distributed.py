@@ -57,7 +57,7 @@ import torch
 from engine.errors import ERROR_CODES, Cancelled, EngineError, TrainingDiverged, Unsupported
 from engine.lm import divergence
 from engine.lm.text_data import TokenBlocks
-from engine.lm.training import EVAL_BATCH, LMContext, _batches, batch_loss, evaluate
+from engine.lm.training import EVAL_BATCH, LMContext, batch_loss, batches, evaluate
 from engine.registry import losses, optimizers
 from engine.training.optim import Scheduler
 from jobspec import DistillStep
@@ -132,9 +132,9 @@ def _write_inputs(folder: Path, ctx: LMContext, step: DistillStep, data: TokenBl
     for prefix, blocks in (("train", data), ("val", ctx.val)):
         for name in ("input_ids", "attention_mask", "target_mask"):
             np.save(folder / f"{prefix}_{name}.npy", getattr(blocks, name).cpu().numpy())
-    # The same draws from ctx.generator as fit_lm's _batches, epoch by epoch: same batches, and the generator is
+    # The same draws from ctx.generator as fit_lm's batches, epoch by epoch: same batches, and the generator is
     # left where fit_lm leaves it (the baseline twin's steps draw from it next).
-    orders = [torch.cat(_batches(data.n, batch, ctx.generator)) for _ in range(step.epochs)]
+    orders = [torch.cat(batches(data.n, batch, ctx.generator)) for _ in range(step.epochs)]
     np.save(folder / "orders.npy", torch.stack(orders).numpy())
     if val_teacher is not None:
         np.save(folder / "val_teacher.npy", torch.cat([t.float().cpu() for t in val_teacher]).numpy())
@@ -352,14 +352,14 @@ def _train(rank: int, world: int, folder: Path, job: dict[str, Any], results: An
     for epoch in range(1, step.epochs + 1):
         started = time.perf_counter()
         total, count = 0.0, 0.0
-        batches = [orders[epoch - 1][rows] for rows in _batches(data.n, batch)]
-        for bi, rows in enumerate(batches):
+        epoch_batches = [orders[epoch - 1][rows] for rows in batches(data.n, batch)]
+        for bi, rows in enumerate(epoch_batches):
             share = torch.tensor_split(rows, world)[rank]
             # A rank whose share is empty (a last batch smaller than the world) still runs forward and backward on
             # one row with weight 0: DDP's all-reduce needs every rank's gradient.
             weight = 1.0 if len(share) else 0.0
             live = not baseline and step.on_policy > 0 and float(torch.rand((), generator=coin)) < step.on_policy
-            sync = (bi + 1) % step.grad_accumulation == 0 or bi + 1 == len(batches)
+            sync = (bi + 1) % step.grad_accumulation == 0 or bi + 1 == len(epoch_batches)
             with contextlib.nullcontext() if sync else ddp.no_sync():  # accumulate locally, all-reduce once
                 loss, mask, att = batch_loss(ddp, teacher, kd, data, share if len(share) else rows[:1], cache, dev,
                                              live=live, baseline=baseline, eos_id=job["eos_id"], pad_id=job["pad_id"])

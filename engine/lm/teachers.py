@@ -23,7 +23,7 @@ import jobspec
 from engine.lm import divergence, generation, report as lm_report
 from engine.lm.endpoint import EndpointTeacher
 from engine.lm.text_data import TokenBlocks
-from engine.lm.training import EVAL_BATCH, _batches, evaluate, fill_cache, teacher_val_logits
+from engine.lm.training import EVAL_BATCH, batches, evaluate, fill_cache, teacher_val_logits
 
 
 class LocalTeacher:
@@ -66,7 +66,7 @@ class ServedTeacher:
     def _scored_val(self, val: TokenBlocks) -> tuple[list[divergence.TopK], torch.Tensor]:
         if self._val is None:
             targets, nll_sum = [], torch.zeros(())
-            for rows in _batches(val.n, EVAL_BATCH):
+            for rows in batches(val.n, EVAL_BATCH):
                 b = val.select(rows)
                 top, actual = self.endpoint.score(b.input_ids, b.attention_mask)
                 targets.append(top)
@@ -89,7 +89,7 @@ class ServedTeacher:
         k = self.endpoint.top_logprobs if loss.config.top_k is None else min(loss.config.top_k, self.endpoint.top_logprobs)
         cache = divergence.TeacherCache(data.n, data.input_ids.shape[1] - 1, vocab=len(self.endpoint.tok), top_k=k,
                                         directory=directory)
-        for rows in _batches(data.n, EVAL_BATCH):
+        for rows in batches(data.n, EVAL_BATCH):
             check_stop("while the served teacher scores the data")
             b = data.select(rows)
             top, _ = self.endpoint.score(b.input_ids, b.attention_mask)

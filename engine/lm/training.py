@@ -78,7 +78,7 @@ def logits_of(model: Any, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
     return out[:, :-1].float()
 
 
-def _batches(n: int, size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+def batches(n: int, size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     return [order[i:i + size] for i in range(0, n, size)]
 
@@ -91,7 +91,7 @@ def fill_cache(teacher: Any, blocks: TokenBlocks, loss: Any, device: torch.devic
     vocab = int(teacher.get_output_embeddings().weight.shape[0])
     cache = divergence.TeacherCache(blocks.n, seq, vocab=vocab, top_k=loss.config.top_k, directory=directory)
     with torch.no_grad():
-        for rows in _batches(blocks.n, EVAL_BATCH):
+        for rows in batches(blocks.n, EVAL_BATCH):
             check_stop("while caching the teacher's outputs")
             ids, att, _, _ = shifted(blocks, rows, device)
             cache.put(rows, loss.targets(logits_of(teacher, ids, att)))
@@ -107,7 +107,7 @@ def evaluate(model: Any, blocks: TokenBlocks, device: torch.device, teacher: Any
     model.eval()
     nll, tokens, kl, agree = 0.0, 0, 0.0, 0.0
     with torch.no_grad():
-        for i, rows in enumerate(_batches(blocks.n, EVAL_BATCH)):
+        for i, rows in enumerate(batches(blocks.n, EVAL_BATCH)):
             ids, att, labels, mask = shifted(blocks, rows, device)
             logits = logits_of(model, ids, att)
             nll += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
@@ -136,7 +136,7 @@ def teacher_val_logits(teacher: Any, blocks: TokenBlocks, device: torch.device) 
         return None
     with torch.no_grad():
         return [logits_of(teacher, *shifted(blocks, rows, device)[:2]).cpu()
-                for rows in _batches(blocks.n, EVAL_BATCH)]
+                for rows in batches(blocks.n, EVAL_BATCH)]
 
 
 def batch_loss(model: Any, teacher: Any, kd: Any, data: TokenBlocks, rows: torch.Tensor, cache: Any,
@@ -191,8 +191,8 @@ def fit_lm(ctx: LMContext, step: DistillStep, index: int, data: TokenBlocks, *,
     for epoch in range(1, step.epochs + 1):
         started = time.perf_counter()
         total, count = 0.0, 0
-        batches = _batches(data.n, batch, ctx.generator)
-        for bi, rows in enumerate(batches):
+        epoch_batches = batches(data.n, batch, ctx.generator)
+        for bi, rows in enumerate(epoch_batches):
             ctx.check_stop(f"in step {index}, epoch {epoch}")
             live = not baseline and step.on_policy > 0 and float(torch.rand((), generator=coin)) < step.on_policy
             sampled += int(live)
@@ -202,7 +202,7 @@ def fit_lm(ctx: LMContext, step: DistillStep, index: int, data: TokenBlocks, *,
                 raise TrainingDiverged(f"step {index}, epoch {epoch}: the loss became {float(loss)}; lower the "
                                        f"learning rate (now {step.optimizer.lr}) or set grad_clip")
             (loss / step.grad_accumulation).backward()
-            if (bi + 1) % step.grad_accumulation == 0 or bi + 1 == len(batches):
+            if (bi + 1) % step.grad_accumulation == 0 or bi + 1 == len(epoch_batches):
                 if step.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, step.grad_clip)
                 optimizer.step()

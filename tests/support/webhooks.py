@@ -7,6 +7,8 @@ import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from tests.support.wait import wait_until
+
 #: An answer that never comes: the handler holds the request until :meth:`Receiver.release` (or 30 s).
 HANG = "hang"
 
@@ -115,3 +117,14 @@ def move(job_id: str, to: str, **values) -> None:
 
     with session_scope() as s:
         state.transition(s, job_id, to, **values)
+
+
+def deliveries(client, h, webhook_id) -> list[dict]:
+    return client.get(f"/v1/webhooks/{webhook_id}/deliveries", headers=h, params={"limit": 100}).json()["data"]
+
+
+def drain(settings, until, what: str) -> None:
+    """Run delivery passes until ``until()`` holds (each pass sends whatever is due)."""
+    from app.webhooks.delivery import deliver_due
+
+    wait_until(lambda: deliver_due(settings) >= 0 and until(), 20, what)

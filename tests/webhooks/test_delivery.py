@@ -9,19 +9,7 @@ from datetime import timedelta
 import pytest
 
 from tests.support.api import make_artifact
-from tests.support.wait import wait_until
-from tests.support.webhooks import HANG, insert_job, move, verify
-
-
-def _deliveries(client, h, webhook_id) -> list[dict]:
-    return client.get(f"/v1/webhooks/{webhook_id}/deliveries", headers=h, params={"limit": 100}).json()["data"]
-
-
-def _drain(settings, until, what: str) -> None:
-    """Run delivery passes until ``until()`` holds (each pass sends whatever is due)."""
-    from app.webhooks.delivery import deliver_due
-
-    wait_until(lambda: deliver_due(settings) >= 0 and until(), 20, what)
+from tests.support.webhooks import HANG, deliveries, drain, insert_job, move, verify
 
 
 def test_each_transition_sends_its_event_with_the_job_as_the_api_shows_it(client, endpoint, hook_settings,
@@ -33,7 +21,7 @@ def test_each_transition_sends_its_event_with_the_job_as_the_api_shows_it(client
     art = make_artifact(job, b"student bytes")
     move(job, "succeeded", metrics={"student": {"accuracy": 0.9}})
     done_view = client.get(f"/v1/jobs/{job}", headers=h).json()
-    _drain(hook_settings, lambda: len(receiver.requests) == 2, "two events")
+    drain(hook_settings, lambda: len(receiver.requests) == 2, "two events")
     running, succeeded = (verify(created["secret"], r) for r in receiver.requests)
     assert running == {"type": "job.running", "timestamp": running["timestamp"], "data": {"job": running_view}}
     assert succeeded["type"] == "job.succeeded" and succeeded["data"]["job"] == done_view
@@ -41,7 +29,7 @@ def test_each_transition_sends_its_event_with_the_job_as_the_api_shows_it(client
     assert succeeded["data"]["artifacts"][0]["id"] == art
     assert succeeded["data"]["report"] is None  # this job has no report artifact
     ids = [r.headers["webhook-id"] for r in receiver.requests]
-    assert len(set(ids)) == 2 and {d["message_id"] for d in _deliveries(client, h, created["id"])} == set(ids)
+    assert len(set(ids)) == 2 and {d["message_id"] for d in deliveries(client, h, created["id"])} == set(ids)
 
     other = insert_job(h)
     move(other, "cancelled")
@@ -49,7 +37,7 @@ def test_each_transition_sends_its_event_with_the_job_as_the_api_shows_it(client
     move(failing, "running")
     move(failing, "cancelling")  # no event: the job has not stopped yet
     move(failing, "failed", error_code="worker_lost", error_message="gone")
-    _drain(hook_settings, lambda: len(receiver.requests) == 5, "three more events")
+    drain(hook_settings, lambda: len(receiver.requests) == 5, "three more events")
     types = [json.loads(r.body)["type"] for r in receiver.requests[2:]]
     assert types == ["job.cancelled", "job.running", "job.failed"]
     assert verify(created["secret"], receiver.requests[4])["data"]["job"]["error"] == {"code": "worker_lost",
@@ -92,11 +80,11 @@ def test_a_receiver_answering_500_twice_gets_the_event_on_the_third_attempt(clie
     h, created = endpoint("dlv-retry")
     receiver.answers = [500, 503]
     move(insert_job(h), "running")
-    _drain(hook_settings, lambda: [r.answered for r in receiver.requests] == [500, 503, 200], "three attempts")
+    drain(hook_settings, lambda: [r.answered for r in receiver.requests] == [500, 503, 200], "three attempts")
     for request in receiver.requests:
         assert verify(created["secret"], request)["type"] == "job.running"  # each attempt signed afresh
     assert len({r.headers["webhook-id"] for r in receiver.requests}) == 1  # one message, three attempts
-    [d] = _deliveries(client, h, created["id"])
+    [d] = deliveries(client, h, created["id"])
     assert (d["status"], d["attempt"], d["response_status"], d["last_error"]) == ("succeeded", 3, 200, None)
 
 
@@ -110,16 +98,16 @@ def test_a_delivery_fails_after_the_last_attempt_and_the_schedule_sets_each_retr
     monkeypatch.setattr(hook_settings, "webhook_retry_schedule", [600.0, 3600.0])
     move(insert_job(h), "running")
     assert deliver_due(hook_settings) == 1
-    [d] = _deliveries(client, h, created["id"])
+    [d] = deliveries(client, h, created["id"])
     assert (d["status"], d["attempt"], d["response_status"]) == ("pending", 1, 500)
     assert d["last_error"] == "HTTP 500: receiver says no"
     assert deliver_due(hook_settings) == 0  # not due for 10 minutes
     later = utcnow() + timedelta(seconds=601)
     assert deliver_due(hook_settings, now=later) == 1
-    [d] = _deliveries(client, h, created["id"])
+    [d] = deliveries(client, h, created["id"])
     assert d["attempt"] == 2 and d["status"] == "pending"
     assert deliver_due(hook_settings, now=later + timedelta(seconds=3601)) == 1
-    [d] = _deliveries(client, h, created["id"])
+    [d] = deliveries(client, h, created["id"])
     assert (d["status"], d["attempt"], d["next_attempt_at"]) == ("failed", 3, None)
     assert len(receiver.requests) == 3
 
@@ -159,7 +147,7 @@ def test_pending_deliveries_of_an_endpoint_disabled_meanwhile_are_failed_unsent(
     with session_scope() as s:
         s.get(WebhookEndpoint, created["id"]).enabled = False
     assert deliver_due(hook_settings) == 0 and receiver.requests == []
-    [d] = _deliveries(client, h, created["id"])
+    [d] = deliveries(client, h, created["id"])
     assert d["status"] == "failed" and "disabled" in d["last_error"]
 
 
@@ -171,14 +159,14 @@ def test_redirects_are_not_followed_and_answers_are_read_bounded(client, endpoin
                         {"status": 500, "body": b"x" * (8 << 20)}, {"status": 200, "body": b"y" * (8 << 20)}]
     client.post(f"/v1/webhooks/{created['id']}/test", headers=h)
     deliver_due(hook_settings)
-    [d] = _deliveries(client, h, created["id"])
+    [d] = deliveries(client, h, created["id"])
     assert d["response_status"] == 307 and "redirects are not followed" in d["last_error"]
     assert "169.254.169.254" in d["last_error"] and len(receiver.requests) == 1  # the Location was never visited
     deliver_due(hook_settings)
-    [d] = _deliveries(client, h, created["id"])
+    [d] = deliveries(client, h, created["id"])
     assert d["response_status"] == 500 and len(d["last_error"]) < 400  # an excerpt of the 8 MiB answer
     deliver_due(hook_settings)
-    [d] = _deliveries(client, h, created["id"])
+    [d] = deliveries(client, h, created["id"])
     assert d["status"] == "succeeded"  # 2xx decides; the rest of the body is never downloaded
 
 
@@ -192,10 +180,10 @@ def test_a_receiver_that_does_not_answer_times_out_and_is_retried(client, endpoi
     client.post(f"/v1/webhooks/{created['id']}/test", headers=h)
     deliver_due(hook_settings)
     receiver.release()
-    [d] = _deliveries(client, h, created["id"])
+    [d] = deliveries(client, h, created["id"])
     assert (d["status"], d["attempt"], d["response_status"]) == ("pending", 1, None)
     assert d["last_error"].startswith("timed out")
-    _drain(hook_settings, lambda: _deliveries(client, h, created["id"])[0]["status"] == "succeeded", "the retry")
+    drain(hook_settings, lambda: deliveries(client, h, created["id"])[0]["status"] == "succeeded", "the retry")
 
 
 def test_every_attempt_rechecks_the_url(client, endpoint, hook_settings, receiver, monkeypatch):
@@ -206,7 +194,7 @@ def test_every_attempt_rechecks_the_url(client, endpoint, hook_settings, receive
     client.post(f"/v1/webhooks/{created['id']}/test", headers=h)
     monkeypatch.setattr(hook_settings, "webhook_allowed_hosts", [])
     deliver_due(hook_settings)
-    [d] = _deliveries(client, h, created["id"])
+    [d] = deliveries(client, h, created["id"])
     assert d["status"] == "pending" and d["response_status"] is None
     assert d["last_error"].startswith("not sent:") and "loopback" in d["last_error"]
     assert receiver.connections == 0
@@ -233,7 +221,7 @@ def test_the_connection_goes_to_the_checked_address_with_the_host_kept(client, m
     [request] = receiver.requests
     assert request.headers["host"] == f"receiver.example:{port}" and receiver.connections == 1
     assert verify(pinned["secret"], request)["type"] == "job.running"
-    [refused] = _deliveries(client, h, rebind["id"])
+    [refused] = deliveries(client, h, rebind["id"])
     assert refused["status"] == "pending" and "resolves to 127.0.0.1" in refused["last_error"]
 
 
@@ -258,7 +246,7 @@ def test_claims_are_conditional_and_outcomes_fenced_by_the_attempt(client, endpo
     assert delivery.record(first, delivery.Outcome("http_error", 500, 1.0, "late"), hook_settings) is None
     assert delivery.record(again, delivery.send(again, hook_settings), hook_settings) == "succeeded"
     assert delivery.record(again, delivery.Outcome("delivered", 200, 1.0), hook_settings) is None  # once only
-    d = next(d for d in _deliveries(client, h, created["id"]) if d["id"] == first.delivery_id)
+    d = next(d for d in deliveries(client, h, created["id"]) if d["id"] == first.delivery_id)
     assert (d["status"], d["attempt"], d["last_error"]) == ("succeeded", 2, None)
 
 
@@ -270,32 +258,5 @@ def test_only_2xx_counts_as_delivered(client, endpoint, hook_settings, receiver,
     receiver.answers = [status] if status != 199 else [{"status": 204}]
     client.post(f"/v1/webhooks/{created['id']}/test", headers=h)
     deliver_due(hook_settings)
-    [d] = _deliveries(client, h, created["id"])
+    [d] = deliveries(client, h, created["id"])
     assert d["status"] == ("succeeded" if status == 199 else "pending")
-
-
-@pytest.mark.postgres
-def test_on_postgresql_the_same_and_the_body_keeps_its_key_order(client, endpoint, hook_settings, receiver):
-    """JSONB would reorder the payload's keys; the outbox column is plain JSON, so the body reads as written."""
-    h, created = endpoint("dlv-postgres")
-    receiver.answers = [500]
-    job = insert_job(h)
-    move(job, "running")
-    move(job, "cancelled", error_code="cancelled", error_message="cancelled by the client")
-    def delivered() -> bool:
-        rows = _deliveries(client, h, created["id"])
-        return len(rows) == 2 and {d["status"] for d in rows} == {"succeeded"}
-
-    # Until both deliveries succeeded (not a request count: on a loaded machine a starved receiver may let one
-    # attempt time out, and that attempt is sent again).
-    _drain(hook_settings, delivered, "two events delivered, one after a 500")
-    answered = [r.answered for r in receiver.requests]
-    assert answered.count(500) == 1 and answered.count(200) >= 2
-    bodies = [json.loads(r.body) for r in receiver.requests]
-    assert all(list(b) == ["type", "timestamp", "data"] for b in bodies)
-    # Events are not ordered (Standard Webhooks): both were due at once, so either met the one 500; that one came
-    # again and was answered.
-    types = [verify(created["secret"], r)["type"] for r in receiver.requests]
-    retried = types[answered.index(500)]
-    assert set(types) == {"job.cancelled", "job.running"}
-    assert any(t == retried and a == 200 for t, a in zip(types, answered))

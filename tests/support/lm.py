@@ -178,3 +178,17 @@ def shared_teacher(tmp_path_factory: Any) -> tuple[Path, Path]:
             save_model_dir(model, tok, directory / "teacher")
             zip_dir(directory / "teacher", directory / "teacher.zip")
     return directory / "teacher", directory / "teacher.zip"
+
+
+def logits(model: Any, ids: Any) -> Any:
+    """``model``'s logits [B, T, V] for ``ids`` in eval mode, without gradients."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def state(model: Any) -> dict[str, Any]:
+    """A detached copy of ``model``'s state dict (to compare weights before and after)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

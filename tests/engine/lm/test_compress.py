@@ -34,16 +34,6 @@ def trained(tok):
     return lm.train_teacher(tok, train, steps=150), train, held
 
 
-def _logits(model, ids):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _calibration(tok, docs, n=32, seq_len=64):
     ids = lm.blocks(tok, docs, seq_len)
     ids = ids[torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(0))[:n]]
@@ -82,7 +72,7 @@ def _slice(model, architecture, kept):
 
 def test_dynamic_int8_keeps_perplexity_within_5_percent_and_shrinks_the_bytes(tok, trained):
     model, _, held = trained
-    before = _state(model)
+    before = lm.state(model)
     q, facts = quantize_dynamic_int8(model)
 
     assert facts["linear_layers"] == 4 * 7 + 1 and facts["lm_head"] == "int8" and facts["conv1d_converted"] == 0
@@ -107,7 +97,7 @@ def test_dynamic_int8_keeps_perplexity_within_5_percent_and_shrinks_the_bytes(to
 def test_the_quantized_model_generates_and_runs_forward(tok, trained, ids):
     model, _, _ = trained
     q, _ = quantize_dynamic_int8(model)
-    float_logits, int8_logits = _logits(model, ids), _logits(q, ids)
+    float_logits, int8_logits = lm.logits(model, ids), lm.logits(q, ids)
     assert int8_logits.shape == float_logits.shape
     # Measured: ~7 % relative error, nearly all of it from the 7-bit per-tensor activations of the x86 kernels
     # (int8 per-channel weights alone: ~1 %); the top-1 token mostly agrees.
@@ -136,7 +126,7 @@ def test_gpt2_conv1d_layers_are_converted_and_its_tied_head_stays_float(tok, ids
     assert facts["lm_head"] == "float (tied to the input embeddings)"
     assert q.lm_head.weight is q.transformer.wte.weight
     assert facts["bytes_after"] < facts["bytes_before"]
-    float_logits, int8_logits = _logits(model, ids), _logits(q, ids)
+    float_logits, int8_logits = lm.logits(model, ids), lm.logits(q, ids)
     assert (int8_logits - float_logits).norm() < 0.15 * float_logits.norm()
     assert q.generate(ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id).shape == (2, 7)
     assert type(model.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"  # the input keeps its Conv1D layers
@@ -161,7 +151,7 @@ def test_half_the_units_are_pruned_exactly_and_round_trip(tok, ids, tmp_path, ar
     from transformers import AutoModelForCausalLM
 
     model = lm.build_model(tok, architecture, layers=2).eval()
-    before = _state(model)
+    before = lm.state(model)
     pruned, facts = prune_mlp_channels(model, 0.5)
 
     assert facts["criterion"] == "weight_norm"
@@ -185,19 +175,19 @@ def test_half_the_units_are_pruned_exactly_and_round_trip(tok, ids, tmp_path, ar
             score = score + mlp.c_fc.bias.pow(2)
         assert kept == sorted(torch.topk(score, 128).indices.tolist())
     reference = _slice(model, architecture, facts["kept_units"])
-    assert torch.allclose(_logits(pruned, ids), _logits(reference, ids), atol=1e-5, rtol=0)
+    assert torch.allclose(lm.logits(pruned, ids), lm.logits(reference, ids), atol=1e-5, rtol=0)
 
     pruned.save_pretrained(tmp_path, safe_serialization=True)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
     assert getattr(loaded.config, key) == 128
-    assert torch.equal(_logits(loaded, ids), _logits(pruned, ids))
+    assert torch.equal(lm.logits(loaded, ids), lm.logits(pruned, ids))
 
 
 def test_amount_zero_keeps_every_unit(tok, ids):
     model = lm.build_model(tok, "llama", layers=2).eval()
     pruned, facts = prune_mlp_channels(model, 0.0)
     assert facts["intermediate_after"] == 256 and pruned is not model
-    assert torch.equal(_logits(pruned, ids), _logits(model, ids))
+    assert torch.equal(lm.logits(pruned, ids), lm.logits(model, ids))
 
 
 def test_calibrated_ranking_differs_from_norms_and_beats_random_units(tok, trained):
@@ -211,7 +201,7 @@ def test_calibrated_ranking_differs_from_norms_and_beats_random_units(tok, train
 
     # The same model sliced from the reported units: the calibrated ranking only changes which units are kept.
     ids = calibration.input_ids[:2, :24]
-    assert torch.allclose(_logits(by_wanda, ids), _logits(_slice(model, "llama", facts["kept_units"]), ids), atol=1e-5)
+    assert torch.allclose(lm.logits(by_wanda, ids), lm.logits(_slice(model, "llama", facts["kept_units"]), ids), atol=1e-5)
 
     wanda_ppl = lm.perplexity(by_wanda, tok, held)
     g = torch.Generator().manual_seed(0)
@@ -252,4 +242,4 @@ def test_an_unknown_mlp_layout_is_unsupported(tok):
         layer.mlp = nn.Sequential(nn.Linear(96, 256), nn.GELU(), nn.Linear(256, 96))
     with pytest.raises(Unsupported, match="MLP pruning is not supported for llama: no known MLP"):
         prune_mlp_channels(model, 0.5)
-    assert math.isfinite(float(_logits(model, torch.tensor([[1, 2, 3]])).sum()))  # the model itself still runs
+    assert math.isfinite(float(lm.logits(model, torch.tensor([[1, 2, 3]])).sum()))  # the model itself still runs

@@ -13,17 +13,6 @@ from tests.support import lm
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
 
 
-
-def _logits(model, ids):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _reload(model, directory):
     from transformers import AutoModelForCausalLM
 
@@ -63,7 +52,7 @@ def test_depth_and_width_outside_0_1_are_invalid(tok, bad):
 def test_half_depth_keeps_the_documented_layers_with_the_teachers_weights(tok, ids, tmp_path, architecture, layers,
                                                                          kept):
     teacher = lm.build_model(tok, architecture, layers=layers).eval()
-    before = _state(teacher)
+    before = lm.state(teacher)
     student = derive_student(teacher, depth=0.5)
 
     assert student is not teacher and type(student) is type(teacher)
@@ -98,7 +87,7 @@ def test_half_depth_keeps_the_documented_layers_with_the_teachers_weights(tok, i
     assert torch.isfinite(loss)
     reloaded = _reload(student, tmp_path)
     assert reloaded.config.num_hidden_layers == len(kept)
-    assert torch.equal(_logits(reloaded, ids), _logits(student, ids))
+    assert torch.equal(lm.logits(reloaded, ids), lm.logits(student, ids))
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -106,7 +95,7 @@ def test_full_depth_and_width_reproduce_the_teacher_exactly(tok, ids, architectu
     teacher = lm.build_model(tok, architecture, layers=3)
     student = derive_student(teacher, depth=1.0, width=1.0)
     assert student.training
-    assert torch.equal(_logits(student, ids), _logits(teacher, ids))
+    assert torch.equal(lm.logits(student, ids), lm.logits(teacher, ids))
 
 
 def test_per_layer_config_lists_follow_the_kept_layers(tmp_path, ids):
@@ -124,7 +113,7 @@ def test_per_layer_config_lists_follow_the_kept_layers(tmp_path, ids):
     assert student.config.max_window_layers == 2  # kept layers 0 and 2 were below 3
     reloaded = _reload(student, tmp_path)
     assert reloaded.config.layer_types == student.config.layer_types
-    assert torch.equal(_logits(reloaded, ids), _logits(student, ids))
+    assert torch.equal(lm.logits(reloaded, ids), lm.logits(student, ids))
 
 
 def test_a_bfloat16_teacher_gives_a_float32_student(tok):
@@ -187,7 +176,7 @@ def test_half_width_keeps_the_highest_norm_units(tok, ids, tmp_path, architectur
     assert torch.isfinite(loss)
     reloaded = _reload(student, tmp_path)
     assert describe(reloaded)["intermediate_size"] == inter // 2
-    assert torch.equal(_logits(reloaded, ids), _logits(student, ids))
+    assert torch.equal(lm.logits(reloaded, ids), lm.logits(student, ids))
 
 
 def test_width_without_a_dense_mlp_is_unsupported():

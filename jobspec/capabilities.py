@@ -7,6 +7,7 @@ from typing import Any
 from jobspec.base import ALL_EXPORT_FORMATS, DATASET_FORMATS, EXPORT_FORMATS, LM_EXPORT_FORMATS, MODEL_FORMATS, TASKS, Config
 from jobspec.losses import HINT_DISTANCES, LOSSES
 from jobspec.steps import GATE_METRICS, PRUNE_METHODS, QUANTIZE_METHODS, STEP_KINDS
+from jobspec.search import OBJECTIVES, SEARCH_METRICS, SPACE_FAMILIES
 from jobspec.students import STUDENT_FAMILIES, STUDENT_SOURCES
 from jobspec.training import OPTIMIZERS, SCHEDULES
 
@@ -42,4 +43,7 @@ def capabilities() -> dict[str, Any]:
         "export_formats": list(ALL_EXPORT_FORMATS),
         "export_formats_by_task": {task: list(LM_EXPORT_FORMATS if task == "causal_lm" else EXPORT_FORMATS)
                                    for task in TASKS},
+        # The job field "search" (jobspec/search.py): objectives, metrics, and each family's ranges.
+        "search": {"objectives": list(OBJECTIVES), "metrics": list(SEARCH_METRICS),
+                   "space_families": _table(SPACE_FAMILIES, "family")},
     }

@@ -13,6 +13,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from jobspec.base import EXPORT_FORMATS, Config
 from jobspec.data import InputSpec
+from jobspec.search import SearchConfig
 from jobspec.steps import DistillStep, Step
 from jobspec.students import Student, UploadedStudent
 from jobspec.tracking import Tracking
@@ -80,6 +81,9 @@ class JobSpec(Config):
     metadata: dict[Annotated[str, Field(max_length=64)], MetadataValue] = Field(default_factory=dict, max_length=50)
     tracking: Tracking | None = Field(None, description="Also log the job to an experiment tracker (MLflow) and "
                                                         "optionally register the student there.")
+    # ---- search (jobspec/search.py, docs/search.md) ----
+    search: SearchConfig | None = Field(None, description="Search students and KD hyper-parameters for the one "
+                                                          "that meets a target; each trial is a child job.")
 
     @model_validator(mode="after")
     def _combinations(self) -> JobSpec:
@@ -94,7 +98,9 @@ class JobSpec(Config):
             raise ValueError("tracking.mlflow.register needs an 'onnx' or 'torchscript' export to register "
                              "(safetensors alone has no MLflow flavour)")
         kinds = [s.kind for s in self.steps]
-        if "distill" in kinds and self.student is None:
+        if self.search is not None:
+            self._search_combinations(kinds)
+        elif "distill" in kinds and self.student is None:
             raise ValueError("a distill step needs a 'student' (e.g. {\"family\": \"mlp\", \"hidden\": [64]}); "
                              "without one, prune/quantize steps compress the teacher itself")
         if "quantize" in kinds and any(k != "quantize" for k in kinds[kinds.index("quantize"):]):
@@ -119,6 +125,20 @@ class JobSpec(Config):
                 raise ValueError(f"steps[{i}].input_reduction: only the first step can reduce the inputs "
                                  "(it builds the student for the reduced features)")
         return self
+
+    def _search_combinations(self, kinds: list[str]) -> None:
+        """A search chooses the student of a distill job that reads a dataset; its trials run without tracking."""
+        if "distill" not in kinds:
+            raise ValueError("search: a search distills students, so the job needs a distill step")
+        if self.student is not None:
+            raise ValueError("search: the search chooses the student; leave 'student' out (name the families to "
+                             "try in search.space)")
+        if self.teacher is not None:
+            raise ValueError("search: not available with a served teacher (teacher.endpoint)")
+        if self.dataset_id is None:
+            raise ValueError("search: needs the job's 'dataset_id' (trials are scored on its held-out split)")
+        if self.tracking is not None:
+            raise ValueError("search: 'tracking' is not available with a search yet")
 
     @property
     def kind(self) -> str:

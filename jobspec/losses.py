@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from jobspec.base import Config, union
 
@@ -19,7 +19,15 @@ class KDLoss(Config):
     """
 
     type: Literal["kd"] = "kd"
-    temperature: float = Field(4.0, gt=0, le=100, description="Softening temperature T.")
+    temperature: float | Literal["auto"] = Field(4.0, description="Softening temperature T, or 'auto': a short "
+                                                                  "sweep over 1, 2, 4, 8 on a slice picks it.")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_range(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not 0 < v <= 100:
+            raise ValueError("temperature must be > 0 and ≤ 100 (or 'auto')")
+        return v
     alpha: float = Field(0.9, ge=0, le=1, description="Weight of the soft-target term.")
 
 

@@ -176,6 +176,15 @@ def _lm_conflicts(spec: JobSpec, facts: Facts) -> Iterator[Conflict]:
         for name in ("hints", "synthesize", "coreset", "input_reduction", "augment", "early_stopping"):
             if getattr(step, name):
                 yield Conflict(f"{where}.{name}", f"'{name}' does not apply to a causal_lm teacher", unsupported=True)
+        autos = [name for name, value in (("epochs", step.epochs), ("optimizer.lr", step.optimizer.lr),
+                                          ("loss.temperature", getattr(step.loss, "temperature", None)))
+                 if value == "auto"]
+        for name in autos:
+            yield Conflict(f"{where}.{name}", "'auto' is not available for causal_lm jobs yet; name the value",
+                           unsupported=True)
+        if step.schedule.type == "plateau":
+            yield Conflict(f"{where}.schedule.type", "causal_lm steps follow a clock schedule ('cosine', 'constant', "
+                           "'one_cycle'); they keep the best epoch's weights on their own", unsupported=True)
     student = spec.student
     if student is not None and not isinstance(student, (HFCausalLMStudent, DerivedStudent, UploadedStudent)):
         yield Conflict("student", f"a causal_lm teacher distills into {{\"derive\": {{\"depth\": 0.5}}}}, "

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from jobspec.base import Config, union
 from jobspec.data import Coreset, InputReduction, Synthesize
 from jobspec.losses import Hint, KDLoss, Loss
-from jobspec.training import Augment, EarlyStopping, OptimizerConfig, ScheduleConfig
+from jobspec.training import AUTO_EPOCHS, Augment, EarlyStopping, OptimizerConfig, ScheduleConfig
 
 GATE_METRICS = ("accuracy", "agreement", "f1_macro", "r2", "cosine", "perplexity")
 PRUNE_METHODS = ("magnitude", "random", "layer", "channel")
@@ -26,6 +26,24 @@ class Gate(Config):
     metric: Literal["accuracy", "agreement", "f1_macro", "r2", "cosine", "perplexity"] = "accuracy"
     max_drop: float = Field(0.01, ge=0, le=100, description="Absolute drop allowed, e.g. 0.01 = one point "
                                                             "(perplexity: relative increase).")
+    against: Literal["teacher", "labels"] = Field(
+        "teacher", description="'teacher': the drop below the teacher's own score on the held-out split (overstated "
+                               "when the teacher saw that data); 'labels': the student's score against the labels "
+                               "must reach 'min', whatever the teacher scores. 'agreement' is always against the "
+                               "teacher's predictions.")
+    min: float | None = Field(None, ge=-1e6, le=1e6, description="against 'labels': the lowest score that passes.")
+
+    @model_validator(mode="after")
+    def _reference(self) -> Gate:
+        if self.against == "labels":
+            if self.metric not in ("accuracy", "f1_macro", "r2"):
+                raise ValueError(f"against 'labels' is for accuracy, f1_macro or r2; {self.metric!r} is measured "
+                                 "against the teacher")
+            if self.min is None:
+                raise ValueError("against 'labels' needs 'min', the lowest score that passes (e.g. 0.9)")
+        elif self.min is not None:
+            raise ValueError("'min' is for against 'labels'; against the teacher the gate uses max_drop")
+        return self
 
 
 class DistillStep(Config):
@@ -34,7 +52,9 @@ class DistillStep(Config):
     kind: Literal["distill"] = "distill"
     loss: Loss = Field(default_factory=KDLoss)
     hints: list[Hint] = Field(default_factory=list, max_length=16)
-    epochs: int = Field(20, ge=1, le=10_000)
+    epochs: int | Literal["auto"] = Field(20, description="Epochs (an upper bound under the default 'plateau' "
+                                                         f"schedule), or 'auto': up to {AUTO_EPOCHS}, stopping when "
+                                                         "the held-out metric stops improving.")
     batch_size: int = Field(128, ge=1, le=65_536)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -56,8 +76,24 @@ class DistillStep(Config):
     on_policy: float = Field(0.0, ge=0, le=1, description="causal_lm: the share λ of batches whose continuations the "
                                                           "student samples itself, scored by the teacher (GKD).")
 
+    @field_validator("epochs")
+    @classmethod
+    def _epochs_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 10_000:
+            raise ValueError("epochs must be between 1 and 10000 (or 'auto')")
+        return v
+
+    @property
+    def max_epochs(self) -> int:
+        """The epochs this step may train: ``epochs``, or :data:`AUTO_EPOCHS` for ``auto``."""
+        return AUTO_EPOCHS if self.epochs == "auto" else int(self.epochs)
+
     @model_validator(mode="after")
     def _data_source(self) -> DistillStep:
+        if self.epochs == "auto" and self.schedule.type != "plateau" and self.early_stopping is None:
+            raise ValueError(f"epochs 'auto' stops when the held-out metric stops improving: use the 'plateau' "
+                             f"schedule (the default) or early_stopping with schedule {self.schedule.type!r}, or "
+                             "name the number of epochs")
         if self.synthesize is not None and self.coreset is not None:
             raise ValueError("coreset selects from real data; it cannot be combined with synthesize")
         if self.synthesize is not None and self.input_reduction is not None:
@@ -76,8 +112,15 @@ class Finetune(Config):
     loss: Loss = Field(default_factory=KDLoss)
     batch_size: int = Field(128, ge=1, le=65_536)
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-3))
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    # A fine-tune is a short, fixed recovery run: it decays on a clock (it has no early stopping of its own).
+    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(type="cosine"))
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient's global norm to this.")
+
+    @model_validator(mode="after")
+    def _no_auto(self) -> Finetune:
+        if self.optimizer.lr == "auto" or getattr(self.loss, "temperature", None) == "auto":
+            raise ValueError("'auto' (lr, temperature) is for distill steps; a fine-tune needs numbers")
+        return self
 
 
 class PruneStep(Config):

@@ -11,6 +11,7 @@
   (the SQLite queue, which does not lose messages), a job is re-sent only after a minute in the queue.
 * The reaper (:func:`app.jobs.reaper.reap`) requeues jobs whose lease expired.
 * The webhook sender (:mod:`worker.webhooks`) sends due webhook deliveries.
+* The search coordinator (:mod:`worker.search`) advances student searches: asks, prunes and ends their trials.
 
 Only the leader runs these (:class:`Leadership`, a lease row every worker competes for: a leader that dies
 or freezes is replaced within :data:`LEADER_TTL` seconds).
@@ -150,7 +151,8 @@ def resend_lost(now: datetime, resend_after: float, queue_depth: Callable[[str],
                      .group_by(Dispatch.job_id).subquery())
         rows = s.execute(select(Job.id, Job.queue, last_sent.c.sent_at, last_sent.c.unsent)
                          .outerjoin(last_sent, last_sent.c.job_id == Job.id)
-                         .where(Job.status == state.QUEUED).order_by(Job.created_at, Job.id)).all()
+                         .where(Job.status == state.QUEUED, Job.role != "search")  # searches get no message
+                         .order_by(Job.created_at, Job.id)).all()
         by_queue: dict[str, list] = {}
         for r in rows:
             if not r.unsent:  # a dispatch still waiting to be published covers it
@@ -198,6 +200,11 @@ class Dispatcher:
         # Its own thread too: webhook receivers, however slow, never delay dispatch or reaping.
         sender = WebhookSender(get_settings(), self.leader, self.stop, self.interval)
         threading.Thread(target=sender.run, name="distillery-webhooks", daemon=True).start()
+        # Student searches (worker/search.py): their own thread too, so reading trial reports never delays dispatch.
+        from worker.search import Coordinator
+
+        coordinator = Coordinator(get_settings(), self.leader, self.stop, max(self.interval, 1.0))
+        threading.Thread(target=coordinator.run, name="distillery-search", daemon=True).start()
 
     def _publish_loop(self) -> None:
         last_check = 0.0

@@ -169,6 +169,9 @@ def _claim(job_id: str, settings: Settings) -> Attempt | None:
         if job is None:
             log.warning("job %s does not exist; message dropped", job_id)
             return None
+        if job.role == "search":  # the leader's coordinator runs a search (worker/search.py), never a worker
+            log.warning("job %s is a search; its message is dropped (its trials are jobs of their own)", job_id)
+            return None
         attempt = Attempt(job_id, new_token(), job.attempts + 1, WORKER_ID, settings.lease_seconds,
                           db_retry_seconds=settings.db_retry_seconds)
         try:

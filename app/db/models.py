@@ -91,7 +91,16 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
-    __table_args__ = (Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),)
+    # ---- student search (app/jobs/search.py, worker/search.py) ----
+    # "search": a search job, advanced by the leader's coordinator and never claimed by a worker; "trial": one of
+    # its child jobs (``parent_id``, ``trial_number``; ``trial`` holds the sampled params and, once known, the
+    # trial's result and whether it was pruned); "job": every other job.
+    role: Mapped[str] = mapped_column(String(16), default="job", server_default="job", index=True)
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    trial_number: Mapped[int | None] = mapped_column(Integer)
+    trial: Mapped[dict[str, Any] | None]
+    __table_args__ = (Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+                      UniqueConstraint("parent_id", "trial_number", name="uq_jobs_parent_id"))
 
 
 class JobInput(Base):

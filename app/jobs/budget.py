@@ -90,7 +90,10 @@ from jobspec import (
     UploadedStudent,
 )
 from app.settings import Settings, get_settings
+from jobspec import training
 
+AUTO_LR_BATCHES = training.AUTO_LR_BATCHES
+AUTO_TEMPERATURE_BATCHES = training.AUTO_TEMPERATURE_BATCHES
 FLOAT_BYTES = 4
 INT_BYTES = 8  # token ids are int64 in the engine (``engine.training.tables``)
 #: The engine memory-maps npz files larger than this (``engine.data.npz.NPZ_MMAP_THRESHOLD``).
@@ -635,13 +638,20 @@ def estimate(spec: JobSpec, teacher: Model, datasets: Mapping[str, Dataset], stu
                         transient[f"coreset k-means points of step {i}"] = full * row_elems * FLOAT_BYTES
                         flops += 20 * 3 * full * rows * row_elems  # 20 Lloyd iterations of distances
             a = step.augment
+            epochs = step.max_epochs  # "auto": its upper bound
             if a is not None and (a.flip or a.shift or a.noise or a.mixup):
-                flops += step.epochs * rows * t_cost.forward_flops  # the teacher sees every augmented batch
+                flops += epochs * rows * t_cost.forward_flops  # the teacher sees every augmented batch
             else:
                 cache(cache_key, rows)
-            flops += train(current, rows, step.epochs, step.batch_size, step.optimizer) * (2 if spec.baseline else 1)
-            step_memory(i, current, step.batch_size, step.optimizer,
-                        int(step.early_stopping is not None) + int(spec.baseline), transient)
+            flops += train(current, rows, epochs, step.batch_size, step.optimizer) * (2 if spec.baseline else 1)
+            # "auto" lr / temperature: the range test's and the sweep's batches (engine.training.autotune)
+            auto_batches = (AUTO_LR_BATCHES * (step.optimizer.lr == "auto")
+                            + AUTO_TEMPERATURE_BATCHES * (getattr(step.loss, "temperature", None) == "auto"))
+            if auto_batches:
+                flops += train(current, auto_batches * step.batch_size, 1, step.batch_size, step.optimizer)
+            keeps_best = step.early_stopping is not None or step.schedule.type == "plateau"
+            step_memory(i, current, step.batch_size, step.optimizer, int(keeps_best) + int(spec.baseline)
+                        + int(auto_batches > 0), transient)
         elif isinstance(step, PruneStep | QuantizeStep):
             ft = step.finetune
             rounds = step.iterations if isinstance(step, PruneStep) else 1

@@ -12,7 +12,7 @@ from app.catalog.service import get_dataset, get_model
 from app.db.models import Artifact, Dataset, Job, JobEvent, JobInput, JobMetric, Model
 from app.errors import Conflict, NotFound, Unprocessable
 from app.ids import new_id
-from app.jobs import state, tracking
+from app.jobs import search as job_search, state, tracking
 from app.jobs.budget import check_job
 from app.jobs.events import append_event
 from jobspec import Facts, JobSpec, UploadedStudent, conflicts
@@ -50,8 +50,11 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
     spec = with_task_defaults(spec, teacher.task if teacher is not None else "causal_lm")
     check_compatible(spec, teacher, datasets, student_model)
     tracking.check_available(spec, settings)
-    # Parameters, memory and time from metadata alone: 422 budget_exceeded before 202 (docs/budgets.md).
-    check_job(spec, teacher, datasets, student_model, settings)
+    if spec.search is not None:  # its own defaults, checks and a budget over every trial (app/jobs/search.py)
+        spec = job_search.prepare(spec, teacher, datasets, settings)
+    else:
+        # Parameters, memory and time from metadata alone: 422 budget_exceeded before 202 (docs/budgets.md).
+        check_job(spec, teacher, datasets, student_model, settings)
     job_id = new_id("job")
     # The key is claimed before the job exists: of concurrent identical requests exactly one goes on.
     if (prior := idempotency.claim(session, tenant_id, "jobs", idempotency_key, req, job_id)) is not None:
@@ -63,12 +66,16 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
               tracking=tracking.initial_state(spec),
               progress={"step_index": 0, "step_kind": spec.steps[0].kind, "epoch": 0,
                         "epochs": getattr(spec.steps[0], "epochs", None), "fraction": 0.0, "eta_seconds": None})
+    if spec.search is not None:  # no dispatch: the leader's coordinator runs it (worker/search.py)
+        job.role, job.progress = job_search.SEARCH, job_search.initial_progress(spec.search)
     session.add(job)
     session.flush()
     for resource_id, role in _inputs(spec):
         session.add(JobInput(job_id=job.id, resource_id=resource_id, role=role))
-    append_event(session, job.id, "queued", f"job queued on '{job.queue}'")
-    dispatch(session, job.id, job.queue)
+    append_event(session, job.id, "queued", f"job queued on '{job.queue}'" if spec.search is None else
+                 f"search of {spec.search.trials} trials queued; its trials run on '{job.queue}'")
+    if spec.search is None:
+        dispatch(session, job.id, job.queue)
     job_changed(session, job.id, state.QUEUED)  # a new job is queued without a transition: announce it here
     return job, True
 
@@ -100,8 +107,10 @@ def check_compatible(spec: JobSpec, teacher: Model | None, datasets: dict[str, D
 
 
 def list_jobs(session: Session, tenant_id: str, *, limit: int, after: str | None, status: str | None,
-              kind: str | None) -> tuple[list[Job], bool, str | None]:
-    stmt = select(Job).where(Job.tenant_id == tenant_id)
+              kind: str | None, parent_id: str | None = None) -> tuple[list[Job], bool, str | None]:
+    # A search's trials are listed under their parent (parent_id=…), not among the tenant's own jobs.
+    stmt = select(Job).where(Job.tenant_id == tenant_id, Job.parent_id == parent_id if parent_id
+                             else Job.parent_id.is_(None))
     if status:
         if status not in state.STATUSES:
             raise Unprocessable(f"status must be one of {', '.join(state.STATUSES)}", code="invalid_filter")
@@ -133,6 +142,8 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
         except state.InvalidTransition:
             continue
         append_event(session, job_id, "cancel_requested", "cancel requested by the client")
+        if job.role == job_search.SEARCH:  # its trials stop with it; the coordinator then ends the search
+            job_search.cancel_trials(session, job_id)
         session.refresh(job)
         return job
     raise Conflict(f"job {job_id} changed state while cancelling; retry", code="job_busy")

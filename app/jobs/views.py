@@ -50,6 +50,12 @@ class JobOut(BaseModel):
         None, description="Present when the spec asks for 'tracking': what became of the job's run there.",
         examples=[{"mlflow": {"status": "logged", "run_id": "5f0c3e2a9b7d4c1e8f6a2b3c4d5e6f70", "experiment_id": "1",
                               "model_version": "3", "error": None}}])
+    # ---- student search (docs/search.md) ----
+    parent_id: str | None = Field(None, description="A search trial: the search job it belongs to.")
+    trial: dict[str, Any] | None = Field(
+        None, description="A search trial: its number, sampled params and, once it ended, its result.",
+        examples=[{"number": 3, "params": {"family": "mlp", "mlp.hidden_layers": 1, "mlp.width": 48, "lr": 0.004},
+                   "result": {"num_parameters": 3610, "latency_ms": 0.05, "metric": 0.969, "drop": 0.006}}])
 
 
 class ArtifactOut(BaseModel):
@@ -69,7 +75,8 @@ def job_out(j: Job) -> JobOut:
     return JobOut(id=j.id, status=j.status, created_at=rfc3339(j.created_at), started_at=rfc3339(j.started_at),
                   finished_at=rfc3339(j.finished_at), spec=j.spec, progress=j.progress, metrics=j.metrics,
                   error=error, attempts=j.attempts,
-                  tracking=TrackingOut.model_validate(j.tracking) if j.tracking else None)
+                  tracking=TrackingOut.model_validate(j.tracking) if j.tracking else None,
+                  parent_id=j.parent_id, trial=j.trial)
 
 
 def artifact_out(a: Artifact) -> ArtifactOut:

@@ -41,6 +41,10 @@ class DistillStep(_TrainingOptions):
     Config = jobspec.DistillStep
 
     def __init__(self, config: jobspec.DistillStep):
+        from engine.training.autotune import provisional
+
+        self.auto_config = config  # as the spec says, "auto" values included
+        config = provisional(config)
         super().__init__(config.loss, config.optimizer, config.schedule)
         self.config = config
         self.hints = tuple(config.hints)
@@ -67,7 +71,28 @@ class DistillStep(_TrainingOptions):
             from engine.compression.input_reduction import apply_input_reduction
 
             apply_input_reduction(ctx, self, index)
+        evidence = self._resolve_auto(ctx, index)
         fit(ctx, self, index, resumable=True)
+        if evidence:
+            info = ctx.step_info.setdefault(index, {})
+            if "epochs" in evidence:
+                stop = info.get("early_stopping", {})
+                evidence["epochs"].update({"ran": info.get("epochs_run"), "best_epoch": stop.get("best_epoch")})
+            info["auto"] = evidence
+
+    def _resolve_auto(self, ctx: Any, index: int) -> dict[str, Any]:
+        """Choose the spec's ``"auto"`` values on this step's data (:mod:`engine.training.autotune`) and rebuild
+        the loss and optimizer with them; the evidence for the report (empty when nothing was ``"auto"``)."""
+        from engine.training.autotune import has_auto, resolve_auto
+
+        if not has_auto(self.auto_config):
+            return {}
+        self.config = self.auto_config
+        resolved, evidence = resolve_auto(ctx, self, index)
+        self.config = resolved
+        self.loss = losses.build(resolved.loss)
+        self.optimizer = optimizers.build(resolved.optimizer)
+        return evidence
 
 
 class Finetune(_TrainingOptions):

@@ -5,6 +5,12 @@ first and last kept at the ends, and copied whole or restricted to the leading s
 table narrower than the teacher's is projected onto its top principal directions. In the spirit of
 DistilBERT's initialisation from the teacher (V. Sanh, L. Debut, J. Chaumond, T. Wolf, "DistilBERT, a
 distilled version of BERT: smaller, faster, cheaper and lighter", NeurIPS EMC² Workshop 2019).
+
+A bag-of-embeddings student of an *embedding* teacher is initialised from the teacher's outputs instead
+(:func:`token_output_table`, :func:`init_bag_from_outputs`): each token's row is the teacher's embedding of
+that token alone, and the head starts as the map that makes the student output the mean of those rows, as
+Model2Vec distils a sentence encoder into static embeddings (S. Tulkens, T. van Dongen, "Model2Vec: Fast
+State-of-the-Art Static Embeddings", 2024).
 """
 
 from __future__ import annotations
@@ -99,12 +105,99 @@ def _copy_state(dst: nn.Module, src: nn.Module, prefix: str) -> list[str]:
     return [f"{prefix}.{k}" for k in d_state]
 
 
+def _top_basis(table: torch.Tensor, dim: int) -> torch.Tensor:
+    """[dim, D] float64: the top-``dim`` right singular vectors of ``table`` [V, D] (uncentred PCA)."""
+    _, _, vh = torch.linalg.svd(table.detach().to(torch.float64), full_matrices=False)
+    return vh[:dim]
+
+
 def project_embedding(table: torch.Tensor, dim: int) -> torch.Tensor:
     """[V, D] -> [V, dim] (dim < D): the table in the basis of its top-``dim`` right singular vectors
     (uncentred PCA), which keeps the most of the rows' energy and their inner products."""
-    table = table.detach().to(torch.float64)
-    _, _, vh = torch.linalg.svd(table, full_matrices=False)
-    return (table @ vh[:dim].T).to(torch.float32)
+    return (table.detach().to(torch.float64) @ _top_basis(table, dim).T).to(torch.float32)
+
+
+#: Largest vocabulary whose tokens :func:`token_output_table` runs through the teacher one by one.
+TOKEN_TABLE_MAX_VOCAB = 1 << 18
+_TOKEN_TABLE_BATCH = 2048
+
+
+def token_output_table(teacher: nn.Module, inputs: list[InputInfo], vocab: int, out_dim: int) -> torch.Tensor | None:
+    """The teacher's output for every token alone: [vocab, out_dim] float32 on the CPU, or None where it
+    cannot be had (a vocabulary over :data:`TOKEN_TABLE_MAX_VOCAB`, a teacher that fails on one-token
+    rows or returns something else than finite [B, out_dim] rows).
+
+    ``inputs`` are the data's inputs in the teacher's positional order: ``input_ids`` [B, L] and optionally
+    an ``attention_mask`` (given as ones); row v is the teacher on the sequence ``[v]``.
+    """
+    if vocab > TOKEN_TABLE_MAX_VOCAB:
+        return None
+    tensors = [*teacher.parameters(), *teacher.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    mask_dtype = torch.int64 if len(inputs) < 2 or inputs[1].is_integer else torch.float32
+    rows: list[torch.Tensor] = []
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, vocab, _TOKEN_TABLE_BATCH):
+                ids = torch.arange(start, min(vocab, start + _TOKEN_TABLE_BATCH), device=device).unsqueeze(1)
+                args = [ids] if len(inputs) < 2 else [ids, torch.ones(ids.shape, dtype=mask_dtype, device=device)]
+                out = teacher(*args)
+                if not isinstance(out, torch.Tensor) or tuple(out.shape) != (ids.shape[0], out_dim):
+                    return None
+                rows.append(out.detach().float().cpu())
+    except Exception:  # noqa: BLE001 - a teacher that cannot take one-token rows keeps the plain copy
+        return None
+    finally:
+        teacher.train(was_training)
+    table = torch.cat(rows)
+    return table if bool(torch.isfinite(table).all()) else None
+
+
+def init_bag_from_outputs(embedding: nn.Embedding, head: nn.Sequential, table: torch.Tensor) -> list[str]:
+    """Set a bag student (``head(masked_mean(embedding(ids)))``, ``head`` = [Linear, ReLU]* Linear) so that
+    it outputs the mean of ``table``'s rows [V, D_out] over the sequence's tokens; returns the set keys.
+
+    The embedding holds the table's coordinates in its top-k basis B [k, D_out] (k = min(width, D_out),
+    exact when k = D_out); the last Linear maps them back by Bᵀ. Hidden ReLU layers pass the coordinates
+    through as their positive and negative parts (x = relu(x) − relu(−x)), which needs hidden widths of at
+    least 2k, else the head keeps its fresh weights. Units and table columns beyond these keep their
+    fresh weights, with zero weights out of them, so the initial function is exact and they still learn
+    (the outgoing weights get gradients). Keys are relative: ``embedding.weight``, ``head.<i>.weight`` ...
+    """
+    linears = [(i, m) for i, m in enumerate(head) if isinstance(m, nn.Linear)]
+    width, out_dim = embedding.weight.shape[1], table.shape[1]
+    k = min(width, out_dim)
+    basis = _top_basis(table, k) if k < out_dim else torch.eye(out_dim, dtype=torch.float64)
+    coords = (table.to(torch.float64) @ basis.T).to(embedding.weight.dtype)
+    keys = ["embedding.weight"]
+    with torch.no_grad():
+        w = embedding.weight
+        # extra columns: fresh, at the table's scale (Adam steps are then the same relative size everywhere)
+        w.normal_(0.0, float(coords.pow(2).mean().sqrt()) or 1.0)
+        w[:, :k].copy_(coords)
+        hidden = [m.out_features for _, m in linears[:-1]]
+        if any(h < 2 * k for h in hidden):
+            return keys
+        eye = torch.eye(k, dtype=w.dtype)
+        top = basis.T.to(w.dtype)  # [D_out, k]
+        carried = k  # leading input units holding the coordinates: k signed ones, then 2k (positive, negative)
+        for n, (i, lin) in enumerate(linears):
+            last = n == len(linears) - 1
+            if last:
+                lin.weight.zero_()
+                lin.weight[:, :carried].copy_(top if carried == k else torch.cat([top, -top], 1))
+            else:
+                # the first 2k units carry relu(x), relu(-x); the others keep their fresh weights
+                lin.weight[:2 * k].zero_()
+                lin.weight[:2 * k, :carried].copy_(torch.cat([eye, -eye], 0) if carried == k
+                                                   else torch.eye(2 * k, dtype=w.dtype))
+                carried = 2 * k
+            if lin.bias is not None:
+                lin.bias[: None if last else 2 * k].zero_()
+            keys += [f"head.{i}.weight"] + ([f"head.{i}.bias"] if lin.bias is not None else [])
+    return keys
 
 
 def init_from_teacher(student: nn.Module, teacher: nn.Module) -> list[str]:

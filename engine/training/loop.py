@@ -112,10 +112,12 @@ def fit(ctx: TrainContext, step: TrainingPlan, step_index: int, *, after_step: C
         optimizer = step.optimizer.create([p for p in params if p.requires_grad])
         epochs = step.config.epochs
         steps_per_epoch = math.ceil(n / bs)
-        sched = Scheduler(optimizer, step.schedule, epochs * steps_per_epoch)
-        stopper = EarlyStopping(step.early_stopping, ctx.task, ctx.y_val is not None)
+        sched = Scheduler(optimizer, step.schedule, epochs * steps_per_epoch, epochs=epochs)
+        stopper = EarlyStopping(step.early_stopping, ctx.task, ctx.y_val is not None, schedule=step.schedule,
+                                epochs=epochs)
         use_amp = dev.type == "cuda"
         lrs: list[float] = []
+        lr_cuts: list[int] = []
         kind = "baseline" if baseline else step.name
         prefix = "baseline_" if baseline else ctx.metric_prefix
         start_epoch, stopped, epoch = 1, False, 0
@@ -172,7 +174,7 @@ def fit(ctx: TrainContext, step: TrainingPlan, step_index: int, *, after_step: C
             outputs = ctx.predict()
             metrics = ctx.evaluate(outputs)
             val_loss = float("nan")
-            if stopper.metric == "loss":
+            if stopper.active:  # watched (metric "loss") or the tie-break of an unchanged metric
                 with torch.no_grad():
                     val_loss = float(loss_fn(outputs, ctx.t_val, ctx.y_val))
             rep = ctx.reporter
@@ -185,12 +187,18 @@ def fit(ctx: TrainContext, step: TrainingPlan, step_index: int, *, after_step: C
             ctx.progress.epoch_done(step_index=step_index, step_kind=kind, epoch=epoch_no,
                                     epochs=total_epochs or epochs,
                                     seconds=time.perf_counter() - started)
-            if stopper.active and stopper.update(metric_value(stopper.metric, metrics, val_loss), epoch, model):
+            if stopper.active and stopper.update(metric_value(stopper.metric, metrics, val_loss), epoch, model,
+                                                 val_loss):
                 ctx.progress.skip(epochs - epoch)
                 rep.event("early_stopping", f"step {step_index}: no improvement of {stopper.metric} for "
                           f"{stopper.config.patience} epochs; stopped after epoch {epoch}",
                           data={"step": step_index, "epoch": epoch, "metric": stopper.metric})
                 stopped = True
+            elif sched.epoch_end(stopper.improved):
+                lr_cuts.append(epoch)
+                rep.event("lr_reduced", f"step {step_index}: {stopper.metric} has not improved for {sched.patience} "
+                          f"epochs; learning rate × {step.schedule.factor} → {sched.lr:.3g} after epoch {epoch}",
+                          data={"step": step_index, "epoch": epoch, "lr": sched.lr})
             if ckpt is not None:
                 ckpt.epoch_end(step_index, epoch, functools.partial(
                     checkpoints.fit_state, model=model, hint_modules=hint_modules, optimizer=optimizer,
@@ -203,6 +211,9 @@ def fit(ctx: TrainContext, step: TrainingPlan, step_index: int, *, after_step: C
         info["lr_first"] = lrs[0] if lrs else None
         info["lr_last"] = lrs[-1] if lrs else None
         info["epochs_run"] = epoch
+        if sched.plateau:
+            info["schedule"] = {"type": "plateau", "patience": sched.patience, "factor": step.schedule.factor,
+                                "lr_cut_after_epochs": lr_cuts, "max_epochs": epochs}
         best = stopper.best
         if best is not None:
             model.load_state_dict(best[2])

@@ -16,7 +16,7 @@ def test_create_fills_defaults_and_queues(client, make_key, uploaded):
     step = job["spec"]["steps"][0]
     assert step["loss"] == {"type": "kd", "temperature": 4.0, "alpha": 0.9}
     assert step["optimizer"] == {"type": "adamw", "lr": 0.003, "weight_decay": 0.0, "momentum": 0.9}
-    assert step["schedule"] == {"type": "cosine", "warmup_fraction": 0.0}
+    assert step["schedule"] == {"type": "plateau", "warmup_fraction": 0.0, "patience": None, "factor": 0.5}
     assert (step["epochs"], step["batch_size"], step["hints"], step["augment"]) == (20, 128, [], None)
     assert job["spec"]["baseline"] is False and job["spec"]["student"]["init"] == "random"
     assert job["spec"]["exports"] == ["torchscript", "onnx", "safetensors"] and job["spec"]["val_fraction"] == 0.1

@@ -54,9 +54,22 @@ def create_job(response: Response, principal: CurrentPrincipal, db: DbSession, s
 @router.get("", response_model=Page[JobOut], responses=problems(401, 422))
 def list_jobs(principal: CurrentPrincipal, db: DbSession, limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Cursor = None, status: Annotated[str | None, Query(max_length=32)] = None,
-              kind: Annotated[str | None, Query(max_length=200)] = None) -> Page[JobOut]:
+              kind: Annotated[str | None, Query(max_length=200)] = None,
+              parent_id: Annotated[str | None, Query(max_length=40, description="A search job: list its trials "
+                                                                                 "(trials are listed only so).")] = None,
+              ) -> Page[JobOut]:
     rows, has_more, cursor = service.list_jobs(db, principal.tenant_id, limit=limit, after=after, status=status,
-                                               kind=kind)
+                                               kind=kind, parent_id=parent_id)
+    return Page[JobOut](data=[job_out(r) for r in rows], has_more=has_more, next_cursor=cursor)
+
+
+@router.get("/{job_id}/trials", response_model=Page[JobOut], responses=problems(401, 404, 422))
+def job_trials(job_id: str, principal: CurrentPrincipal, db: DbSession,
+               limit: Annotated[int, Query(ge=1, le=100)] = 100, after: Cursor = None) -> Page[JobOut]:
+    """The trials of a search job (child jobs, newest first); same as ``GET /v1/jobs?parent_id=``."""
+    service.get_job(db, principal.tenant_id, job_id)
+    rows, has_more, cursor = service.list_jobs(db, principal.tenant_id, limit=limit, after=after, status=None,
+                                               kind=None, parent_id=job_id)
     return Page[JobOut](data=[job_out(r) for r in rows], has_more=has_more, next_cursor=cursor)
 
 

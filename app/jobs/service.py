@@ -65,7 +65,8 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
               queue=settings.job_queue, attempts=0, max_attempts=settings.max_attempts,
               tracking=tracking.initial_state(spec),
               progress={"step_index": 0, "step_kind": spec.steps[0].kind, "epoch": 0,
-                        "epochs": getattr(spec.steps[0], "epochs", None), "fraction": 0.0, "eta_seconds": None})
+                        "epochs": getattr(spec.steps[0], "max_epochs", getattr(spec.steps[0], "epochs", None)),
+                        "fraction": 0.0, "eta_seconds": None})
     if spec.search is not None:  # no dispatch: the leader's coordinator runs it (worker/search.py)
         job.role, job.progress = job_search.SEARCH, job_search.initial_progress(spec.search)
     session.add(job)

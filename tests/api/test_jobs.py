@@ -163,3 +163,23 @@ def test_compression_specs_are_checked_before_queueing(client, make_key, uploade
         {"kind": "quantize", "method": "onnx_int8", "gate": {"metric": "accuracy", "max_drop": 0.01}}]})
     assert ok.status_code == 202, ok.text
     assert ok.json()["spec"]["steps"][0]["mode"] == "dynamic"
+
+
+def test_auto_values_are_stored_and_shown(client, make_key, uploaded):
+    """'auto' epochs / lr / temperature are accepted, stored as 'auto' and shown with the epochs' upper bound."""
+    h = make_key("jobs-auto")
+    m, d = uploaded(h)
+    r = client.post("/v1/jobs", headers=h, json={
+        "teacher_model_id": m, "dataset_id": d, "student": {"family": "mlp", "hidden": [16]},
+        "steps": [{"kind": "distill", "epochs": "auto", "optimizer": {"lr": "auto"},
+                   "loss": {"type": "kd", "temperature": "auto"}}]})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    step = job["spec"]["steps"][0]
+    assert (step["epochs"], step["optimizer"]["lr"], step["loss"]["temperature"]) == ("auto", "auto", "auto")
+    assert job["progress"]["epochs"] == 100
+    assert client.get(f"/v1/jobs/{job['id']}", headers=h).json()["progress"]["epochs"] == 100
+    bad = client.post("/v1/jobs", headers=h, json={
+        "teacher_model_id": m, "dataset_id": d, "student": {"family": "mlp"},
+        "steps": [{"kind": "distill", "epochs": "auto", "schedule": {"type": "cosine"}}]})
+    assert bad.status_code == 422 and "epochs 'auto'" in bad.text

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from engine.data.split import split_dataset
+from engine.report.timings import phase
 from engine.training.plan import TrainingPlan
 from engine.training.tables import StepData, Table, TeacherCache
 from engine.values import Reporter
@@ -83,8 +84,9 @@ class DataPlan:
         self.val = Table(val_x, dev)
         self.y_val = _labels_tensor(val_y, dev)
         started = time.perf_counter()
-        self.t_val = TeacherCache.build(v.teacher, self.val, (), device=dev, cache_dir=None,
-                                        should_stop=reporter.should_stop).all_outputs()
+        with phase("teacher_scoring"):  # the job's phase timings (engine.report.timings)
+            self.t_val = TeacherCache.build(v.teacher, self.val, (), device=dev, cache_dir=None,
+                                            should_stop=reporter.should_stop).all_outputs()
         self.teacher_seconds = time.perf_counter() - started
 
     # -- synthesis ---------------------------------------------------------------------------
@@ -123,9 +125,10 @@ class DataPlan:
     def _cache(self, key: tuple, table: Table, features: Sequence[str]) -> TeacherCache:
         if key not in self.caches:
             started = time.perf_counter()
-            cache = TeacherCache.build(self.v.teacher, table, features, device=self.v.device,
-                                       cache_dir=self.cache_dir, should_stop=self.reporter.should_stop,
-                                       tag="-".join(str(k) for k in key[:2]))
+            with phase("cache"):  # the job's phase timings (engine.report.timings)
+                cache = TeacherCache.build(self.v.teacher, table, features, device=self.v.device,
+                                           cache_dir=self.cache_dir, should_stop=self.reporter.should_stop,
+                                           tag="-".join(str(k) for k in key[:2]))
             seconds = time.perf_counter() - started
             self.reporter.event(
                 "teacher_outputs",

@@ -10,6 +10,7 @@ accepted; any failure is ``EngineError("export_failed")``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 
 import json
 import shutil
@@ -24,6 +25,7 @@ from torch import nn
 
 from engine.errors import error_summary
 from engine.registry import exports
+from engine.report.timings import phase
 from engine.students.architecture import from_architecture
 from engine.values import ArtifactFile
 from engine.errors import EngineError, ExportFailed, InvalidModel
@@ -58,6 +60,9 @@ class ExportInput:
     safetensors_dtype: Any = None
     #: filled by exporters: notes for the report (e.g. how the ONNX was made)
     notes: dict[str, str] = field(default_factory=dict)
+    #: ``model`` already saved as TorchScript (with :func:`torchscript_extra_files`): written as is
+    torchscript_bytes: bytes | None = None
+    _reference: Any = field(default=None, init=False, repr=False)
 
     @property
     def examples(self) -> list[torch.Tensor]:
@@ -70,8 +75,11 @@ class ExportInput:
         return ["input"] if len(self.examples) == 1 else [f"input_{i}" for i in range(len(self.examples))]
 
     def reference(self) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model(*self.examples)
+        """The in-memory model's outputs on the examples, computed once for every format's check."""
+        if self._reference is None:
+            with torch.inference_mode():
+                self._reference = self.model(*self.examples)
+        return self._reference
 
 
 class SkipExport(Exception):
@@ -137,20 +145,29 @@ def script_student(model: nn.Module, example: Any) -> torch.jit.ScriptModule:
             return torch.jit.trace(model, tuple(e[:2] for e in examples), check_trace=False)
 
 
+def torchscript_extra_files(architecture: Mapping[str, Any]) -> dict[str, str]:
+    """The files a TorchScript student archive carries: its architecture, so the archive alone can be rebuilt."""
+    return {"architecture.json": json.dumps(architecture)}
+
+
 @exports.register("torchscript")
 class TorchScriptExport(_Exporter):
     filename = "student.pt"
 
     def _export(self, inp: ExportInput) -> list[ArtifactFile]:
         path = inp.out_dir / (inp.prefix + self.filename)
-        scripted = script_student(inp.model, inp.example)
-        with warnings.catch_warnings():
+        if inp.torchscript_bytes is not None:  # already scripted and saved when the step's row was measured
+            path.write_bytes(inp.torchscript_bytes)
+        else:
+            scripted = script_student(inp.model, inp.example)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.jit.save(scripted, str(path), _extra_files=torchscript_extra_files(inp.architecture))
+        with phase("verify"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # The architecture rides along so the archive alone can be rebuilt.
-            torch.jit.save(scripted, str(path), _extra_files={"architecture.json": json.dumps(inp.architecture)})
             reloaded = torch.jit.load(str(path), map_location="cpu")
-        with torch.inference_mode():
-            _verify("torchscript", reloaded(*inp.examples), inp.reference(), inp.tolerance, inp.task)
+            with torch.inference_mode():
+                _verify("torchscript", reloaded(*inp.examples), inp.reference(), inp.tolerance, inp.task)
         return [ArtifactFile("student", "torchscript", path, inp.step_index, OCTET)]
 
 
@@ -165,9 +182,10 @@ class OnnxExport(_Exporter):
         if plan.get("file") is not None:
             # the step's output already is an ONNX model (quantize onnx_int8)
             shutil.copyfile(plan["file"], path)
-            session = ort_session(path)
-            feeds = {i.name: e.numpy() for i, e in zip(session.get_inputs(), inp.examples)}
-            got = session.run(None, feeds)[0]
+            with phase("verify"):
+                session = ort_session(path)
+                feeds = {i.name: e.numpy() for i, e in zip(session.get_inputs(), inp.examples)}
+                got = session.run(None, feeds)[0]
         else:
             source = plan.get("float_model", inp.model)
             mode = plan.get("mode")
@@ -181,11 +199,13 @@ class OnnxExport(_Exporter):
                 target.unlink()
             if plan.get("note"):
                 inp.notes["onnx"] = plan["note"]
-            session = ort_session(path)
-            graph_inputs = {i.name for i in session.get_inputs()}
-            feeds = {n: e.numpy() for n, e in zip(inp.names, inp.examples) if n in graph_inputs}
-            got = session.run([inp.output_name], feeds)[0]
-        _verify("onnx", got, inp.reference(), inp.tolerance, inp.task)
+            with phase("verify"):
+                session = ort_session(path)
+                graph_inputs = {i.name for i in session.get_inputs()}
+                feeds = {n: e.numpy() for n, e in zip(inp.names, inp.examples) if n in graph_inputs}
+                got = session.run([inp.output_name], feeds)[0]
+        with phase("verify"):
+            _verify("onnx", got, inp.reference(), inp.tolerance, inp.task)
         return [ArtifactFile("student", "onnx", path, inp.step_index, OCTET)]
 
 
@@ -241,6 +261,16 @@ class SafetensorsExport(_Exporter):
             metadata={"architecture": json.dumps(inp.architecture), "format": SAFETENSORS_FORMAT},
         )
         arch_path.write_text(json.dumps(inp.architecture, indent=2, sort_keys=True))
+        with phase("verify"):
+            self._check_reload(inp, path, source)
+        return [
+            ArtifactFile("student", "safetensors", path, inp.step_index, OCTET),
+            ArtifactFile("architecture", "json", arch_path, inp.step_index, JSON),
+        ]
+
+    @staticmethod
+    def _check_reload(inp: ExportInput, path: Path, source: nn.Module) -> None:
+        """Rebuild the student from ``path`` and compare it with the trained one."""
         try:
             rebuilt = load_safetensors_student(path).eval()
         except EngineError as exc:
@@ -257,10 +287,6 @@ class SafetensorsExport(_Exporter):
             rebuilt.eval()
         with torch.inference_mode():
             _verify("safetensors", rebuilt(*inp.examples), inp.reference(), inp.tolerance, inp.task)
-        return [
-            ArtifactFile("student", "safetensors", path, inp.step_index, OCTET),
-            ArtifactFile("architecture", "json", arch_path, inp.step_index, JSON),
-        ]
 
 
 def load_safetensors_student(path: Path) -> nn.Module:

@@ -50,6 +50,8 @@ from engine.errors import error_summary
 from engine.report.result import FinishedSteps, assemble_result
 from engine.report.measure import cpu_eval_copy, describe, student_latency, student_size_bytes, teacher_extras
 from engine.report.rows import measure_latency, model_row
+from engine.report.background import SideWork
+from engine.report.timings import JobTimings, activate, current, describe_timings, phase
 from engine.pipeline.resume import Resume, StudentSnapshots, checkpoint_identity, resume
 from engine.pipeline.run_steps import run_steps
 from engine.training.context import TrainContext
@@ -176,15 +178,34 @@ def run(
     distill epoch when ``checkpoint_every_seconds`` passed since the last write; 0 = every epoch)
     and resume from it when it matches this job (see :mod:`.checkpoint`).
     """
-    out_dir = Path(out_dir)
-    if teacher.format in ("hf_transformers", "endpoint") or teacher.task == "causal_lm":
-        from engine.lm.pipeline import run_lm  # generative LMs: their own phases (transformers loads only here)
+    timings = JobTimings()
+    with activate(timings):
+        try:
+            out_dir = Path(out_dir)
+            if teacher.format in ("hf_transformers", "endpoint") or teacher.task == "causal_lm":
+                from engine.lm.pipeline import run_lm  # generative LMs: their own phases (transformers loads only here)
 
-        return run_lm(spec, teacher, datasets, out_dir, reporter, device=device, threads=threads, models=models)
-    v = validate(spec, teacher, datasets, reporter, device, threads, out_dir)
+                return run_lm(spec, teacher, datasets, out_dir, reporter, device=device, threads=threads,
+                              models=models)
+            return _run(spec, teacher, datasets, out_dir, reporter, device, threads, models, checkpoint_dir,
+                        checkpoint_every_seconds)
+        finally:
+            # every job ends with its phase timings (the same numbers as report.json's "timings")
+            final = timings.finish()
+            reporter.event("timings", f"job took {final['total']:.2f}s: " + describe_timings(final), data=final)
+
+
+def _run(spec: Mapping[str, Any], teacher: TeacherSource, datasets: Mapping[str, DatasetSource] | DatasetSource | None,
+         out_dir: Path, reporter: Reporter, device: str, threads: int | None, models: Mapping[str, ModelSource] | None,
+         checkpoint_dir: Path | None, checkpoint_every_seconds: float) -> EngineResult:
+    """:func:`run` for fixed-shape models (classification, regression, embedding), inside its timings."""
+    with phase("validate"):
+        v = validate(spec, teacher, datasets, reporter, device, threads, out_dir)
     job, dev = v.job, v.device
-    plan = DataPlan(v, reporter, out_dir)
-    teacher_row_metrics = teacher_metrics(v.task, plan.t_val, plan.y_val)
+    with phase("load"):
+        plan = DataPlan(v, reporter, out_dir)
+    with phase("teacher_scoring"):  # its held-out outputs were cached (and timed) by the DataPlan
+        teacher_row_metrics = teacher_metrics(v.task, plan.t_val, plan.y_val)
     _report_loaded(v, plan, teacher_row_metrics, reporter)
 
     example = plan.val.slice(0, VERIFY_ROWS)
@@ -193,10 +214,11 @@ def run(
 
     # Seed right before anything random: weight init, dropout, batch order.
     torch.manual_seed(job.seed)
-    student, architecture = _create_student(v, models, example_cpu)
-    if not is_cpu_only(student):
-        student = student.to(dev)
-    _check_student(student, v, example if not is_cpu_only(student) else example_cpu)
+    with phase("student"):
+        student, architecture = _create_student(v, models, example_cpu)
+        if not is_cpu_only(student):
+            student = student.to(dev)
+        _check_student(student, v, example if not is_cpu_only(student) else example_cpu)
     init_state = copy.deepcopy(student.state_dict()) if job.baseline else None
     total_epochs = sum(s.epochs for s in job.steps) * (2 if job.baseline else 1)
     progress = ProgressTracker(reporter, total_epochs)
@@ -213,20 +235,39 @@ def run(
                                            checkpoint_dir, checkpoint_every_seconds)
     teacher_row = model_row(v.teacher.num_parameters, v.teacher.size_bytes,
                             measure_latency(v.teacher.latency_fn, val_x_np), teacher_row_metrics)
-    teacher_row.update(teacher_extras(v, teacher))
-    try:
-        outcome = run_steps(job, ctx, example_cpu, val_x_np, teacher_row, v.inputs, out_dir, students, resumed)
-    finally:
-        shutil.rmtree(out_dir / "work", ignore_errors=True)
+    with phase("measure"):
+        teacher_row.update(teacher_extras(v, teacher))
+    files = {k: s.path for k, s in v.sources.items() if k in v.datasets and not s.sha256}
+    files = files if teacher.sha256 else {**files, "teacher": teacher.path}
+    side = SideWork(current())
+    if SideWork.spare_core(torch.get_num_threads()):
+        side.start_files(teacher.path, files)  # GIL-free: overlaps training on the core torch leaves free
 
-    baseline_row = None
-    if job.baseline and outcome.failed is None:
-        assert init_state is not None
-        baseline_row = _run_baseline(v, plan, models, init_state, architecture, progress, reporter,
-                                     example_cpu, val_x_np)
-    ctx.check_stop("before the report")
-    done = FinishedSteps(spec, teacher, v, plan, ctx, outcome, teacher_row, baseline_row)
-    return assemble_result(done, out_dir, reporter)
+    def start_side_work(rows: list[dict[str, Any]]) -> None:
+        """Once nothing is timed any more: hashes, the teacher's gzip size and the plots in the background."""
+        side.start_files(teacher.path, files)
+        side.start_plots(ctx.history, teacher_row, rows, out_dir, v.task)
+
+    try:
+        try:
+            outcome = run_steps(job, ctx, example_cpu, val_x_np, teacher_row, v.inputs, out_dir, students, resumed,
+                                on_measured=None if job.baseline else start_side_work)
+        finally:
+            shutil.rmtree(out_dir / "work", ignore_errors=True)
+
+        baseline_row = None
+        if job.baseline and outcome.failed is None:
+            assert init_state is not None
+            with phase("baseline"):
+                baseline_row = _run_baseline(v, plan, models, init_state, architecture, progress, reporter,
+                                             example_cpu, val_x_np)
+        ctx.check_stop("before the report")
+        start_side_work(outcome.rows)  # a baseline job, or a resumed one with no step left to run
+        done = FinishedSteps(spec, teacher, v, plan, ctx, outcome, teacher_row, baseline_row, side)
+        with phase("report"):
+            return assemble_result(done, out_dir, reporter)
+    finally:
+        side.close()
 
 
 def _teacher_info(v: Validated) -> TeacherInfo:

@@ -8,7 +8,7 @@ gives each one report row measured right after it, stops at the first step that 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from engine import metrics as evaluate_mod
 from engine.export import formats as export_mod
 from engine.metrics import task_metrics
 from engine.report.measure import cpu_eval_copy, describe, gzip_size, measure_row
+from engine.report.timings import phase
 from engine.registry import exports as export_registry
 from engine.pipeline.resume import Resume, StudentSnapshots
 from engine.pipeline.job import JobPlan
@@ -39,9 +40,17 @@ def gate_check(step: Any, index: int, row: dict[str, Any], teacher_row: Mapping[
     metric = gate.metric
     if metric not in row or metric not in teacher_row:
         raise InvalidSpec(f"steps[{index}].gate.metric: {metric!r} was not measured for this job")
-    drop = float(teacher_row[metric]) - float(row[metric])
-    return {"metric": metric, "teacher": float(teacher_row[metric]), "value": float(row[metric]),
-            "drop": drop, "max_drop": float(gate.max_drop), "passed": drop <= gate.max_drop + 1e-12}
+    value = float(row[metric])
+    if getattr(gate, "against", "teacher") == "labels":  # an absolute floor, whatever the teacher scores
+        return {"metric": metric, "against": "labels", "value": value, "min": float(gate.min),
+                "teacher": float(teacher_row[metric]), "passed": value >= gate.min - 1e-12,
+                "verdict": f"{metric} {value:.4f} against the labels, {'≥' if value >= gate.min - 1e-12 else '<'} "
+                           f"the floor {gate.min:.4f}"}
+    drop = float(teacher_row[metric]) - value
+    return {"metric": metric, "against": "teacher", "teacher": float(teacher_row[metric]), "value": value,
+            "drop": drop, "max_drop": float(gate.max_drop), "passed": drop <= gate.max_drop + 1e-12,
+            "verdict": f"{metric} drop {drop:.4f} below the teacher's, {'within' if drop <= gate.max_drop + 1e-12 else 'over'} "
+                       f"{gate.max_drop:.4f}"}
 
 
 def export_metrics(ctx: TrainContext, f: ArtifactFile) -> dict[str, float] | None:
@@ -63,14 +72,17 @@ def export_metrics(ctx: TrainContext, f: ArtifactFile) -> dict[str, float] | Non
 
 
 def export_step(job: JobPlan, ctx: TrainContext, example: list[torch.Tensor], inputs: list[str], out_dir: Path,
-                 index: int) -> tuple[list[ArtifactFile], dict[str, Any], dict[str, str]]:
-    """Write and verify step ``index``'s output in every requested format."""
+                 index: int, torchscript_bytes: bytes | None = None
+                 ) -> tuple[list[ArtifactFile], dict[str, Any], dict[str, str]]:
+    """Write and verify step ``index``'s output in every requested format (``torchscript_bytes``: the
+    model already saved as TorchScript, see :func:`engine.report.measure.measure_row`)."""
     plan = ctx.step_outputs.get(index)
     extra = dict(plan.export) if plan is not None else {}
     export_input = export_mod.ExportInput(
         cpu_eval_copy(ctx.student), ctx.architecture, example, out_dir, index,
         input_names=list(inputs), output_name="logits" if ctx.task == "classification" else "output",
-        prefix=f"step{index}_" if len(job.steps) > 1 else "", task=ctx.task, **extra,
+        prefix=f"step{index}_" if len(job.steps) > 1 else "", task=ctx.task, torchscript_bytes=torchscript_bytes,
+        **extra,
     )
     artifacts: list[ArtifactFile] = []
     measured: dict[str, Any] = {}
@@ -86,7 +98,8 @@ def export_step(job: JobPlan, ctx: TrainContext, example: list[torch.Tensor], in
         for f in files:
             size = f.path.stat().st_size
             if f.kind == "student":
-                m = export_metrics(ctx, f)
+                with phase("verify"):
+                    m = export_metrics(ctx, f)
                 if m is not None:
                     measured[f.format] = {"file": f.path.name, "size_bytes": size, **m}
             ctx.reporter.event(
@@ -111,11 +124,14 @@ class StepsOutcome:
 
 def run_steps(job: JobPlan, ctx: TrainContext, example: list[torch.Tensor], val_x: Mapping[str, np.ndarray],
                teacher_metrics_row: Mapping[str, Any], inputs: list[str], out_dir: Path,
-               students: StudentSnapshots | None = None, resumed: Resume | None = None) -> StepsOutcome:
+               students: StudentSnapshots | None = None, resumed: Resume | None = None,
+               on_measured: Callable[[list[dict[str, Any]]], None] | None = None) -> StepsOutcome:
     """Run every step; one report row per step (measured right after it), its exports, its gate.
 
     With ``resumed``, the steps before ``resumed.step`` are skipped (their rows and exports come
     from the checkpoint); ``students`` snapshots each step's start for ``ctx.checkpoint``.
+    ``on_measured(rows)`` is called once the last row is measured (the last step's, or a failed gate's),
+    before that step's exports: nothing of the steps is timed after it.
     """
     outcome = StepsOutcome([], {})
     ckpt = ctx.checkpoint
@@ -142,13 +158,16 @@ def run_steps(job: JobPlan, ctx: TrainContext, example: list[torch.Tensor], val_
             data={"index": index, "kind": step.name, "method": step.method, "epochs": step.epochs},
         )
         ctx.progress.step_started(step_index=index, step_kind=step.name, epochs=step.epochs)
-        step.run(ctx, index)
-        metrics = ctx.evaluate()
-        row = measure_row(ctx, example, val_x, metrics)
+        with phase("train"):
+            step.run(ctx, index)
+        with phase("evaluate"):
+            metrics = ctx.evaluate()
+        with phase("measure"):
+            row, torchscript_bytes = measure_row(ctx, example, val_x, metrics)
         info = ctx.step_info.get(index, {})
         data = {k: val for k, val in info.items()
                 if k in ("dataset", "rows", "coreset", "synthetic", "val_source", "calibration_rows")}
-        extra = {k: info[k] for k in ("early_stopping",) if k in info}
+        extra = {k: info[k] for k in ("early_stopping", "schedule", "auto") if k in info}
         plan = ctx.step_outputs.get(index)
         details = dict(plan.details) if plan is not None else {}
         full = {"index": index, "kind": step.name, "method": step.method, **row, "data": data, **extra, **details}
@@ -156,23 +175,29 @@ def run_steps(job: JobPlan, ctx: TrainContext, example: list[torch.Tensor], val_
         if gate is not None:
             full["gate"] = gate
         outcome.rows.append(full)
+        if on_measured is not None and (index + 1 == len(job.steps) or (gate is not None and not gate["passed"])):
+            on_measured(outcome.rows)
         ctx.reporter.event("step_finished", f"step {index} finished: " + describe(metrics), data=metrics)
         if gate is not None and not gate["passed"]:
             what = f"{step.name} {step.method}"
-            outcome.message = (f"step {index} ({what}): {gate['metric']} dropped {gate['drop']:.3f} below the "
-                               f"teacher's (allowed {gate['max_drop']:.3f})")
-            outcome.failed = {"failed_step": index, "metric": gate["metric"], "drop": gate["drop"],
-                              "max_drop": gate["max_drop"]}
+            if gate["against"] == "labels":
+                outcome.message = (f"step {index} ({what}): {gate['metric']} {gate['value']:.3f} against the labels "
+                                   f"is below the gate's floor {gate['min']:.3f}")
+            else:
+                outcome.message = (f"step {index} ({what}): {gate['metric']} dropped {gate['drop']:.3f} below the "
+                                   f"teacher's (allowed {gate['max_drop']:.3f})")
+            outcome.failed = {"failed_step": index, **{k: gate[k] for k in ("metric", "against", "drop", "max_drop",
+                                                                                "value", "min") if k in gate}}
             ctx.reporter.event("quality_gate", outcome.message, level="error", data=outcome.failed)
             break
         if gate is not None:
-            ctx.reporter.event("quality_gate", f"step {index}: {gate['metric']} drop {gate['drop']:.4f} within "
-                               f"{gate['max_drop']:.4f}", data={"step": index, **gate})
+            ctx.reporter.event("quality_gate", f"step {index}: {gate['verdict']}", data={"step": index, **gate})
         ctx.check_stop("before export")
-        files, measured, notes = export_step(job, ctx, example, inputs, out_dir, index)
+        with phase("export"):
+            files, measured, notes = export_step(job, ctx, example, inputs, out_dir, index, torchscript_bytes)
         outcome.artifacts[index] = files
         ts_file = next((f.path for f in files if f.kind == "student" and f.format == "torchscript"), None)
-        if ts_file is not None:  # sized as shipped
+        if ts_file is not None and torchscript_bytes is None:  # sized as shipped (the row was, when it wrote them)
             full["size_bytes"] = ts_file.stat().st_size
             full["size_gzip_bytes"] = gzip_size(ts_file.read_bytes())
         if measured:

@@ -172,8 +172,12 @@ def write_model_card(report: Mapping[str, Any], spec: Mapping[str, Any], source:
                          f"({ir['method']}) inside the model; feed the original {ir['in_features']} features.")
     if report.get("gate"):
         g = report["gate"]
-        lines.append(f"- quality gate: step {g['failed_step']} lost {g['drop']:.4f} {g['metric']} "
-                     f"(allowed {g['max_drop']:.4f}).")
+        if g.get("against") == "labels":
+            lines.append(f"- quality gate: step {g['failed_step']} scored {g['value']:.4f} {g['metric']} against the "
+                         f"labels (floor {g['min']:.4f}).")
+        else:
+            lines.append(f"- quality gate: step {g['failed_step']} lost {g['drop']:.4f} {g['metric']} "
+                         f"(allowed {g['max_drop']:.4f}).")
     path = Path(out_dir) / "model_card.md"
     path.write_text("\n".join(lines) + "\n")
     return ArtifactFile("model_card", "markdown", path, None, MARKDOWN)

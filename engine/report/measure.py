@@ -70,15 +70,21 @@ def student_latency(model: nn.Module, x: Mapping[str, np.ndarray]) -> dict[str, 
     return measure_latency(make, x)
 
 
-def _serialized(model: nn.Module, example: list[torch.Tensor]) -> bytes | None:
-    """The bytes a user would ship: the ONNX file for ONNX Runtime models, else TorchScript."""
+def _serialized(model: nn.Module, example: list[torch.Tensor],
+                architecture: Mapping[str, Any] | None = None) -> bytes | None:
+    """The bytes a user would ship: the ONNX file for ONNX Runtime models, else TorchScript (with
+    ``architecture`` the exact bytes of the ``torchscript`` export, which then writes them)."""
     if isinstance(model, compress_mod.OrtModule):
         return model.path.read_bytes()
     try:
         buffer = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.jit.save(export_mod.script_student(model, example), buffer)
+            scripted = export_mod.script_student(model, example)
+            if architecture is None:
+                torch.jit.save(scripted, buffer)
+            else:
+                torch.jit.save(scripted, buffer, _extra_files=export_mod.torchscript_extra_files(architecture))
         return buffer.getvalue()
     except Exception:
         return None
@@ -90,21 +96,23 @@ def gzip_size(data: bytes) -> int:
 
 
 def measure_row(ctx: TrainContext, example: list[torch.Tensor], val_x: Mapping[str, np.ndarray],
-             metrics: Mapping[str, float]) -> dict[str, Any]:
-    """A report row for the current model: counts, serialized (+ gzip) size, CPU latency, metrics."""
+             metrics: Mapping[str, float]) -> tuple[dict[str, Any], bytes | None]:
+    """A report row for the current model: counts, serialized (+ gzip) size, CPU latency, metrics; and the
+    TorchScript bytes it was sized by (the ``torchscript`` export writes them: the model is scripted once)."""
     cpu_model = cpu_eval_copy(ctx.student)
     total, nonzero = compress_mod.parameter_counts(cpu_model)
-    data = _serialized(cpu_model, example)
+    data = _serialized(cpu_model, example, ctx.architecture)
     size = len(data) if data is not None else common.state_dict_bytes(cpu_model)
     row = model_row(total, size, student_latency(cpu_model, val_x), metrics)
     row["nonzero_parameters"] = int(nonzero)
     row["size_gzip_bytes"] = gzip_size(data) if data is not None else None
     ctx.student.to(ctx.device) if not is_cpu_only(ctx.student) else None
-    return row
+    return row, (data if data is not None and not isinstance(cpu_model, compress_mod.OrtModule) else None)
 
 
 def teacher_extras(v: Validated, source: TeacherSource) -> dict[str, Any]:
-    """``nonzero_parameters`` and ``size_gzip_bytes`` of the teacher (gzip only below 256 MB)."""
+    """``format`` and ``nonzero_parameters`` of the teacher (its ``size_gzip_bytes`` is side work:
+    :func:`engine.report.background.teacher_gzip_size`)."""
     out: dict[str, Any] = {"format": v.teacher.format}
     try:
         if v.teacher.module is not None:
@@ -114,8 +122,6 @@ def teacher_extras(v: Validated, source: TeacherSource) -> dict[str, Any]:
             out["nonzero_parameters"] = compress_mod.OrtModule(Path(source.path)).counts()[1]
     except Exception:  # noqa: BLE001
         out["nonzero_parameters"] = None
-    path = Path(source.path)
-    out["size_gzip_bytes"] = gzip_size(path.read_bytes()) if path.is_file() and path.stat().st_size < (256 << 20) else None
     return out
 
 

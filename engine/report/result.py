@@ -18,8 +18,11 @@ import torch
 from engine.data.plan import DataPlan
 from engine.metrics import METRIC_KEYS
 from engine.errors import error_summary
+from engine.report.honesty import report_warnings
 from engine.report.measure import describe, times
-from engine.report.rows import build_report, file_sha256, spec_sha256, versions, write_report
+from engine.report.background import SideWork, teacher_gzip_size
+from engine.report.rows import build_report, spec_sha256, versions, write_report
+from engine.report.timings import current, phase
 from engine.pipeline.run_steps import StepsOutcome
 from engine.training.context import TrainContext
 from engine.values import ArtifactFile, EngineResult, Reporter, TeacherSource
@@ -46,6 +49,8 @@ class FinishedSteps:
     outcome: StepsOutcome
     teacher_row: dict[str, Any]
     baseline_row: dict[str, Any] | None
+    #: hashes, the teacher's gzip size and the plots, started in the background (None: all done here)
+    side: SideWork | None = None
 
 
 def assemble_result(done: FinishedSteps, out_dir: Path, reporter: Reporter) -> EngineResult:
@@ -58,6 +63,8 @@ def assemble_result(done: FinishedSteps, out_dir: Path, reporter: Reporter) -> E
     outcome, teacher_row, baseline_row = done.outcome, done.teacher_row, done.baseline_row
     job, dev = v.job, v.device
     step_rows = outcome.rows
+    side = done.side if done.side is not None else SideWork(None)
+    teacher_row["size_gzip_bytes"] = side.result("teacher_gzip", lambda: teacher_gzip_size(Path(teacher.path)))
 
     # ---- report: the final student is the last passing step's row, sized as shipped.
     passed_rows = step_rows if outcome.failed is None else step_rows[:-1]
@@ -75,11 +82,11 @@ def assemble_result(done: FinishedSteps, out_dir: Path, reporter: Reporter) -> E
             "seed": job.seed,
             "versions": versions(),
             "spec_sha256": spec_sha256(spec),
-            "data_sha256": (v.sources[primary_id].sha256 or file_sha256(Path(v.sources[primary_id].path)))
+            "data_sha256": side.sha256(Path(v.sources[primary_id].path), v.sources[primary_id].sha256)
             if primary_id else None,
-            "datasets_sha256": {k: s.sha256 or file_sha256(Path(s.path)) for k, s in v.sources.items()
+            "datasets_sha256": {k: side.sha256(Path(s.path), s.sha256) for k, s in v.sources.items()
                                 if k in v.datasets},
-            "teacher_sha256": teacher.sha256 or file_sha256(Path(teacher.path)),
+            "teacher_sha256": side.sha256(Path(teacher.path), teacher.sha256),
             "device": str(dev),
             "threads": torch.get_num_threads(),
         },
@@ -101,6 +108,10 @@ def assemble_result(done: FinishedSteps, out_dir: Path, reporter: Reporter) -> E
         },
     )
     report["recipe"] = list(spec.get("steps") or [])
+    if warnings := report_warnings(teacher_row, plan.y_val is not None):
+        report["warnings"] = warnings
+        for w in warnings:
+            reporter.event("report", w["message"], level="warning", data=w)
     if outcome.failed is not None:
         report["gate"] = outcome.failed
         if final_src is None:
@@ -113,10 +124,14 @@ def assemble_result(done: FinishedSteps, out_dir: Path, reporter: Reporter) -> E
     try:
         from engine.report import card
 
-        extras += card.write_plots(ctx.history, teacher_row, step_rows, out_dir, v.task)
-        extras.append(card.write_model_card(report, spec, teacher, v, out_dir, failed=outcome.message or None))
+        extras += side.result("plots", lambda: card.write_plots(ctx.history, teacher_row, step_rows, out_dir, v.task))
+        with phase("card"):
+            extras.append(card.write_model_card(report, spec, teacher, v, out_dir, failed=outcome.message or None))
     except Exception as exc:  # noqa: BLE001 - the card and plots are extras; never fail a job over them
         reporter.event("report", f"model card / plots skipped: {error_summary(exc)}", level="warning")
+    timings = current()
+    if timings is not None:
+        report["timings"] = timings.finish()
     write_artifact = write_report(report, out_dir)
     passed_steps = sorted(outcome.artifacts)
     if outcome.failed is None:

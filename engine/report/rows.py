@@ -12,7 +12,8 @@ Layout (written as ``report.json``)::
            (labels), "teacher_r2", "agreement_mse" (regression); "cosine", "mse" (embedding)}
 
     With ``baseline: true``: ``"baseline": row`` (same student trained on labels only) and
-    ``"teacher_gain": {metric: distilled - baseline}``.
+    ``"teacher_gain": {metric: distilled - baseline}``. ``"timings": {phase: seconds}``: where the
+    job's wall time went (:mod:`engine.report.timings`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from typing import Any, TypedDict
 import numpy as np
 
 from engine.report.latency import median_latency_ms
+from engine.report.timings import phase
 from engine.values import ArtifactFile
 
 LATENCY_BATCHES = (1, 32)
+#: A report latency is the median once it moves less than this fraction (see ``median_latency_ms``).
+LATENCY_STABLE = 0.03
 
 
 class LatencyMs(TypedDict):
@@ -103,7 +107,9 @@ def latency_batch(x: Any, rows: int) -> Any:
 
 def measure_latency(make_fn: Callable[[Any], Callable[[], Any]], x: Any) -> LatencyMs:
     """``{"batch_1": ms, "batch_32": ms}``; ``make_fn(batch)`` returns a zero-arg runner."""
-    return {f"batch_{b}": median_latency_ms(make_fn(latency_batch(x, b))) for b in LATENCY_BATCHES}  # type: ignore[return-value]
+    with phase("latency"):
+        return {f"batch_{b}": median_latency_ms(make_fn(latency_batch(x, b)), warmup=3, stable_within=LATENCY_STABLE)
+                for b in LATENCY_BATCHES}  # type: ignore[return-value]
 
 
 def model_row(num_parameters: int, size_bytes: int, latency_ms: Mapping[str, float],

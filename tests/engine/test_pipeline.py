@@ -125,7 +125,8 @@ def test_report_layout_and_numbers(ts_run):
     assert report["speedup"] > 0
     (step,) = report["steps"]
     assert step["index"] == 0 and step["kind"] == "distill" and step["method"] == "kd"
-    assert set(step) == row_keys | {"index", "kind", "method", "data", "exports"}
+    # the default plateau schedule reports its cuts and the epoch whose weights it kept
+    assert set(step) == row_keys | {"index", "kind", "method", "data", "exports", "schedule", "early_stopping"}
     assert step["exports"]["torchscript"]["accuracy"] == pytest.approx(step["accuracy"])
     repro = report["reproducibility"]
     assert repro["seed"] == 0 and set(repro["versions"]) == {"torch", "numpy", "onnxruntime", "python"}
@@ -149,7 +150,8 @@ def test_progress_metrics_and_events(ts_run):
     losses = [m["value"] for m in reporter.metrics if m["name"] == "train_loss"]
     assert losses[-1] < losses[0]
     types = reporter.event_types()
-    order = ["validate", "load", "teacher_outputs", "step_started", "step_finished", "export", "report"]
+    order = ["validate", "load", "teacher_outputs", "step_started", "early_stopping", "step_finished", "export",
+             "report", "timings"]
     assert [t for i, t in enumerate(types) if t not in types[:i]] == order
 
 

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_WHEEL_DIR ?= /opt/wheels
 
-.PHONY: run test test-fast install install-dev lint clean bench sandbox
+.PHONY: run test test-fast install install-dev lint clean bench sandbox browser
 
 # Reinstall only when the project's install files change (stamp files), so re-running is fast.
 $(VENV)/.stamp-install: pyproject.toml
@@ -31,11 +31,18 @@ sandbox:
 	  (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null) ; } || \
 	  echo "warning: bubblewrap is not installed; the sandbox falls back to plain child processes"
 
+# The console's browser tests (tests/console/) drive Debian's Chromium through Playwright (never a downloaded
+# browser); install it when missing and we can. Without it they skip, or fail under CI=true.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  echo "warning: chromium is not installed; the console's browser tests will skip (fail under CI=true)"
+
 # The suite runs on one pytest-xdist worker per CPU (pyproject addopts). PYTEST_ARGS: extra pytest options,
 # e.g. PYTEST_ARGS="-x" or "-n0" (one process).
 PYTEST_ARGS ?=
 
-test: install-dev sandbox
+test: install-dev sandbox browser
 	$(VENV)/bin/ruff check app worker engine jobspec safezip tests benchmarks migrations client
 	$(PY) -m pytest -q --durations=12 $(PYTEST_ARGS)
 

@@ -12,6 +12,7 @@ from app.api import prometheus  # first: it sets up the multiprocess metrics dir
 from app.api.job_cache import CachedJobReads, start_listener
 from app.api.routes import artifacts, datasets, jobs, models, ops, webhooks
 from app.api.telemetry import Telemetry
+from app.console import serve as console  # the web console's static files (app/console/)
 from app.errors import install_error_handlers
 from app.api.routes.datasets import DatasetByUri
 from jobspec import JobSpec
@@ -45,6 +46,7 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     for module in (models, datasets, jobs, artifacts, webhooks, ops):
         app.include_router(module.router)
+    console.mount(app)  # /console: static files only; every call it makes goes through /v1 and its auth
     # Multipart overhead on top of the file itself is small; allow 1 MiB of slack. Any other body is JSON.
     app.add_middleware(CachedJobReads)  # inside the guard: NUL checks and counting apply to it too
     app.add_middleware(Telemetry, max_body_bytes=settings.max_upload_bytes + 1024 * 1024,

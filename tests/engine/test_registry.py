@@ -68,7 +68,7 @@ def test_registering_a_config_that_is_not_the_specs_fails():
         ({"step__loss": {"type": "kd", "temp": 1.0}}, "steps[0].distill.loss.kd.temp: Extra inputs are not permitted"),
         ({"step__optimizer": {"type": "sgd", "nesterov": True}}, "steps[0].distill.optimizer.nesterov"),
         ({"step__shuffle": True}, "steps[0].distill.shuffle: Extra inputs are not permitted"),
-        ({"step__loss": {"type": "kd", "temperature": 0}}, "temperature: Input should be greater than 0"),
+        ({"step__loss": {"type": "kd", "temperature": 0}}, "temperature: Value error, temperature must be > 0"),
         ({"steps": []}, "steps: List should have at least 1 item"),
         ({"exports": ["torchscript", "tflite"]}, "exports[1]"),
         ({"val_fraction": 1.0}, "val_fraction: Input should be less than 1"),

@@ -12,7 +12,8 @@ test split that none of them saw:
 * ``plain (b)`` — the same loop with the spec's defaults (AdamW lr 3e-3, 20 epochs, batch 128, KD T=4 α=0.9);
 * ``job (b)`` — ``engine.run`` with only teacher, data and student named;
 * ``plain (c)`` / ``job (c)`` — as (a) with 200 epochs: the plain loop runs them all, the job treats them as an
-  upper bound (plateau schedule, best epoch).
+  upper bound (plateau schedule, best epoch);
+* ``job (d)`` — as ``job (a)`` with ``"lr": "auto"`` (the range test), against ``plain (a)``.
 
 Both train on the same rows: 10 % of the training split is the job's ``x_val`` (what its schedule and best-epoch
 choice judge on), held out from both. The acceptance bar of the defaults: a job is never more than 0.5 point (mean
@@ -50,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 USER = {"optimizer": "adam", "lr": 1e-3, "epochs": 40, "batch": 128}      # (a): named by the user
 DEFAULTS = {"optimizer": "adamw", "lr": 3e-3, "epochs": 20, "batch": 128}  # (b): the spec's defaults
 LONG = {**USER, "epochs": 200}  # (c): a generous epoch budget, where the plain loop may over-train
+AUTO_LR = {**USER, "lr": "auto"}  # (d): as (a), the lr chosen by the job's range test
 T, ALPHA = 4.0, 0.9
 
 
@@ -153,7 +155,8 @@ def job(teacher_path: Path, npz: Path, hidden: list[int], cfg: dict | None, seed
     ts = next(a.path for a in result.artifacts if a.kind == "student" and a.format == "torchscript")
     row = result.report["steps"][0]
     return torch.jit.load(str(ts)), {"epochs_run": row.get("early_stopping", {}).get("epochs_run"),
-                                     "best_epoch": row.get("early_stopping", {}).get("best_epoch")}
+                                     "best_epoch": row.get("early_stopping", {}).get("best_epoch"),
+                                     "lr": row.get("auto", {}).get("lr", {}).get("chosen")}
 
 
 def main() -> None:
@@ -186,16 +189,19 @@ def main() -> None:
                 xtr, xva, ytr, yva = train_test_split(xtr, ytr, test_size=0.1, random_state=seed, stratify=ytr)
                 np.savez(npz, x=xtr, y=ytr, x_val=xva, y_val=yva)
                 r = {"seed": seed, "teacher": accuracy(teacher, xte, yte)}
-                for variant, cfg in (("a", USER), ("b", None), ("c", LONG)):
-                    plain = plain_loop(teacher, xtr, ytr, hidden, classes, cfg or DEFAULTS, seed)
+                for variant, cfg in (("a", USER), ("b", None), ("c", LONG), ("d", AUTO_LR)):
+                    if variant != "d":  # (d) is compared with plain (a)
+                        plain = plain_loop(teacher, xtr, ytr, hidden, classes, cfg or DEFAULTS, seed)
+                        r[f"plain_{variant}"] = accuracy(plain, xte, yte)
                     model, info = job(tpath, npz, hidden, cfg, seed, tmp / f"out-{name}-{seed}-{variant}",
                                       args.threads)
-                    r[f"plain_{variant}"], r[f"job_{variant}"] = accuracy(plain, xte, yte), accuracy(model, xte, yte)
+                    r[f"job_{variant}"] = accuracy(model, xte, yte)
                     r[f"job_{variant}_epochs"] = info
                 results[name].append(r)
                 print(f"{name:14s} seed {seed}: teacher {r['teacher']:.4f} | " + " | ".join(
                     f"({v}) plain {r[f'plain_{v}']:.4f} job {r[f'job_{v}']:.4f}" for v in "abc")
-                    + f" (job (c) ran {r['job_c_epochs']['epochs_run']} epochs)", flush=True)
+                    + f" (job (c) ran {r['job_c_epochs']['epochs_run']} epochs) | (d) job {r['job_d']:.4f} "
+                    f"lr {r['job_d_epochs']['lr']:.3g}", flush=True)
     args.out.write_text(json.dumps({"hidden": hidden, "results": results}, indent=1))
     lines = [
         "## Defaults vs the naive constant-lr loop",
@@ -210,22 +216,23 @@ def main() -> None:
         "bound for the job.",
         "",
         "| dataset | teacher | plain (a) | job (a) | job − plain (a) | plain (b) | job (b) | job − plain (b) | "
-        "plain (c) | job (c) | job − plain (c) | job (c) epochs run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "plain (c) | job (c) | job − plain (c) | job (c) epochs run | job (d): (a) with lr auto | job (d) − plain (a) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in results.items():
         m = {k: 100 * statistics.mean(r[k] for r in rows)
-             for k in ("teacher", "plain_a", "job_a", "plain_b", "job_b", "plain_c", "job_c")}
+             for k in ("teacher", "plain_a", "job_a", "plain_b", "job_b", "plain_c", "job_c", "job_d")}
         ran = statistics.mean(r["job_c_epochs"]["epochs_run"] or 200 for r in rows)
         lines.append(f"| {name} | {m['teacher']:.2f} | " + " | ".join(
             f"{m[f'plain_{v}']:.2f} | {m[f'job_{v}']:.2f} | {m[f'job_{v}'] - m[f'plain_{v}']:+.2f}" for v in "abc")
-            + f" | {ran:.0f} |")
+            + f" | {ran:.0f} | {m['job_d']:.2f} | {m['job_d'] - m['plain_a']:+.2f} |")
     lines += ["", "The bar: no job column more than 0.5 point below its plain loop. These small students under-fit "
               "at every budget here, so the held-out loss keeps improving, no plateau cuts the lr and the job is the "
               "constant-lr loop (the same batches from the same seed); where a student over-fits, the plateau "
               "schedule cuts the lr, stops and ships the best epoch (`tests/engine/test_autopilot.py`). Column (c) "
               "shows what a larger epoch budget is worth: `\"epochs\": \"auto\"` (up to 100, stopped by the "
-              "plateau rule) asks for it without guessing a number.", ""]
+              "plateau rule) asks for it without guessing a number; column (d) what `\"lr\": \"auto\"` (the range "
+              "test) is worth at the same 40 epochs.", ""]
     print("\n".join(lines))
     if not args.quick:
         write_section(args.output, "defaults", "\n".join(lines))

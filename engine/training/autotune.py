@@ -36,7 +36,7 @@ from engine.metrics import HIGHER_IS_BETTER, headline_metric
 from engine.registry import losses, optimizers
 from engine.training.tables import StepData
 
-LR_MIN, LR_MAX = 1e-6, 1.0
+LR_MIN, LR_MAX = 1e-6, 10.0
 RANGE_TEST_STEPS = jobspec.training.AUTO_LR_BATCHES
 TEMPERATURES = (4.0, 2.0, 8.0, 1.0)
 SWEEP_STEPS = jobspec.training.AUTO_TEMPERATURE_BATCHES // len(TEMPERATURES)

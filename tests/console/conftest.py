@@ -27,9 +27,11 @@ def _chromium() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[object]:
-    """A launched headless Chromium (a Playwright ``Browser``)."""
+    """A launched headless Chromium (a Playwright ``Browser``). Module-scoped on purpose: Playwright's sync API keeps
+    an event loop running in the thread while it is open, and a later test of the same xdist worker that calls
+    ``asyncio.run`` (the async SDK's tests) would fail; pytest closes it as soon as this module's tests are done."""
     executable = _chromium()
     try:
         from playwright.sync_api import sync_playwright

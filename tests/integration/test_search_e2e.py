@@ -69,29 +69,14 @@ def _wait(client, h, job_id: str, timeout: float) -> dict:
     return wait_for(Http(), job_id, timeout=timeout)  # type: ignore[arg-type]
 
 
-def test_one_worker_runs_a_search_trial_after_trial(workers, search_http):
-    workers()
-    client, h, m, d = search_http
-    r = client.post("/v1/jobs", headers=h, json={
-        "teacher_model_id": m, "dataset_id": d, "exports": ["onnx"],
-        "steps": [{"kind": "distill", "epochs": 3, "batch_size": 64}],
-        "search": {"objective": "smallest", "max_drop": 0.5, "trials": 3,
-                   "space": {"mlp": {"hidden_layers": [1, 1], "width": [8, 32]}}}})
-    assert r.status_code == 202, r.text
-    job = _wait(client, h, r.json()["id"], timeout=300)
-    assert job["status"] == "succeeded", job
-    trials = _trials(client, h, job["id"])
-    assert [t["status"] for t in trials] == ["succeeded"] * 3
-    assert len({t["trial"]["worker"] for t in trials}) == 1
-    spans = sorted((t["started_at"], t["finished_at"]) for t in trials)
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # in turn, never two at once
-
-
 def test_a_search_finds_a_small_student_within_a_point_of_the_teacher_on_two_workers(workers, search_http, digits,
                                                                                       teacher_files):
     import onnxruntime as ort
 
-    workers()  # the second worker (the first one is still running)
+    # Two workers. The search itself holds neither (its coordinator runs beside the leader's dispatcher), so both
+    # take trials; tests/jobs/test_search.py covers one worker running them in turn.
+    workers()
+    workers()
     client, h, m, d = search_http
     r = client.post("/v1/jobs", headers=h, json={
         "teacher_model_id": m, "dataset_id": d, "exports": ["onnx"], "seed": 0,
@@ -105,8 +90,9 @@ def test_a_search_finds_a_small_student_within_a_point_of_the_teacher_on_two_wor
     assert job["progress"]["trials_done"] == job["progress"]["trials"] == 8
 
     trials = _trials(client, h, job_id)
-    workers_used = {t["trial"]["worker"] for t in trials if t["status"] == "succeeded"}
-    assert len(workers_used) == 2, workers_used  # the trials ran on both workers
+    # the trials ran on both workers (pruned ones ran too: which trials succeed is the sampler's business)
+    workers_used = {t["trial"]["worker"] for t in trials if t["trial"].get("worker")}
+    assert len(workers_used) == 2, [(t["trial"]["number"], t["status"], t["trial"].get("worker")) for t in trials]
 
     arts = {(a["kind"], a["format"]): a for a in client.get(f"/v1/jobs/{job_id}/artifacts", headers=h).json()["data"]}
     assert {("student", "onnx"), ("report", "json"), ("plot", "png")} <= set(arts)

@@ -45,3 +45,17 @@ def validation_message(exc: Any, limit: int = 5) -> str:
         parts.append(f"{where or 'spec'}: {e['msg']}")
     more = len(errors) - limit
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def auto_or_within(value: Any, low: float, high: float, name: str, *, low_inclusive: bool = False) -> Any:
+    """``value`` when it is ``"auto"`` or a number within ``(low, high]`` (``[low, high]`` with ``low_inclusive``);
+    otherwise a ValueError naming the range. For fields whose value the engine may choose (``epochs``, ``lr``,
+    ``temperature``): one message for both halves of the union, not one per member."""
+    if isinstance(value, str):
+        return value
+    above = value >= low if low_inclusive else value > low
+    if not (above and value <= high):
+        lower = f"between {low:g} and {high:g}" if low_inclusive else f"> {low:g} and ≤ {high:g}"
+        raise ValueError(f"{name} must be {lower} (or 'auto')")
+    return value
+

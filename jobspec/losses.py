@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from jobspec.base import Config, union
+from jobspec.base import Config, auto_or_within, union
 
 
 class KDLoss(Config):
@@ -22,12 +22,7 @@ class KDLoss(Config):
     temperature: float | Literal["auto"] = Field(4.0, description="Softening temperature T, or 'auto': a short "
                                                                   "sweep over 1, 2, 4, 8 on a slice picks it.")
 
-    @field_validator("temperature")
-    @classmethod
-    def _temperature_range(cls, v: float | str) -> float | str:
-        if isinstance(v, float) and not 0 < v <= 100:
-            raise ValueError("temperature must be > 0 and ≤ 100 (or 'auto')")
-        return v
+    _temperature = field_validator("temperature")(lambda v: auto_or_within(v, 0, 100, "temperature"))
     alpha: float = Field(0.9, ge=0, le=1, description="Weight of the soft-target term.")
 
 

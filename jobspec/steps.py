@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from jobspec.base import Config, union
+from jobspec.base import Config, auto_or_within, union
 from jobspec.data import Coreset, InputReduction, Synthesize
 from jobspec.losses import Hint, KDLoss, Loss
 from jobspec.training import AUTO_EPOCHS, Augment, EarlyStopping, OptimizerConfig, ScheduleConfig
@@ -76,12 +76,7 @@ class DistillStep(Config):
     on_policy: float = Field(0.0, ge=0, le=1, description="causal_lm: the share λ of batches whose continuations the "
                                                           "student samples itself, scored by the teacher (GKD).")
 
-    @field_validator("epochs")
-    @classmethod
-    def _epochs_range(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 1 <= v <= 10_000:
-            raise ValueError("epochs must be between 1 and 10000 (or 'auto')")
-        return v
+    _epochs = field_validator("epochs")(lambda v: auto_or_within(v, 1, 10_000, "epochs", low_inclusive=True))
 
     @property
     def max_epochs(self) -> int:

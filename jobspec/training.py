@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from jobspec.base import Config
+from jobspec.base import Config, auto_or_within
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "constant", "cosine", "one_cycle")
@@ -26,12 +26,7 @@ class OptimizerConfig(Config):
     weight_decay: float = Field(0.0, ge=0, le=1)
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum; β1 for Adam/AdamW.")
 
-    @field_validator("lr")
-    @classmethod
-    def _lr_range(cls, v: float | str) -> float | str:
-        if isinstance(v, float) and not 0 < v <= 10:
-            raise ValueError("lr must be > 0 and ≤ 10 (or 'auto')")
-        return v
+    _lr = field_validator("lr")(lambda v: auto_or_within(v, 0, 10, "lr"))
 
 
 class ScheduleConfig(Config):

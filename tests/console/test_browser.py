@@ -132,6 +132,11 @@ def test_console_end_to_end(chromium, api_url, make_key, teacher_files, digits, 
     for column in ("Parameters", "Bytes", "Latency b1 (ms)", "Latency b32 (ms)", "accuracy", "agreement",
                    "Compression", "Speedup"):
         assert column in [h.strip() for h in heads] or column.upper() in heads, (column, heads)
+    # The report's warnings are shown: this teacher scores ≥ 0.99 on the held-out split it may have trained on.
+    report_id = next(a["id"] for a in api.get(f"/v1/jobs/{job_id}/artifacts").json()["data"] if a["kind"] == "report")
+    report = api.get(f"/v1/artifacts/{report_id}/content").json()
+    for warning in report.get("warnings", []):
+        assert warning["code"] in page.locator("#report-warnings").inner_text()
     page.wait_for_function("() => document.querySelectorAll('#plots img').length > 0 && "
                            "[...document.querySelectorAll('#plots img')].every(i => i.complete && i.naturalWidth > 0)")
     page.wait_for_selector("#model-card:not([hidden])")

@@ -1,5 +1,6 @@
 // A finished job's report.json as tables: the teacher against each step's output, the delivered student and
-// the labels-only baseline; the headline ratios; teacher_gain; each quality gate and the step that tripped one.
+// the labels-only baseline; the headline ratios; teacher_gain; each quality gate and the step that tripped one;
+// the report's warnings (a teacher that may have seen the held-out rows); a search's trials.
 
 import {fmtBytes, fmtNum, fmtRatio, h, table} from "./dom.js";
 
@@ -43,19 +44,47 @@ function gatesSection(report) {
   const tripped = report.gate ? report.gate.failed_step : null;
   return h("section", {class: "report-gates"},
     h("h3", {}, "Quality gates"),
-    report.gate ? h("p", {class: "error", id: "gate-tripped"},
-      `Step ${report.gate.failed_step} tripped its gate: ${report.gate.metric} dropped ${fmtNum(report.gate.drop)} `
-      + `(allowed ${fmtNum(report.gate.max_drop)}).`) : null,
+    report.gate ? h("p", {class: "error", id: "gate-tripped"}, report.gate.against === "labels"
+      ? `Step ${report.gate.failed_step} tripped its gate: ${report.gate.metric} ${fmtNum(report.gate.value)} against `
+        + `the labels, below the floor ${fmtNum(report.gate.min)}.`
+      : `Step ${report.gate.failed_step} tripped its gate: ${report.gate.metric} dropped ${fmtNum(report.gate.drop)} `
+        + `(allowed ${fmtNum(report.gate.max_drop)}).`) : null,
     gated.length ? table([
       ["Step", (s) => `${s.index}: ${s.kind}`],
       ["Metric", (s) => s.gate.metric],
+      ["Against", (s) => s.gate.against || "teacher"],
       ["Teacher", (s) => fmtNum(s.gate.teacher)],
       ["Step output", (s) => fmtNum(s.gate.value)],
       ["Drop", (s) => fmtNum(s.gate.drop)],
-      ["Max drop", (s) => fmtNum(s.gate.max_drop)],
+      ["Allowed", (s) => (s.gate.against === "labels" ? `≥ ${fmtNum(s.gate.min)}` : `≤ ${fmtNum(s.gate.max_drop)}`)],
       ["Verdict", (s) => (s.gate.passed ? "passed" : h("strong", {class: "error"},
         s.index === tripped ? "tripped" : "failed"))],
     ], gated) : null);
+}
+
+function warningsSection(report) {
+  const warnings = report.warnings || [];
+  if (!warnings.length) return null;
+  return h("section", {class: "report-warnings", id: "report-warnings"}, h("h3", {}, "Warnings"),
+    ...warnings.map((w) => h("p", {class: "warning"}, h("strong", {}, w.code), ": ", w.message)));
+}
+
+// A student search (docs/search.md): one row per trial, the winner marked.
+function searchSection(report) {
+  const search = report.search;
+  if (!search || !Array.isArray(search.trials)) return null;
+  return h("section", {class: "report-search"},
+    h("h3", {}, `Search: ${search.objective} within ${fmtNum(search.max_drop)} ${search.metric} of the teacher`),
+    h("div", {class: "scroll"}, table([
+      ["Trial", (t) => (t.number === search.winner ? h("strong", {}, `${t.number} (winner)`) : String(t.number))],
+      ["Student", (t) => (typeof t.student === "string" ? t.student : JSON.stringify(t.student ?? t.params ?? {}))],
+      ["Status", (t) => t.status],
+      ["Parameters", (t) => fmtNum(t.num_parameters)],
+      ["Latency b1 (ms)", (t) => fmtNum(t.latency_ms?.batch_1 ?? t.latency_ms, 3)],
+      [search.metric, (t) => fmtNum(t.metric)],
+      ["Drop", (t) => fmtNum(t.drop)],
+      ["Worker", (t) => t.worker ?? "—"],
+    ], search.trials, {class: "report-table", id: "search-trials"})));
 }
 
 function gainSection(report) {
@@ -81,8 +110,10 @@ export function reportView(report) {
       h("div", {class: "stat"}, h("span", {class: "label"}, "compression"), h("strong", {}, fmtRatio(report.compression_ratio))),
       h("div", {class: "stat"}, h("span", {class: "label"}, "parameters"), h("strong", {}, fmtRatio(report.parameter_ratio))),
       h("div", {class: "stat"}, h("span", {class: "label"}, "speedup (b32)"), h("strong", {}, fmtRatio(report.speedup)))),
+    warningsSection(report),
     h("h3", {}, "Teacher vs each step"),
     h("div", {class: "scroll"}, comparisonTable(report)),
+    searchSection(report),
     gainSection(report),
     gatesSection(report),
     reproducibility(report));

@@ -70,6 +70,10 @@ export function render(view, route) {
       parts.push(`step ${p.step_index + 1}/${steps}${p.step_kind ? ` (${p.step_kind})` : ""}`);
     }
     if (p.epochs) parts.push(`epoch ${p.epoch ?? 0}/${p.epochs}`);
+    if (p.trials) {  // a student search: its trials are jobs of their own (GET /v1/jobs/{id}/trials)
+      parts.push(`trials ${p.trials_done ?? 0}/${p.trials}`
+        + `${p.trials_running ? ` · ${p.trials_running} running` : ""}${p.trials_queued ? ` · ${p.trials_queued} queued` : ""}`);
+    }
     fill(stepLine, parts.length ? parts.join(" · ") : j.status === "queued" ? "waiting for a worker" : "");
     const fraction = j.status === "succeeded" ? 1 : Math.max(0, Math.min(1, p.fraction ?? 0));
     bar.value = fraction;

@@ -35,13 +35,12 @@ def _files(http, job_id: str) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def lm_teacher_files(tmp_path_factory):
-    """(model directory, zip) of the shared trained teacher."""
+def teacher(tmp_path_factory):
     return lm.shared_teacher(tmp_path_factory)
 
 
-def test_distill_a_causal_lm_into_half_its_layers_and_use_every_export(http, lm_teacher_files, tmp_path):
-    directory, archive = lm_teacher_files
+def test_distill_a_causal_lm_into_half_its_layers_and_use_every_export(http, teacher, tmp_path):
+    directory, archive = teacher
     r = _upload_model(http, archive.read_bytes())
     assert r.status_code == 201, r.text
     facts = r.json()["io_schema"]["hf"]
@@ -117,8 +116,8 @@ def _write(path, content: bytes):
     return str(path)
 
 
-def test_code_pickles_remote_code_and_foreign_vocabularies_are_refused(http, lm_teacher_files, tmp_path):
-    directory, archive = lm_teacher_files
+def test_code_pickles_remote_code_and_foreign_vocabularies_are_refused(http, teacher, tmp_path):
+    directory, archive = teacher
     for extra, why in (({"modeling_llama.py": b"import os"}, "is code"),
                        ({"pytorch_model.bin": b"\x80\x04K\x01."}, "pickle")):
         r = _upload_model(http, lm.zip_dir(directory, tmp_path / "bad.zip", extra=extra).read_bytes())
@@ -149,7 +148,7 @@ def test_code_pickles_remote_code_and_foreign_vocabularies_are_refused(http, lm_
     assert r.status_code == 422 and "causal_lm" in r.json()["detail"], r.text
 
 
-def test_a_served_teacher_distills_through_generate_and_token_kd(http, lm_teacher_files, tmp_path):
+def test_a_served_teacher_distills_through_generate_and_token_kd(http, teacher, tmp_path):
     """The teacher behind an OpenAI-compatible server started here; the worker's proxy is the sandbox's way to it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,7 +156,7 @@ def test_a_served_teacher_distills_through_generate_and_token_kd(http, lm_teache
     from tests.support.backends import SERVED_TEACHER_KEY
     from tests.support.openai_server import OpenAIServer
 
-    directory, _ = lm_teacher_files
+    directory, _ = teacher
     tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
     initial = derive_student(model, depth=0.5)

@@ -29,8 +29,6 @@ PARKED_QUEUE = run.PARKED_QUEUE
 #: Fixtures that start long-lived real processes or servers (a Celery worker, `distillery serve` on PostgreSQL +
 #: Redis, a chaos stack, an MLflow server): a test that uses one is end to end, and marked ``slow``.
 PROCESS_FIXTURES = frozenset({"celery_worker", "api_url", "chaos_stack", "mlflow_server"})
-#: Fixtures that hand out the trained language-model teacher (``tests.support.lm.shared_teacher``).
-LM_TEACHER_FIXTURES = frozenset({"lm_teacher", "lm_teacher_files"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -46,10 +44,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             # Under pytest-xdist (``--dist loadgroup``, as `make test` runs) the chaos suite runs on one worker, one
             # module after the other: two stacks side by side would fight for the CPU whose timings they assert.
             item.add_marker(pytest.mark.xdist_group("chaos"))
-        elif LM_TEACHER_FIXTURES & set(getattr(item, "fixturenames", ())):
-            # Every test of the trained language-model teacher on one worker: it is built once per run, and a
-            # second worker needing it would wait idle (about a minute) while the first trains it.
-            item.add_marker(pytest.mark.xdist_group("lm-teacher"))
         elif item.get_closest_marker("slow") is not None:
             # A slow module stays on one worker: its module-scoped servers and workers start once.
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

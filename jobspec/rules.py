@@ -114,6 +114,9 @@ def with_task_defaults(spec: JobSpec, task: str) -> JobSpec:
     for step in spec.steps:
         if isinstance(step, DistillStep):
             missing = {k: v for k, v in LM_STEP_DEFAULTS.items() if k not in step.model_fields_set}
+            if "schedule" not in missing and "type" not in step.schedule.model_fields_set:
+                # a schedule that names only its warm-up gets the LM default's clock, not the classic plateau
+                missing["schedule"] = step.schedule.model_copy(update={"type": LM_STEP_DEFAULTS["schedule"].type})
             step = step.model_copy(update=missing) if missing else step
         elif isinstance(step, PruneStep) and step.finetune is not None:
             missing = {k: v for k, v in LM_STEP_DEFAULTS.items()

@@ -221,3 +221,15 @@ def test_causal_lm_jobs_refuse_auto_and_plateau():
                                                    formats={"d": "jsonl"}))}
     assert {"steps[0].epochs", "steps[0].optimizer.lr", "steps[0].schedule.type"} <= found
 
+
+
+def test_a_causal_lm_schedule_naming_only_its_warm_up_keeps_the_lm_clock():
+    from jobspec.rules import with_task_defaults
+
+    spec = jobspec.JobSpec.model_validate({
+        "teacher_model_id": "m", "dataset_id": "d", "student": {"derive": {"depth": 0.5}},
+        "steps": [{"kind": "distill", "schedule": {"warmup_fraction": 0.1}}]})
+    schedule = with_task_defaults(spec, "causal_lm").steps[0].schedule
+    assert (schedule.type, schedule.warmup_fraction) == ("cosine", 0.1)
+    # a classic job keeps the plateau default
+    assert with_task_defaults(spec, "classification").steps[0].schedule.type == "plateau"

@@ -26,6 +26,7 @@ from app.errors import Unprocessable
 from app.ids import new_id
 from app.jobs import budget, state
 from app.jobs.events import append_event
+from app.jobs.views import queued_progress
 from app.queue import dispatch
 from app.settings import Settings
 from app.webhooks.outbox import job_changed
@@ -152,8 +153,7 @@ def create_trial(session: Session, parent: Job, number: int, params: Mapping[str
               teacher_model_id=parent.teacher_model_id, dataset_id=parent.dataset_id,
               spec=spec.model_dump(mode="json"), queue=parent.queue, attempts=0, max_attempts=parent.max_attempts,
               role=TRIAL, parent_id=parent.id, trial_number=number, trial={"number": number, "params": dict(params)},
-              progress={"step_index": 0, "step_kind": spec.steps[0].kind, "epoch": 0,
-                        "epochs": getattr(spec.steps[0], "epochs", None), "fraction": 0.0, "eta_seconds": None})
+              progress=queued_progress(spec))
     session.add(job)
     session.flush()
     for row in session.scalars(select(JobInput).where(JobInput.job_id == parent.id)):

@@ -15,6 +15,7 @@ from app.ids import new_id
 from app.jobs import search as job_search, state, tracking
 from app.jobs.budget import check_job
 from app.jobs.events import append_event
+from app.jobs.views import queued_progress
 from jobspec import Facts, JobSpec, UploadedStudent, conflicts
 from jobspec.rules import with_task_defaults
 from app.pagination import paginate
@@ -64,9 +65,7 @@ def create_job(session: Session, settings: Settings, tenant_id: str, body: dict[
               spec=spec.model_dump(mode="json"),
               queue=settings.job_queue, attempts=0, max_attempts=settings.max_attempts,
               tracking=tracking.initial_state(spec),
-              progress={"step_index": 0, "step_kind": spec.steps[0].kind, "epoch": 0,
-                        "epochs": getattr(spec.steps[0], "max_epochs", getattr(spec.steps[0], "epochs", None)),
-                        "fraction": 0.0, "eta_seconds": None})
+              progress=queued_progress(spec))
     if spec.search is not None:  # no dispatch: the leader's coordinator runs it (worker/search.py)
         job.role, job.progress = job_search.SEARCH, job_search.initial_progress(spec.search)
     session.add(job)

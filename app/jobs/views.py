@@ -82,3 +82,13 @@ def job_out(j: Job) -> JobOut:
 def artifact_out(a: Artifact) -> ArtifactOut:
     return ArtifactOut(id=a.id, job_id=a.job_id, kind=a.kind, format=a.format, step_index=a.step_index,
                        filename=a.filename, size_bytes=a.size_bytes, sha256=a.sha256, created_at=rfc3339(a.created_at))
+
+
+def queued_progress(spec: Any) -> dict[str, Any]:
+    """A new job's ``progress`` (``spec``: its :class:`jobspec.JobSpec`): the first step, epoch 0 of that step's
+    epochs — their upper bound when they are ``"auto"``, so ``epochs`` is always a number."""
+    first = spec.steps[0]
+    return {"step_index": 0, "step_kind": first.kind, "epoch": 0,
+            "epochs": getattr(first, "max_epochs", getattr(first, "epochs", None)), "fraction": 0.0,
+            "eta_seconds": None}
+

@@ -87,8 +87,7 @@ class DistillStep(_TrainingOptions):
 
         if not has_auto(self.auto_config):
             return {}
-        self.config = self.auto_config
-        resolved, evidence = resolve_auto(ctx, self, index)
+        resolved, evidence = resolve_auto(ctx, self, index, self.auto_config)
         self.config = resolved
         self.loss = losses.build(resolved.loss)
         self.optimizer = optimizers.build(resolved.optimizer)

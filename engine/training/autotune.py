@@ -88,6 +88,12 @@ def _batch_loss(ctx: Any, data: StepData, idx: torch.Tensor, model: nn.Module, l
     return loss_fn(model(*xs).float(), t_out, y)
 
 
+def _update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def lr_range_test(ctx: Any, data: StepData, config: jobspec.DistillStep, loss_fn: Any,
                   gen: torch.Generator) -> dict[str, Any]:
     """Smith's range test on a copy of ``ctx.student``; returns the evidence with ``chosen`` (the lr)."""
@@ -115,9 +121,7 @@ def lr_range_test(ctx: Any, data: StepData, config: jobspec.DistillStep, loss_fn
         best = min(best, s)
         if i > 10 and s > 4 * best:
             break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _update(optimizer, loss)
     if not smoothed:
         raise RuntimeError("the learning-rate range test diverged at its first batch")
     at_min = lrs[min(range(len(smoothed)), key=smoothed.__getitem__)]
@@ -141,10 +145,7 @@ def temperature_sweep(ctx: Any, data: StepData, config: jobspec.DistillStep, gen
         optimizer = optimizers.build(config.optimizer).create([p for p in model.parameters() if p.requires_grad])
         batches = _batches(data, config.batch_size, torch.Generator().manual_seed(int(gen.initial_seed())), rows)
         for _ in range(SWEEP_STEPS):
-            loss = _batch_loss(ctx, data, next(batches), model, loss_fn)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            _update(optimizer, _batch_loss(ctx, data, next(batches), model, loss_fn))
         student, ctx.student = ctx.student, model
         try:
             value = float(ctx.evaluate()[metric])
@@ -160,12 +161,13 @@ def temperature_sweep(ctx: Any, data: StepData, config: jobspec.DistillStep, gen
             "candidates": results, "chosen": best["temperature"]}
 
 
-def resolve_auto(ctx: Any, step: Any, index: int) -> tuple[jobspec.DistillStep, dict[str, Any]]:
-    """The step config ``step.config`` with its ``"auto"`` values chosen, and the evidence ``{field: {...}}``.
+def resolve_auto(ctx: Any, step: Any, index: int,
+                 config: jobspec.DistillStep) -> tuple[jobspec.DistillStep, dict[str, Any]]:
+    """``config`` (the spec's step, ``"auto"`` values included) with those values chosen, and the evidence
+    ``{field: {...}}``.
 
     ``step`` is the engine's distill step (built from :func:`provisional`); its data comes from
     ``ctx.step_data`` (memoized: the training after this reuses the same table and teacher cache)."""
-    config: jobspec.DistillStep = step.config
     data = ctx.step_data(step, index, [])
     gen = torch.Generator().manual_seed(ctx.seed * 1009 + index)
     evidence: dict[str, Any] = {}

@@ -206,8 +206,12 @@ def _result(storage: Storage, s: Any, trial: Job, metric: str) -> dict[str, Any]
         report = json.loads(f.read(MAX_REPORT_BYTES + 1))
     teacher, student = report["teacher"], report["student"]
     value, reference = float(student[metric]), float(teacher[metric])
+    latency = float(student["latency_ms"]["batch_1"])
+    # the report comes out of the sandbox: a NaN would slip through every comparison the ranking makes
+    if not all(math.isfinite(x) for x in (value, reference, latency)):
+        raise ValueError(f"the trial's report holds a non-finite {metric} or latency")
     return {"num_parameters": int(student["num_parameters"]), "size_bytes": int(student.get("size_bytes") or 0),
-            "latency_ms": float(student["latency_ms"]["batch_1"]), "metric": value, "teacher_metric": reference,
+            "latency_ms": latency, "metric": value, "teacher_metric": reference,
             "drop": reference - value, "report_artifact_id": art.id}
 
 

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # ---- reliability (docs/operations.md) --------------------------------------------------------
     db_retry_seconds: float = Field(120.0, ge=0, description="How long a worker retries database writes through an "
                                                              "outage before giving the attempt up to the reaper.")
+    db_idle_transaction_seconds: float = Field(10.0, ge=0, description="Workers: PostgreSQL ends a worker's "
+                                               "session that sits this long inside a transaction (a worker frozen "
+                                               "or swapped out mid-write), releasing its row locks; 0: never.")
     shutdown_grace_seconds: float = Field(30.0, gt=0, description="SIGTERM: a worker checkpoints and releases its "
                                                                   "job, the API drains requests, within this long.")
     dispatch_interval_seconds: float = Field(0.5, gt=0, description="How often the dispatcher publishes new "

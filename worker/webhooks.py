@@ -18,7 +18,7 @@ from datetime import timedelta
 
 from app.clock import utcnow
 from app.db.models import WebhookDelivery
-from app.db.session import session_scope
+from app.db.session import end_idle_transactions, session_scope
 from app.settings import Settings, get_settings
 from app.webhooks import delivery
 from worker.dispatcher import Leadership
@@ -82,6 +82,7 @@ class WebhookSender:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
+    end_idle_transactions(settings.db_idle_transaction_seconds)  # as in every worker process (worker/celery_app.py)
     leader = Leadership(f"{socket.gethostname()}:{os.getpid()}:webhooks")
     stop = threading.Event()
     log.info("webhook sender started")

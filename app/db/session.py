@@ -41,6 +41,31 @@ from app.errors import DatabaseUnavailable
 from app.settings import get_settings
 
 log = logging.getLogger("distillery.db")
+#: Milliseconds after which PostgreSQL ends this process's sessions that sit idle inside a transaction (see
+#: :func:`end_idle_transactions`); None: never (the API's default).
+_idle_transaction_ms: int | None = None
+
+
+def end_idle_transactions(seconds: float) -> None:
+    """Make PostgreSQL end this process's sessions that stay idle inside a transaction for ``seconds`` (its
+    ``idle_in_transaction_session_timeout``; 0 turns it off). Worker processes call it at start.
+
+    Why: a process stopped between a write and its COMMIT (SIGSTOP, a paused VM, a host swapping) keeps its
+    row locks for as long as it stays stopped, and the server cannot tell it from a slow client. Every other
+    worker that touches those rows then waits on it: a frozen worker caught mid-heartbeat blocked the reaper
+    on its own job's row, and a leader caught mid-renewal blocked every worker from taking the lead, so
+    nothing was requeued until the frozen process woke. With the timeout the server ends such a session and
+    its locks go with it; the woken process finds its connection closed, and its next write is fenced out
+    like any stale attempt's. Worker transactions are short by design (no download, no training, no upload
+    inside one), so a healthy worker never comes near the limit."""
+    global _idle_transaction_ms
+    wanted = int(seconds * 1000) if seconds > 0 else None
+    if wanted != _idle_transaction_ms:
+        _idle_transaction_ms = wanted
+        if get_engine.cache_info().currsize:  # built before: the next session gets an engine with the setting
+            get_engine().dispose()
+            get_engine.cache_clear()
+            get_sessionmaker.cache_clear()
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -64,8 +89,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     settings = get_settings()
     if url.startswith("postgresql"):
         # A database that accepts TCP but never answers (stopped, overloaded) must not hang a connect forever.
-        kwargs["connect_args"] = {"connect_timeout": settings.db_connect_timeout_seconds,
-                                  **kwargs.get("connect_args", {})}
+        connect_args = {"connect_timeout": settings.db_connect_timeout_seconds}
+        if _idle_transaction_ms is not None:
+            connect_args["options"] = f"-c idle_in_transaction_session_timeout={_idle_transaction_ms}"
+        kwargs["connect_args"] = {**connect_args, **kwargs.get("connect_args", {})}
     if kwargs.get("poolclass") is None:
         kwargs = {"pool_pre_ping": True, "pool_size": settings.db_pool_size,
                   "max_overflow": settings.db_pool_overflow, "pool_timeout": settings.db_pool_timeout_seconds,

@@ -26,8 +26,12 @@ log = logging.getLogger("distillery.reaper")
 def reap(session: Session, now: datetime) -> dict[str, int]:
     """One reconciliation pass over expired leases. Does not commit (the caller's unit of work does)."""
     counts = {"requeued": 0, "failed": 0, "cancelled": 0}
+    # SKIP LOCKED: a row another session holds mid-write (its heartbeat, or a process stopped inside a
+    # transaction, see app.db.session.end_idle_transactions) waits for the next pass instead of blocking the
+    # requeue of every other expired job behind it. (SQLite ignores the clause; it locks the whole file.)
     expired = session.scalars(select(Job).where(Job.status.in_((state.RUNNING, state.CANCELLING)),
-                                                Job.lease_expires_at < now)).all()
+                                                Job.lease_expires_at < now)
+                              .with_for_update(skip_locked=True)).all()
     for job in expired:
         # Each transition is fenced by the token we just read: a heartbeat that lands first wins.
         fence = job.lease_token

@@ -19,7 +19,7 @@ import pytest
 
 from tests.support import backends, jobs, run, services, teachers
 from tests.support.backends import Backend
-from tests.support.shared import built_once
+from tests.support.shared import built_once, shared_root
 from tests.support.wait import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +51,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # while the long ones run instead of leaving one worker alone at the end. The sort is stable: each group
     # keeps the order of its files.
     items.sort(key=lambda item: 0 if item.get_closest_marker("chaos") else 1 if item.get_closest_marker("slow") else 2)
+
+
+#: Tests that load the shared trained language-model teacher (tests/support/lm.py: shared_teacher).
+_LM_TEACHER_MODULES = ("tests/integration/test_lm_e2e.py",)
+_prebuild: subprocess.Popen | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When this run will need the shared LM teacher, the first worker starts building it in the background at
+    once (:func:`tests.support.lm.prebuild_shared_teacher`), at the lowest CPU priority."""
+    global _prebuild
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0" or not any(
+            "lm_teacher" in getattr(item, "fixturenames", ()) or item.nodeid.startswith(_LM_TEACHER_MODULES)
+            for item in session.items):
+        return
+    from tests.support.lm import prebuild_shared_teacher
+
+    root = shared_root(session.config._tmp_path_factory)
+    _prebuild = prebuild_shared_teacher(root, root / "lm-teacher-prebuild.log")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _prebuild is not None and _prebuild.poll() is None:  # the run ended before it was needed
+        _prebuild.kill()
+        _prebuild.wait()
 
 
 def wants_postgres(node: pytest.Item) -> bool:

@@ -161,10 +161,15 @@ TEACHER_STEPS = 1200
 def shared_teacher(tmp_path_factory: Any) -> tuple[Path, Path]:
     """(model directory, zip) of the trained 4-layer Llama teacher, built once per test run (every xdist worker
     loads the same files)."""
-    from tests.support.shared import built_once
+    from tests.support.shared import shared_root
 
-    train, _ = split_documents()
-    with built_once(tmp_path_factory, "lm-teacher") as (directory, build):
+    return _shared_teacher_in(shared_root(tmp_path_factory))
+
+
+def _shared_teacher_in(root: Path) -> tuple[Path, Path]:
+    from tests.support.shared import built_once_in
+
+    with built_once_in(root, "lm-teacher") as (directory, build):
         if build:
             import torch
 
@@ -172,12 +177,28 @@ def shared_teacher(tmp_path_factory: Any) -> tuple[Path, Path]:
             torch.set_num_threads(1)
             try:
                 tok = tokenizer()
-                model = train_teacher(tok, train, steps=TEACHER_STEPS)
+                model = train_teacher(tok, split_documents()[0], steps=TEACHER_STEPS)
             finally:
                 torch.set_num_threads(threads)
             save_model_dir(model, tok, directory / "teacher")
             zip_dir(directory / "teacher", directory / "teacher.zip")
     return directory / "teacher", directory / "teacher.zip"
+
+
+def prebuild_shared_teacher(root: Path, log: Path) -> Any:
+    """Start building the shared teacher under ``root`` in a background process at the lowest CPU priority, and
+    return it (a ``subprocess.Popen``). Its 75 s of training then fill CPU time the suite leaves idle (servers
+    starting, leases running out) instead of holding up the first test that needs it while the other workers
+    wait. The usual lock decides who builds: if a test gets there first, this process just waits and exits."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from pathlib import Path; from tests.support.lm import _shared_teacher_in; " \
+           "_shared_teacher_in(Path(sys.argv[1]))"
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=Path(__file__).parents[2], preexec_fn=lambda: os.nice(19))
 
 
 def logits(model: Any, ids: Any) -> Any:

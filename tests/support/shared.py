@@ -19,9 +19,19 @@ import pytest
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
     """``with built_once(factory, "teachers") as (directory, build):`` — build into ``directory`` when ``build``
     is true. Exclusive while the block runs; a block that raised leaves it for the next process to build."""
+    with built_once_in(shared_root(tmp_path_factory), name) as (directory, build):
+        yield directory, build
+
+
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run's temporary directory every process of it shares (above each xdist worker's own)."""
     root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the run's directory, above every worker's own
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+@contextmanager
+def built_once_in(root: Path, name: str) -> Iterator[tuple[Path, bool]]:
+    """:func:`built_once` under ``root`` (for a helper process that has no pytest of its own)."""
     directory = root / f"shared-{name}"
     directory.mkdir(exist_ok=True)
     with open(directory / ".lock", "w") as lock:

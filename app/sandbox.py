@@ -193,9 +193,12 @@ def _hidden_paths(binds: list[Path], secret_dirs: list[Path]) -> list[str]:
     return args
 
 
-def bwrap_argv(argv: list[str], scratch: Path, inputs: dict[str, Path], secret_dirs: list[Path]) -> list[str]:
+def bwrap_argv(argv: list[str], scratch: Path, inputs: dict[str, Path], secret_dirs: list[Path],
+               inputs_later: bool = False) -> list[str]:
     """The ``bwrap`` command line: read-only system and code, ``scratch`` writable at its own path, each input
-    bound read-only at ``scratch/inputs/<name>``, and nothing else."""
+    bound read-only at ``scratch/inputs/<name>``, and nothing else. ``inputs_later``: ``scratch/inputs`` itself
+    is bound read-only instead, for inputs the trusted side links into it after the start (an executor
+    started before its job, :mod:`worker.prestart`)."""
     code = _code_dirs()
     args = ["bwrap", "--unshare-all", "--die-with-parent", "--cap-drop", "ALL", "--uid", "65534", "--gid", "65534",
             "--hostname", "executor", *_system_binds(),
@@ -205,6 +208,8 @@ def bwrap_argv(argv: list[str], scratch: Path, inputs: dict[str, Path], secret_d
         args += ["--ro-bind", str(d), str(d)]
     args += _hidden_paths(code, secret_dirs)
     args += ["--bind", str(scratch), str(scratch)]
+    if inputs_later:
+        args += ["--ro-bind", str(scratch / "inputs"), str(scratch / "inputs")]
     for name, src in inputs.items():
         args += ["--ro-bind", str(Path(src).resolve()), str(scratch / "inputs" / name)]
     return [*args, "--chdir", str(scratch), "--", *_bound_interpreter(argv)]
@@ -263,26 +268,54 @@ def stage_inputs(scratch: Path, inputs: dict[str, Path], mode: str) -> None:
 
 class Executor:
     """A running executor. Iterate :meth:`lines` for what it writes on stdout (each line capped at
-    ``max_line`` bytes: a longer line kills it); :meth:`wait` for its :class:`Outcome`."""
+    ``max_line`` bytes: a longer line kills it); :meth:`wait` for its :class:`Outcome`.
+
+    ``waiting=True`` starts one before its job (:mod:`worker.prestart`): its stdin is a pipe the job's file name
+    is written to (:meth:`begin`), its inputs are placed later (:meth:`place_inputs`), and its wall clock runs
+    from :meth:`begin`, not from the start."""
 
     def __init__(self, argv: list[str], *, scratch: Path, inputs: dict[str, Path], limits: Limits, mode: str,
-                 env: dict[str, str] | None = None, secret_dirs: list[Path] | None = None, max_line: int = 1 << 20):
+                 env: dict[str, str] | None = None, secret_dirs: list[Path] | None = None, max_line: int = 1 << 20,
+                 waiting: bool = False):
         self.limits, self.mode, self.scratch, self.max_line = limits, mode, scratch, max_line
         (scratch / "tmp").mkdir(parents=True, exist_ok=True)
         stage_inputs(scratch, inputs, mode)
-        full = bwrap_argv(argv, scratch, inputs, secret_dirs or []) if mode == "bwrap" else argv
-        self.started = time.monotonic()
+        full = bwrap_argv(argv, scratch, inputs, secret_dirs or [], inputs_later=waiting) if mode == "bwrap" else argv
+        self.started: float | None = None if waiting else time.monotonic()
         self._killed: str | None = None
         self._limit: str | None = None
+        self._ended = threading.Event()  # set by wait(): the watch stops at once, not at its next tick
         self._stderr: deque[bytes] = deque()
         self._stderr_size = 0
-        self.proc = subprocess.Popen(full, cwd=scratch, env=executor_env(scratch, env), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(full, cwd=scratch, env=executor_env(scratch, env),
+                                     stdin=subprocess.PIPE if waiting else subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                                      preexec_fn=functools.partial(_set_limits, _rlimits(limits)), close_fds=True)
         self._threads = [threading.Thread(target=self._drain_stderr, daemon=True),
                          threading.Thread(target=self._watch, daemon=True)]
         for t in self._threads:
             t.start()
+
+    # ---- an executor started before its job -----------------------------------------------------------
+    def place_inputs(self, inputs: dict[str, Path]) -> None:
+        """Make ``inputs`` visible at ``scratch/inputs/<name>``: hard links under bwrap (the directory is bound
+        read-only, so the executor cannot change them), read-only copies in process mode (a hard link would
+        let a process of the same user change the cached original). Raises OSError (e.g. EXDEV: the inputs
+        live on another file system) — then the caller starts a fresh executor instead."""
+        folder = self.scratch / "inputs"
+        for name, src in inputs.items():
+            if self.mode == "bwrap":
+                os.link(Path(src).resolve(), folder / name)
+            else:
+                shutil.copyfile(src, folder / name)
+                (folder / name).chmod(0o444)
+
+    def begin(self, job_file: str) -> None:
+        """Hand a waiting executor its job (the file name, relative to its scratch) and start its wall clock."""
+        assert self.proc.stdin is not None
+        self.started = time.monotonic()
+        self.proc.stdin.write(job_file.encode() + b"\n")
+        self.proc.stdin.close()
 
     # ---- what the executor says -------------------------------------------------------------------
     def lines(self) -> Iterator[bytes]:
@@ -310,7 +343,7 @@ class Executor:
         last_disk = 0.0
         while self.proc.poll() is None:
             now = time.monotonic()
-            if now - self.started > self.limits.wall_seconds:
+            if self.started is not None and now - self.started > self.limits.wall_seconds:
                 self.kill("limit", limit="wall_time")
             elif group_rss(self.proc.pid) > self.limits.memory_bytes:
                 self.kill("limit", limit="memory")
@@ -318,7 +351,8 @@ class Executor:
                 last_disk = now
                 if tree_size(self.scratch) > self.limits.scratch_bytes:
                     self.kill("limit", limit="disk")
-            time.sleep(_POLL)
+            if self._ended.wait(_POLL):
+                return
 
     def kill(self, reason: str, *, limit: str | None = None) -> None:
         """Stop the executor and everything it started (its process group; bwrap's PID namespace dies with it)."""
@@ -331,6 +365,7 @@ class Executor:
 
     def wait(self, timeout: float | None = None) -> Outcome:
         rc = self.proc.wait(timeout)
+        self._ended.set()
         # Whatever it started must not outlive it (process mode has no PID namespace).
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -354,12 +389,13 @@ class Executor:
 
 def spawn(argv: list[str], *, scratch: Path, inputs: dict[str, Path], limits: Limits, mode: str,
           env: dict[str, str] | None = None, secret_dirs: list[Path] | None = None,
-          max_line: int = 1 << 20) -> Executor:
+          max_line: int = 1 << 20, waiting: bool = False) -> Executor:
     """Start ``argv`` (run with cwd ``scratch``) as an executor in ``mode`` (``bwrap`` | ``process``; resolve
     ``auto`` with :func:`resolve_mode` first). ``inputs`` are visible read-only at ``scratch/inputs/<name>``;
-    ``secret_dirs`` (the data dir) are hidden even when they lie inside a bound code directory."""
+    ``secret_dirs`` (the data dir) are hidden even when they lie inside a bound code directory. ``waiting``:
+    see :class:`Executor`."""
     return Executor(argv, scratch=scratch, inputs=inputs, limits=limits, mode=mode, env=env,
-                    secret_dirs=secret_dirs, max_line=max_line)
+                    secret_dirs=secret_dirs, max_line=max_line, waiting=waiting)
 
 
 def group_rss(pgid: int) -> int:

@@ -104,6 +104,8 @@ class Settings(BaseSettings):
                             "namespaces, refuse to start without it), process (a scrubbed child with rlimits only) "
                             "or auto (bwrap when installed, else process with a warning).")
     inspect_memory_bytes: int = Field(4 * 1024**3, gt=0, description="Memory limit of one upload inspection.")
+    executor_prestart: bool = Field(True, description="A worker keeps its next job's sandboxed executor started, "
+                                    "with torch and the engine imported (worker/prestart.py).")
     executor_max_open_files: int = Field(1024, ge=64, description="RLIMIT_NOFILE of an executor.")
     executor_max_file_bytes: int = Field(16 * 1024**3, gt=0, description="RLIMIT_FSIZE: largest file an executor "
                                                                           "may write.")

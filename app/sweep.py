@@ -45,6 +45,9 @@ from app.settings import Settings
 from app.storage import LocalStorage, Storage, storage_for
 from app.storage.local import PARTIAL_SUFFIX
 
+#: The scratch of an executor started before its job (worker/prestart.py, which replaces it after 6 h): a
+#: directory with no job id, removed only once no live worker can still be holding it.
+WAITING_PREFIX, WAITING_AGE = ".waiting-", 24 * 3600.0
 log = logging.getLogger("distillery.sweep")
 
 #: Name prefixes of what the API writes under ``data_dir/tmp`` (app.catalog.uploads, app.catalog.inspector).
@@ -273,7 +276,9 @@ def sweep(session: Session, storage: Storage, settings: Settings, now: datetime 
         dirs = {e.name: Path(e.path) for e in _children(work_dir) if e.is_dir(follow_symlinks=False)}
         active = _active_jobs(session, dirs)
         for job_id, path in dirs.items():
-            if job_id not in active:
+            if job_id.startswith(WAITING_PREFIX):  # an executor waiting for its next job (worker/prestart.py)
+                rm.remove_if_older(path, max(temp_age, WAITING_AGE), "work")
+            elif job_id not in active:
                 rm.remove_if_older(path, temp_age, "work")
 
     if report.count or report.errors:

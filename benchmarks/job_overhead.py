@@ -14,8 +14,10 @@ epochs (``benchmarks.run.plain_kd_loop``).
 
 Rounds are paired and interleaved (engine, plain, engine, plain, ...) after one unmeasured job that
 pays the process's one-off imports; the ratio is the median of the per-round ratios. One more job runs
-in a fresh process (``--child``) to show what a sandboxed executor, which starts one process per job,
-pays on top. Writes the ``overhead`` section of ``docs/benchmarks.md``.
+in a fresh process (``--child``) to show what a process's start and imports cost. Each round also runs the
+job as a worker does once it has claimed it (``worker.supervisor.supervise``: the sandboxed executor), in
+the executor the worker started before the job (``worker/prestart.py``) and in a fresh one. Writes the
+``overhead`` section of ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ROWS, FEATURES, CLASSES, HIDDEN, WIDTH, EPOCHS, BATCH, LR, SEED = 4445, 784, 10, 64, 1024, 20, 128, 3e-3, 0
 GOAL = 0.4
+#: Seconds a worker's next executor has to import before its job arrives (``service_job``).
+PRESTART_HEADSTART = 6.0
 
 
 def make_data(rows: int, features: int, classes: int, seed: int):
@@ -78,6 +82,53 @@ def engine_job(teacher_path: Path, npz: Path, epochs: int, threads: int, out: Pa
     return seconds, reporter.data, float(result.metrics["student"]["accuracy"])
 
 
+class _NoCheckpoints:
+    def restore(self, dst: Path) -> bool:
+        return False
+
+    def push(self, src: Path) -> None:
+        pass
+
+
+class _Quiet:
+    """The worker's reporter, minus the database."""
+
+    def event(self, *args, **kwargs) -> None:
+        pass
+
+    def progress(self, progress: dict) -> None:
+        pass
+
+    def metric(self, **kwargs) -> None:
+        pass
+
+
+def service_job(teacher_path: Path, npz: Path, epochs: int, threads: int, data_dir: Path, name: str,
+                prestarted: bool) -> float:
+    """One job as a worker runs it once claimed: ``worker.supervisor.supervise`` stages it, runs it in the
+    sandboxed executor (bubblewrap where it works) and validates what comes back. ``prestarted``: in the
+    executor the worker started after its previous job (``worker/prestart.py``), given the few seconds a worker
+    has between jobs to finish its imports; else in a fresh one. Returns the wall seconds of ``supervise``."""
+    from app.settings import get_settings
+    from engine import DatasetSource, TeacherSource
+    from worker import prestart, supervisor
+
+    settings = get_settings().model_copy(update={"data_dir": data_dir, "worker_threads": threads,
+                                                  "device": "cpu", "executor_prestart": prestarted})
+    if prestarted:
+        prestart.prepare(settings)
+        time.sleep(PRESTART_HEADSTART)
+    files = supervisor.JobFiles(job_spec(epochs), TeacherSource(teacher_path, "torchscript"),
+                                {"bench": DatasetSource(npz)}, {})
+    work = data_dir / "work" / name
+    work.mkdir(parents=True)
+    started = time.perf_counter()
+    ending = supervisor.supervise(files, work, _NoCheckpoints(), settings, _Quiet(), lambda: False)
+    seconds = time.perf_counter() - started
+    assert isinstance(ending, supervisor.Finished) and ending.status == "succeeded", ending
+    return seconds
+
+
 def child(argv: list[str]) -> None:
     """``--child teacher.pt data.npz epochs threads``: one job in this fresh process; prints JSON."""
     t0 = time.perf_counter()
@@ -115,6 +166,7 @@ def main() -> None:
     teacher = make_teacher(x, y, CLASSES, width=WIDTH, seed=SEED)
     cost_ratio = flops(teacher) / (FEATURES * HIDDEN + HIDDEN * CLASSES)
     rounds: list[tuple[float, float, dict]] = []
+    service: list[tuple[float, float, float]] = []  # (prestarted executor, fresh executor, plain loop)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         teacher_path, npz = tmp / "teacher.pt", tmp / "data.npz"
@@ -127,8 +179,12 @@ def main() -> None:
             plain, plain_acc = plain_kd_loop(teacher, x, y, x_val, y_val, HIDDEN, CLASSES, args.epochs, BATCH, LR,
                                              SEED, 0.0)
             rounds.append((eng, plain, timings))
+            warm = service_job(teacher_path, npz, args.epochs, args.threads, tmp / "data", f"warm{i}", True)
+            cold = service_job(teacher_path, npz, args.epochs, args.threads, tmp / "data", f"cold{i}", False)
+            service.append((warm, cold, plain))
             print(f"round {i}: engine job {eng:.2f}s (acc {eng_acc:.4f}) | plain loop {plain:.2f}s "
-                  f"(acc {plain_acc:.4f}) | ratio {eng / plain:.2f}", flush=True)
+                  f"(acc {plain_acc:.4f}) | ratio {eng / plain:.2f} | sandboxed: prestarted executor {warm:.2f}s "
+                  f"({warm / plain:.2f}), fresh executor {cold:.2f}s ({cold / plain:.2f})", flush=True)
         fresh = json.loads(subprocess.run(
             [sys.executable, "-m", "benchmarks.job_overhead", "--child", str(teacher_path), str(npz), str(args.epochs),
              str(args.threads)], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
@@ -138,7 +194,10 @@ def main() -> None:
     plain_med = statistics.median(p for _, p, _ in rounds)
     phases = [k for k in rounds[0][2] if k != "total"]
     phase_med = {k: statistics.median(t.get(k, 0.0) for _, _, t in rounds) for k in phases}
-    print(f"median ratio {ratio:.2f} (goal ≤ {GOAL}); fresh-process job {fresh['seconds']:.2f}s")
+    warm_ratio = statistics.median(w / p for w, _, p in service)
+    cold_ratio = statistics.median(c / p for _, c, p in service)
+    print(f"median ratio {ratio:.2f} (goal ≤ {GOAL}); fresh-process job {fresh['seconds']:.2f}s; sandboxed job "
+          f"{warm_ratio:.2f} with the prestarted executor, {cold_ratio:.2f} with a fresh one")
     lines = [
         "## Whole job: `engine.run` vs a plain PyTorch KD loop",
         "",
@@ -169,10 +228,24 @@ def main() -> None:
         f"| **total** | {statistics.median(t['total'] for _, _, t in rounds):.3f} | {first_timings['total']:.3f} | "
         f"{fresh['timings']['total']:.3f} |",
         "",
-        f"- A fresh process (what the sandboxed executor starts per job) also imports torch "
-        f"({fresh['torch_import']:.2f}s here, before `engine.run`), and inside the job `torch._dynamo` (about 1 s, "
-        "imported by `torch.optim`'s first optimizer, in `train`), `onnx` with `ml_dtypes` (about 0.6 s, "
-        "imported by `torch.onnx.export`, in `export`) and matplotlib (in `plots`).",
+        f"- A fresh process also imports torch ({fresh['torch_import']:.2f}s here, before `engine.run`), and inside "
+        "the job `torch._dynamo` (about 1 s, imported by `torch.optim`'s first optimizer, in `train`), `onnx` with "
+        "`ml_dtypes` (about 0.6 s, imported by `torch.onnx.export`, in `export`) and matplotlib (in `plots`).",
+        "",
+        "### The same job in the sandboxed executor, as a worker runs it",
+        "",
+        "Timed around `worker.supervisor.supervise` (staging, the executor in its sandboxed process, every message "
+        "and file it returns validated) in the same rounds, against the same plain loop. A worker starts its next "
+        f"job's executor right after a job ends (`worker/prestart.py`); here it gets {PRESTART_HEADSTART:g} s to "
+        "finish its imports before the job arrives. `DISTILLERY_EXECUTOR_PRESTART=false` gives every job a fresh "
+        "executor.",
+        "",
+        "| round | prestarted executor (s) | fresh executor (s) | plain loop (s) | prestarted / plain | fresh / plain |",
+        "|---|---|---|---|---|---|",
+        *[f"| {i} | {w:.2f} | {c:.2f} | {p:.2f} | {w / p:.2f} | {c / p:.2f} |" for i, (w, c, p) in enumerate(service)],
+        f"| **median** | {statistics.median(w for w, _, _ in service):.2f} | "
+        f"{statistics.median(c for _, c, _ in service):.2f} | {statistics.median(p for _, _, p in service):.2f} | "
+        f"**{warm_ratio:.2f}** (goal ≤ {GOAL}) | {cold_ratio:.2f} |",
         "",
     ]
     if not args.no_write:

@@ -222,10 +222,15 @@ def test_work_dirs_of_ended_jobs_removed(env, tenant_id):
     for job_id in (running, finished, "job_gone"):
         _file(data / "work" / job_id / "out" / "student.onnx", 0)
         _age(data / "work" / job_id, 2 * HOUR)
+    # A worker's waiting executor (worker/prestart.py) has no job: kept for a day, then it is a crashed worker's.
+    for name, age in ((".waiting-young", 2 * HOUR), (".waiting-stale", 25 * HOUR)):
+        _file(data / "work" / name / "tmp" / "x", 0)
+        _age(data / "work" / name, age)
     report = _sweep(settings, storage)
-    assert (data / "work" / running).exists()
+    assert (data / "work" / running).exists() and (data / "work" / ".waiting-young").exists()
     assert not (data / "work" / finished).exists() and not (data / "work" / "job_gone").exists()
-    assert report.work.count == 2
+    assert not (data / "work" / ".waiting-stale").exists()
+    assert report.work.count == 3
 
 
 def test_symlinks_are_never_followed_nor_removed(env, tmp_path):

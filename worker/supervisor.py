@@ -27,6 +27,7 @@ from app import sandbox
 from app.settings import Settings
 from engine.values import ArtifactFile, DatasetSource, ModelSource, TeacherSource
 from engine.errors import ERROR_CODES
+from worker import prestart
 
 log = logging.getLogger("distillery.worker")
 
@@ -264,6 +265,9 @@ def executor_argv(job_file: Path) -> list[str]:
     return [sys.executable, "-m", "worker.executor", str(job_file)]
 
 
+_EXECUTOR_ARGV = executor_argv
+
+
 def job_limits(settings: Settings) -> sandbox.Limits:
     return sandbox.Limits(memory_bytes=settings.max_job_memory_bytes, wall_seconds=settings.max_job_seconds,
                           open_files=settings.executor_max_open_files, file_bytes=settings.executor_max_file_bytes,
@@ -280,6 +284,9 @@ def supervise(files: JobFiles, scratch: Path, checkpoints: CheckpointTarget, set
     cancelled or taken away; ``should_release`` (polled the same way) that the worker is shutting down.
     The newest checkpoint is restored from ``checkpoints`` and each new one pushed to it."""
     scratch.mkdir(parents=True, exist_ok=True)
+    # An executor started before this job (worker/prestart.py) takes the job's directory before anything is
+    # written into it; a job that cannot use it, or a test that replaced the executor, starts a fresh one.
+    waiting = prestart.adopt(scratch) if executor_argv is _EXECUTOR_ARGV else None
     proxy = None
     if files.teacher.format == "endpoint":  # a served teacher: the executor's one way out (worker/teacher_proxy.py)
         from worker.teacher_proxy import EndpointRefused, TeacherProxy
@@ -287,23 +294,34 @@ def supervise(files: JobFiles, scratch: Path, checkpoints: CheckpointTarget, set
         try:
             proxy = TeacherProxy(scratch, files.spec["teacher"]["endpoint"], settings)
         except EndpointRefused as exc:
+            if waiting is not None:
+                waiting.kill("unused")
+                waiting.wait()
             return Failed("invalid_spec", str(exc))
         files = dataclasses.replace(files, teacher=dataclasses.replace(files.teacher, path=proxy.config_path))
     try:
         return _supervise(files, scratch, checkpoints, settings, reporter, should_stop, should_release,
-                          release_seconds)
+                          release_seconds, waiting)
     finally:
         if proxy is not None:
             proxy.close()
 
 
 def _supervise(files: JobFiles, scratch: Path, checkpoints: CheckpointTarget, settings: Settings, reporter: Any,
-               should_stop: Callable[[], bool], should_release: Callable[[], bool], release_seconds: float
-               ) -> Ending:
-    job_file, inputs = stage(files, scratch, checkpoints, settings)
-    mode = sandbox.resolve_mode(settings.sandbox)
-    ex = sandbox.spawn(executor_argv(job_file), scratch=scratch, inputs=inputs, limits=job_limits(settings),
-                       mode=mode, secret_dirs=[settings.data_dir], max_line=settings.executor_message_bytes)
+               should_stop: Callable[[], bool], should_release: Callable[[], bool], release_seconds: float,
+               waiting: sandbox.Executor | None = None) -> Ending:
+    try:
+        job_file, inputs = stage(files, scratch, checkpoints, settings)
+    except BaseException:
+        if waiting is not None:
+            waiting.kill("unused")
+            waiting.wait()
+        raise
+    ex = _begin(waiting, job_file, inputs) if waiting is not None else None
+    if ex is None:
+        ex = sandbox.spawn(executor_argv(job_file), scratch=scratch, inputs=inputs, limits=job_limits(settings),
+                           mode=sandbox.resolve_mode(settings.sandbox), secret_dirs=[settings.data_dir],
+                           max_line=settings.executor_message_bytes)
     sync = CheckpointSync(scratch / "checkpoints", checkpoints)
     relay, final = Relay(reporter), None
     release = Release(should_release, release_seconds)
@@ -336,6 +354,21 @@ def _supervise(files: JobFiles, scratch: Path, checkpoints: CheckpointTarget, se
     if release.active and not (isinstance(final, ResultMsg) and outcome.returncode == 0):
         return Released()
     return _ending(outcome, final, scratch / "out", settings)
+
+
+def _begin(waiting: sandbox.Executor, job_file: Path, inputs: dict[str, Path]) -> sandbox.Executor | None:
+    """Give the adopted executor its inputs and its job; None (it is killed) when that cannot be done."""
+    try:
+        waiting.place_inputs(inputs)
+        waiting.begin(job_file.name)
+        return waiting
+    except OSError as exc:  # inputs on another file system, or it died while waiting
+        log.info("the waiting executor cannot take this job (%s); starting a fresh one", exc)
+        waiting.kill("unused")
+        waiting.wait()
+        for name in inputs:  # the fresh executor's mount points (or copies) go where these links were
+            (job_file.parent / "inputs" / name).unlink(missing_ok=True)
+        return None
 
 
 def _await_exit(ex: sandbox.Executor) -> None:

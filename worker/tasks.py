@@ -8,7 +8,7 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from app.queue import RUN_JOB
 from app.settings import get_settings
-from worker import runner
+from worker import prestart, runner
 from worker.celery_app import celery_app
 from worker.dispatcher import Dispatcher
 
@@ -18,7 +18,11 @@ _dispatcher: Dispatcher | None = None
 
 @celery_app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(job_id: str) -> str:
-    return runner.run_job(job_id)
+    try:
+        return runner.run_job(job_id)
+    finally:
+        # The next job's executor starts now, while this worker waits for that job (worker/prestart.py).
+        prestart.prepare(get_settings())
 
 
 def queue_depth(queue: str) -> int | None:
@@ -48,6 +52,7 @@ def _start_dispatcher(**_kwargs) -> None:
     _dispatcher = Dispatcher(holder=runner.WORKER_ID, interval=s.dispatch_interval_seconds, resend_after=s.resend_after_seconds,
                              reap_every=min(max(s.lease_seconds / 10, 0.5), 2.0), queue_depth=queue_depth)
     _dispatcher.start()
+    prestart.prepare(s)
 
 
 @worker_shutting_down.connect
@@ -59,6 +64,7 @@ def _release_on_shutdown(sig=None, **_kwargs) -> None:
 
 @worker_shutdown.connect
 def _stop_dispatcher(**_kwargs) -> None:
+    prestart.shutdown()
     if _dispatcher is not None:
         _dispatcher.stop.set()
         _dispatcher.leader.release()

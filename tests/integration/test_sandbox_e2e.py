@@ -145,6 +145,8 @@ def test_the_executor_holds_no_credentials_and_no_network(http, teacher_files, d
 
     if sandbox.resolve_mode("auto") == "bwrap":
         assert seen["network_interfaces"] == ["lo"] and seen["uid"] != 0, seen
+        # The worker started this executor before the job came (worker/prestart.py): same sandbox, same view.
+        assert seen["prestarted"] is True, seen
 
 
 # ---- cancel in every phase ---------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ def test_cancel_ends_the_job_within_seconds_in_any_phase(http, inputs, phase):
     assert took < 5.0, f"cancel while {phase} took {took:.1f}s"
 
 
-def test_the_worker_survives_a_crashed_executor(http, teacher_files, digits):
+def test_the_worker_survives_a_crashed_executor(http, celery_worker, teacher_files, digits):
     """After a job whose executor the kernel killed (SIGKILL from outside, like the OOM killer), the same
     worker runs the next job to the end."""
     import signal
@@ -220,7 +222,7 @@ def test_the_worker_survives_a_crashed_executor(http, teacher_files, digits):
     while (http.get(f"/v1/jobs/{job_id}").json().get("progress") or {}).get("epoch", 0) < 1:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    killed = _kill_executor(job_id, signal.SIGKILL)
+    killed = _kill_executor(celery_worker.pid, signal.SIGKILL)
     assert killed, "no executor process found for the job"
     job = wait_for(http, job_id, timeout=30)
     assert (job["status"], job["error"]["code"]) == ("failed", "executor_crashed"), job
@@ -229,17 +231,30 @@ def test_the_worker_survives_a_crashed_executor(http, teacher_files, digits):
     assert nxt["status"] == "succeeded", nxt
 
 
-def _kill_executor(job_id: str, sig: int) -> int:
-    """Signal the engine process of ``job_id`` (found by its job file's path on the command line)."""
-    count = 0
+def _kill_executor(worker_pid: int, sig: int) -> int:
+    """Signal the engine process of the job worker ``worker_pid`` is running: its descendant running
+    ``worker.executor`` (inside bwrap). A worker runs one job at a time and starts its next executor only once
+    that job has ended (worker/prestart.py), so while a job runs that is the job's."""
+    parent, cmdline = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
+            parent[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
             continue
-        if b"worker.executor" in cmd and any(job_id.encode() in part for part in cmd) and b"bwrap" not in cmd[0]:
+
+    def under_worker(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == worker_pid:
+                return True
+        return False
+
+    count = 0
+    for pid, cmd in cmdline.items():
+        if b"worker.executor" in cmd and b"bwrap" not in cmd[0] and under_worker(pid):
             try:
-                os.kill(int(pid), sig)
+                os.kill(pid, sig)
                 count += 1
             except ProcessLookupError:
                 pass

@@ -22,9 +22,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from tests.support import services
 from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.postgres  # row locks, and a session the server ends: PostgreSQL's behaviour
+# Row locks, and a session the server ends: PostgreSQL's behaviour. On a database of this module's own, so no
+# real worker's reaper (the session's Celery worker) races this test's for the jobs, nor this test's for theirs.
+pytestmark = pytest.mark.postgres
 
 _FREEZE = """
 import os, signal, sys
@@ -40,22 +43,43 @@ print("committed", flush=True)
 """
 
 
-def _expire(job_ids: list[str], lease_name: str) -> None:
-    """The jobs run on a worker whose lease ran out; the leader row ``lease_name`` is expired too."""
+@pytest.fixture(scope="module")
+def own_db():
+    """(url, sessionmaker) of a migrated database of this module's own on the local PostgreSQL."""
+    from sqlalchemy.orm import sessionmaker
+    from sqlalchemy.pool import NullPool
+
+    from app.db.session import make_engine
+
+    url = services.create_database()
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        subprocess.run([sys.executable, "-m", "app.cli", "migrate"], env={**os.environ, "DISTILLERY_DATABASE_URL": url},
+                       check=True, capture_output=True, timeout=120, cwd=Path(__file__).parents[2])
+        yield url, sessionmaker(engine, expire_on_commit=False)
+    finally:
+        engine.dispose()
+        services.drop_database(url)
+
+
+def _jobs(sessions, n: int, lease_name: str) -> list[str]:
+    """``n`` jobs running on a worker whose lease ran out, and an expired leader row ``lease_name``."""
     from app.clock import utcnow
-    from app.db.session import session_scope
+    from app.db.models import Job, LeaderLease, Tenant
 
-    past = utcnow() - timedelta(minutes=1)
-    with session_scope() as s:
-        s.execute(text("UPDATE jobs SET status = 'running', attempts = 1, worker_id = 'frozen', lease_token = :t, "
-                       "lease_expires_at = :past WHERE id = ANY(:ids)"),
-                  {"t": secrets.token_hex(8), "past": past, "ids": job_ids})
-        s.execute(text("INSERT INTO leader_leases (name, holder, token, expires_at) VALUES (:n, 'frozen', 'x', :past)"),
-                  {"n": lease_name, "past": past})
+    past, tenant = utcnow() - timedelta(minutes=1), "ten_" + secrets.token_hex(6)
+    ids = [f"job_{secrets.token_hex(8)}" for _ in range(n)]
+    with sessions.begin() as s:
+        s.add(Tenant(id=tenant, name=tenant))
+        s.flush()
+        s.add_all(Job(id=i, tenant_id=tenant, status="running", kind="distill", spec={}, queue="parked", attempts=1,
+                      worker_id="frozen", lease_token=secrets.token_hex(8), lease_expires_at=past) for i in ids)
+        s.add(LeaderLease(name=lease_name, holder="frozen", token="x", expires_at=past))
+    return ids
 
 
-def _freeze(backend, job_id: str, lease_name: str, idle_seconds: float) -> subprocess.Popen:
-    env = {**os.environ, **backend.env, "DISTILLERY_DB_IDLE_TRANSACTION_SECONDS": str(idle_seconds)}
+def _freeze(url: str, job_id: str, lease_name: str, idle_seconds: float) -> subprocess.Popen:
+    env = {**os.environ, "DISTILLERY_DATABASE_URL": url, "DISTILLERY_DB_IDLE_TRANSACTION_SECONDS": str(idle_seconds)}
     proc = subprocess.Popen([sys.executable, "-c", _FREEZE, job_id, lease_name], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[2])
     assert proc.stdout.readline().strip() == "locked", proc.communicate(timeout=30)
@@ -67,65 +91,60 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-def _reap() -> dict[str, int]:
+def _reap(sessions) -> dict[str, int]:
     from app.clock import utcnow
-    from app.db.session import session_scope
     from app.jobs.reaper import reap
 
-    with session_scope() as s:
+    with sessions.begin() as s:
         s.execute(text("SET LOCAL lock_timeout = '5s'"))  # a reaper that blocks fails this test instead of hanging it
         return reap(s, utcnow())
 
 
-def _statuses(job_ids: list[str]) -> dict[str, str]:
-    from app.db.session import session_scope
+def _take_lead(sessions, lease_name: str) -> bool:
+    """Leadership's take (worker/dispatcher.py): one conditional UPDATE of an expired leader row."""
+    with sessions.begin() as s:
+        s.execute(text("SET LOCAL lock_timeout = '5s'"))
+        return s.execute(text("UPDATE leader_leases SET holder = 'other' WHERE name = :n AND expires_at < now()"),
+                         {"n": lease_name}).rowcount == 1
 
-    with session_scope() as s:
+
+def _statuses(sessions, job_ids: list[str]) -> dict[str, str]:
+    with sessions.begin() as s:
         return dict(s.execute(text("SELECT id, status FROM jobs WHERE id = ANY(:ids)"), {"ids": job_ids}).all())
 
 
-def test_a_worker_stopped_inside_a_transaction_loses_its_locks(client, make_key, uploaded, backend):
-    from tests.support.jobs import job_body
-    from worker.dispatcher import Leadership
-
-    h = make_key("frozen-tx")
-    m, d = uploaded(h)
-    job_id = client.post("/v1/jobs", headers=h, json=job_body(m, d)).json()["id"]
+def test_a_worker_stopped_inside_a_transaction_loses_its_locks(own_db):
+    url, sessions = own_db
     lease_name = "test-" + secrets.token_hex(4)
-    _expire([job_id], lease_name)
-    proc = _freeze(backend, job_id, lease_name, idle_seconds=1)
+    [job_id] = _jobs(sessions, 1, lease_name)
+    proc = _freeze(url, job_id, lease_name, idle_seconds=1)
     froze = time.monotonic()
     try:
-        # (The session's real worker, if one runs on this database, may be the reaper that gets there first.)
-        requeued = wait_until(lambda: _reap() is not None and _statuses([job_id])[job_id] == "queued", 15,
+        requeued = wait_until(lambda: _reap(sessions)["requeued"] == 1, 15,
                               "the reaper to requeue the frozen worker's job")
-        assert Leadership("other", name=lease_name).held()  # the leader row is free too
+        assert _take_lead(sessions, lease_name)  # the leader row is free too
     finally:
         os.kill(proc.pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode != 0 and "committed" not in out and "idle-in-transaction" in err, (out, err[-2000:])
-    assert _statuses([job_id])[job_id] == "queued"
+    assert _statuses(sessions, [job_id])[job_id] == "queued"
     print(f"job requeued {requeued:.1f} s after the worker stopped mid-transaction "
           f"(idle-transaction limit 1 s; {time.monotonic() - froze:.1f} s in all)")
 
 
-def test_without_the_limit_a_stopped_transaction_holds_only_its_own_row(client, make_key, uploaded, backend):
-    from tests.support.jobs import job_body
-
-    h = make_key("frozen-tx-off")
-    m, d = uploaded(h)
-    held, other = (client.post("/v1/jobs", headers=h, json=job_body(m, d)).json()["id"] for _ in range(2))
+def test_without_the_limit_a_stopped_transaction_holds_only_its_own_row(own_db):
+    url, sessions = own_db
     lease_name = "test-" + secrets.token_hex(4)
-    _expire([held, other], lease_name)
-    proc = _freeze(backend, held, lease_name, idle_seconds=0)
+    held, other = _jobs(sessions, 2, lease_name)
+    proc = _freeze(url, held, lease_name, idle_seconds=0)
     try:
-        _reap()  # the other job goes at once: the locked row is skipped, not waited for (_reap's lock_timeout)
-        wait_until(lambda: _statuses([other])[other] == "queued", 10, "the other job to be requeued", every=0.2)
+        # The other job goes at once: the locked row is skipped, not waited for (_reap's lock_timeout).
+        assert _reap(sessions)["requeued"] == 1
+        assert _statuses(sessions, [held, other]) == {held: "running", other: "queued"}
         time.sleep(1.5)  # past the 1 s the first test's limit needed: without one, nothing ends the session
-        _reap()
-        assert _statuses([held, other]) == {held: "running", other: "queued"}
+        assert _reap(sessions)["requeued"] == 0 and _statuses(sessions, [held])[held] == "running"
     finally:
         os.kill(proc.pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "committed" in out, err[-2000:]
-    wait_until(lambda: _reap() is not None and _statuses([held])[held] == "queued", 10, "the released job to go")
+    assert _reap(sessions)["requeued"] == 1 and _statuses(sessions, [held])[held] == "queued"  # released, it goes

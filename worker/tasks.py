@@ -21,8 +21,10 @@ def run_job(job_id: str) -> str:
     try:
         return runner.run_job(job_id)
     finally:
-        # The next job's executor starts now, while this worker waits for that job (worker/prestart.py).
-        prestart.prepare(get_settings())
+        # The next job's executor starts now, while this worker waits for that job (worker/prestart.py) — unless
+        # the worker is stopping (it handed this job back): then there is no next job here.
+        if not runner.RELEASE.is_set():
+            prestart.prepare(get_settings())
 
 
 def queue_depth(queue: str) -> int | None:

@@ -3,7 +3,7 @@
 One walk through what a user does: sign in with a key, upload a teacher named like an XSS payload (shown as
 text) and a dataset, see a bad form value refused next to its field, create a job from the form, watch its
 progress bar, curves and events move, open its report, download the student (sha256 checked), cancel a second
-job. Screenshots of the job page (running, finished) go to var/console-screenshots/ and /tmp/console-shots/.
+job, create a webhook (a refused URL at its field, the secret shown once) and send it a test event. Screenshots of the job page (running, finished) go to var/console-screenshots/ and /tmp/console-shots/.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ XSS_NAME = "<img src=x onerror=alert(1)>"
 # short enough to finish in seconds: digits, an mlp[32] student, small batches.
 WATCHED_EPOCHS = 200
 COPY_TO = Path("/tmp/console-shots")
+# A public address (creating a webhook resolves its host, and this machine may have no DNS); nothing connects to it
+# but the worker's delivery attempt of the test event, which may fail: the test only reads the delivery's row.
+HOOK_HOST = "93.184.215.14"
+HOOK = f"https://{HOOK_HOST}/distillery"
 
 
 def _progress(page) -> float:
@@ -160,8 +164,35 @@ def test_console_end_to_end(chromium, api_url, make_key, teacher_files, digits, 
     page.wait_for_selector(f"#jobs a:text-is('{second}')")
     assert page.locator(f"#jobs a:text-is('{job_id}')").count() == 0
 
+    # ---- webhooks: a refused URL shown at its field, the signing secret shown once, the endpoint's deliveries.
+    page.goto(f"{api_url}/console/#/webhooks")
+    url = page.locator("#new-webhook [data-path='url']")
+    url.fill(f"http://{HOOK_HOST}/distillery")  # plain http: refused by the server (https only here)
+    page.click("#new-webhook button[type=submit]")
+    error = page.locator("#new-webhook [data-path='url'] + .field-error")
+    error.wait_for()
+    assert "https" in error.inner_text(), error.inner_text()
+    url.fill(HOOK)
+    page.fill("#new-webhook [data-path='description']", XSS_NAME)
+    page.click("#new-webhook button[type=submit]")
+    secret = page.locator("#webhook-secret code.secret")
+    secret.wait_for()
+    [hook] = api.get("/v1/webhooks").json()["data"]
+    assert secret.inner_text().startswith("whsec_") and "secret" not in hook, hook  # the API never shows it again
+    page.wait_for_selector(f"#webhook-list td:text-is('{XSS_NAME}')")  # the description, as text
+    page.reload()
+    page.wait_for_selector(f"#webhook-list a:text-is('{HOOK}')")
+    assert page.locator("#webhook-secret code.secret").count() == 0  # shown once: not after a reload
+    page.click(f"#webhook-list a:text-is('{HOOK}')")
+    page.click("button:text-is('Send test event')")
+    page.wait_for_selector("#deliveries td:text-is('webhook.test')", timeout=30_000)
+    page.goto(f"{api_url}/console/#/webhooks")  # delete it (the confirm is accepted): no more attempts
+    page.click(f"#webhook-list tr:has(a:text-is('{HOOK}')) button:text-is('Delete')")
+    page.wait_for_selector("#webhook-list :text-is('No webhooks yet.')")
+    assert api.get("/v1/webhooks").json()["data"] == []
+
     # ---- nothing ran that should not have: no alert, no script error, no CSP refusal; no <img src=x> anywhere.
-    for route in ("#/models", "#/new", "#/jobs"):
+    for route in ("#/models", "#/new", "#/jobs", "#/webhooks"):
         page.goto(f"{api_url}/console/{route}")
         page.wait_for_load_state("networkidle")
         assert page.locator("img[src='x']").count() == 0

@@ -298,17 +298,14 @@ class Executor:
 
     # ---- an executor started before its job -----------------------------------------------------------
     def place_inputs(self, inputs: dict[str, Path]) -> None:
-        """Make ``inputs`` visible at ``scratch/inputs/<name>``: hard links under bwrap (the directory is bound
-        read-only, so the executor cannot change them), read-only copies in process mode (a hard link would
-        let a process of the same user change the cached original). Raises OSError (e.g. EXDEV: the inputs
-        live on another file system) — then the caller starts a fresh executor instead."""
-        folder = self.scratch / "inputs"
+        """Make ``inputs`` visible at ``scratch/inputs/<name>`` as hard links (bwrap only: the directory is bound
+        read-only, so the executor cannot change them; without the bind a process of the same user could change
+        the cached original). Raises OSError (e.g. EXDEV: the inputs live on another file system) — then the
+        caller starts a fresh executor instead."""
+        if self.mode != "bwrap":
+            raise OSError("inputs are placed after the start under bubblewrap only")
         for name, src in inputs.items():
-            if self.mode == "bwrap":
-                os.link(Path(src).resolve(), folder / name)
-            else:
-                shutil.copyfile(src, folder / name)
-                (folder / name).chmod(0o444)
+            os.link(Path(src).resolve(), self.scratch / "inputs" / name)
 
     def begin(self, job_file: str) -> None:
         """Hand a waiting executor its job (the file name, relative to its scratch) and start its wall clock."""

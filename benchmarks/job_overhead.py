@@ -90,19 +90,6 @@ class _NoCheckpoints:
         pass
 
 
-class _Quiet:
-    """The worker's reporter, minus the database."""
-
-    def event(self, *args, **kwargs) -> None:
-        pass
-
-    def progress(self, progress: dict) -> None:
-        pass
-
-    def metric(self, **kwargs) -> None:
-        pass
-
-
 def service_job(teacher_path: Path, npz: Path, epochs: int, threads: int, data_dir: Path, name: str,
                 prestarted: bool) -> float:
     """One job as a worker runs it once claimed: ``worker.supervisor.supervise`` stages it, runs it in the
@@ -111,6 +98,7 @@ def service_job(teacher_path: Path, npz: Path, epochs: int, threads: int, data_d
     has between jobs to finish its imports; else in a fresh one. Returns the wall seconds of ``supervise``."""
     from app.settings import get_settings
     from engine import DatasetSource, TeacherSource
+    from engine.values import NullReporter
     from worker import prestart, supervisor
 
     settings = get_settings().model_copy(update={"data_dir": data_dir, "worker_threads": threads,
@@ -123,7 +111,7 @@ def service_job(teacher_path: Path, npz: Path, epochs: int, threads: int, data_d
     work = data_dir / "work" / name
     work.mkdir(parents=True)
     started = time.perf_counter()
-    ending = supervisor.supervise(files, work, _NoCheckpoints(), settings, _Quiet(), lambda: False)
+    ending = supervisor.supervise(files, work, _NoCheckpoints(), settings, NullReporter(), lambda: False)
     seconds = time.perf_counter() - started
     assert isinstance(ending, supervisor.Finished) and ending.status == "succeeded", ending
     return seconds

@@ -62,7 +62,9 @@ _waiting: Waiting | None = None
 
 
 def wait_argv() -> list[str]:
-    return [sys.executable, "-m", "worker.executor", "--wait"]
+    from worker.executor import WAIT  # standard library only: cheap to import here
+
+    return [sys.executable, "-m", "worker.executor", WAIT]
 
 
 def prepare(settings: Settings) -> None:

@@ -265,8 +265,6 @@ def executor_argv(job_file: Path) -> list[str]:
     return [sys.executable, "-m", "worker.executor", str(job_file)]
 
 
-_EXECUTOR_ARGV = executor_argv
-
 
 def job_limits(settings: Settings) -> sandbox.Limits:
     return sandbox.Limits(memory_bytes=settings.max_job_memory_bytes, wall_seconds=settings.max_job_seconds,
@@ -285,24 +283,24 @@ def supervise(files: JobFiles, scratch: Path, checkpoints: CheckpointTarget, set
     The newest checkpoint is restored from ``checkpoints`` and each new one pushed to it."""
     scratch.mkdir(parents=True, exist_ok=True)
     # An executor started before this job (worker/prestart.py) takes the job's directory before anything is
-    # written into it; a job that cannot use it, or a test that replaced the executor, starts a fresh one.
-    waiting = prestart.adopt(scratch) if executor_argv is _EXECUTOR_ARGV else None
+    # written into it; a job that cannot use it starts a fresh one.
+    waiting = prestart.adopt(scratch)
     proxy = None
-    if files.teacher.format == "endpoint":  # a served teacher: the executor's one way out (worker/teacher_proxy.py)
-        from worker.teacher_proxy import EndpointRefused, TeacherProxy
-
-        try:
-            proxy = TeacherProxy(scratch, files.spec["teacher"]["endpoint"], settings)
-        except EndpointRefused as exc:
-            if waiting is not None:
-                waiting.kill("unused")
-                waiting.wait()
-            return Failed("invalid_spec", str(exc))
-        files = dataclasses.replace(files, teacher=dataclasses.replace(files.teacher, path=proxy.config_path))
     try:
+        if files.teacher.format == "endpoint":  # a served teacher: the executor's one way out (teacher_proxy.py)
+            from worker.teacher_proxy import EndpointRefused, TeacherProxy
+
+            try:
+                proxy = TeacherProxy(scratch, files.spec["teacher"]["endpoint"], settings)
+            except EndpointRefused as exc:
+                return Failed("invalid_spec", str(exc))
+            files = dataclasses.replace(files, teacher=dataclasses.replace(files.teacher, path=proxy.config_path))
         return _supervise(files, scratch, checkpoints, settings, reporter, should_stop, should_release,
                           release_seconds, waiting)
     finally:
+        if waiting is not None and waiting.started is None:  # adopted, but never given this job: it ends here
+            waiting.kill("unused")
+            waiting.wait()
         if proxy is not None:
             proxy.close()
 
@@ -310,13 +308,7 @@ def supervise(files: JobFiles, scratch: Path, checkpoints: CheckpointTarget, set
 def _supervise(files: JobFiles, scratch: Path, checkpoints: CheckpointTarget, settings: Settings, reporter: Any,
                should_stop: Callable[[], bool], should_release: Callable[[], bool], release_seconds: float,
                waiting: sandbox.Executor | None = None) -> Ending:
-    try:
-        job_file, inputs = stage(files, scratch, checkpoints, settings)
-    except BaseException:
-        if waiting is not None:
-            waiting.kill("unused")
-            waiting.wait()
-        raise
+    job_file, inputs = stage(files, scratch, checkpoints, settings)
     ex = _begin(waiting, job_file, inputs) if waiting is not None else None
     if ex is None:
         ex = sandbox.spawn(executor_argv(job_file), scratch=scratch, inputs=inputs, limits=job_limits(settings),

@@ -62,10 +62,15 @@ def end_idle_transactions(seconds: float) -> None:
     wanted = int(seconds * 1000) if seconds > 0 else None
     if wanted != _idle_transaction_ms:
         _idle_transaction_ms = wanted
-        if get_engine.cache_info().currsize:  # built before: the next session gets an engine with the setting
-            get_engine().dispose()
-            get_engine.cache_clear()
-            get_sessionmaker.cache_clear()
+        reset_engine()  # built before: the next session gets an engine with the setting
+
+
+def reset_engine() -> None:
+    """Close this process's engine, if built; the next session builds one from the current settings."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    get_engine.cache_clear()
+    get_sessionmaker.cache_clear()
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

@@ -68,10 +68,7 @@ def activate(backend: Backend) -> None:
     from app.db import session
     from app.settings import get_settings
 
-    if session.get_engine.cache_info().currsize:
-        session.get_engine().dispose()
-    session.get_engine.cache_clear()
-    session.get_sessionmaker.cache_clear()
+    session.reset_engine()
     queue.get_celery.cache_clear()
     auth._cache.clear()
     settings = get_settings()

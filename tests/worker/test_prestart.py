@@ -9,6 +9,7 @@ executor module and, for the jobs, the real runner against PostgreSQL.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import sys
 import time
@@ -115,8 +116,7 @@ print(json.dumps(tries), flush=True)
 def _limits(**changes):
     from worker.supervisor import job_limits
 
-    limits = job_limits(_settings())
-    return type(limits)(**{**limits.__dict__, **changes})
+    return dataclasses.replace(job_limits(_settings()), **changes)
 
 
 def test_a_waiting_executor_cannot_change_its_inputs(tmp_path):
